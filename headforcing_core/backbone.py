@@ -1,0 +1,258 @@
+"""Drive any Wan2.1-shaped diffusion transformer by attribute name.
+
+ComfyUI's ``WanModel``, the official Wan2.1 / Self Forcing modules and our own
+:class:`~headforcing_core.wan_model.WanBackbone` share attribute names
+(``patch_embedding``, ``text_embedding``, ``blocks[i].self_attn.q`` …), so one
+runner serves all of them. It calls the module's own layers (ComfyUI's ops cast
+their weights on the fly), never copies weights, and leaves self-attention to a
+caller-supplied function: that is where the head-wise KV cache lives.
+
+Semantics follow Self Forcing's ``CausalWanModel`` inference path: per-frame
+timestep modulation, text context zero-padded to 512 tokens before
+``text_embedding``, un-masked cross-attention, keys handed out *before* RoPE.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .errors import ModelFamilyError, ShapeError
+
+
+class SelfAttentionFn(Protocol):
+    """Computes one layer's self-attention for the current chunk.
+
+    ``q``, ``k``, ``v``: ``[B, S, heads, head_dim]`` for the chunk's S tokens,
+    after ``norm_q``/``norm_k`` and *before* RoPE. Returns ``[B, S, heads, head_dim]``.
+    """
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+_REQUIRED = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "blocks", "head")
+_BLOCK_REQUIRED = ("norm1", "self_attn", "norm3", "cross_attn", "norm2", "ffn", "modulation")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Shapes read off a Wan-shaped module (never hard-coded)."""
+
+    dim: int
+    num_heads: int
+    num_layers: int
+    patch_size: tuple[int, int, int]
+    in_dim: int
+    out_dim: int
+    text_dim: int
+    freq_dim: int
+    text_len: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def token_grid(self, latent_height: int, latent_width: int) -> tuple[int, int]:
+        """(h, w) patch grid of one latent frame."""
+        _, ph, pw = self.patch_size
+        if latent_height % ph or latent_width % pw:
+            raise ShapeError(
+                f"latent size {latent_height}×{latent_width} is not divisible by the patch size {ph}×{pw}; "
+                f"use a width and height (in pixels) that are multiples of {8 * max(ph, pw)}"
+            )
+        return latent_height // ph, latent_width // pw
+
+    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
+        h, w = self.token_grid(latent_height, latent_width)
+        return h * w
+
+    def fingerprint(self) -> dict:
+        return {"dim": self.dim, "num_heads": self.num_heads, "num_layers": self.num_layers,
+                "patch_size": list(self.patch_size), "in_dim": self.in_dim, "out_dim": self.out_dim,
+                "text_dim": self.text_dim}
+
+
+def _first_linear(seq) -> torch.nn.Module:
+    for m in seq:
+        if hasattr(m, "in_features"):
+            return m
+    raise ModelFamilyError("expected a Linear layer inside a Wan embedding")
+
+
+def inspect_backbone(module: torch.nn.Module) -> BackboneSpec:
+    """Validate that ``module`` is a Wan2.1 T2V transformer and read its shapes."""
+    missing = [name for name in _REQUIRED if not hasattr(module, name)]
+    if missing:
+        raise ModelFamilyError(
+            f"this model is not a Wan2.1-family video transformer ({type(module).__name__} lacks "
+            f"{', '.join(missing)}). Load a Self Forcing / Causal Forcing (Wan2.1 T2V) checkpoint "
+            "with 'Load Diffusion Model'."
+        )
+    blocks = module.blocks
+    if len(blocks) == 0:
+        raise ModelFamilyError("the Wan model has no transformer blocks")
+    bmissing = [n for n in _BLOCK_REQUIRED if not hasattr(blocks[0], n)]
+    if bmissing:
+        raise ModelFamilyError(f"Wan block lacks {', '.join(bmissing)}; not a supported Wan2.1 variant")
+    if getattr(module, "img_emb", None) is not None or getattr(module, "vace_patch_embedding", None) is not None:
+        raise ModelFamilyError(
+            "this is an image-to-video / VACE Wan model; Head Forcing samples text-to-video models "
+            "(Self Forcing, Causal Forcing)"
+        )
+    pe = module.patch_embedding
+    kernel = tuple(int(k) for k in pe.kernel_size)
+    if len(kernel) != 3 or kernel[0] != 1:
+        raise ModelFamilyError(f"unsupported Wan patch size {kernel}: the AR sampler needs a temporal patch of 1")
+    dim = int(pe.out_channels)
+    in_dim = int(pe.in_channels)
+    num_heads = int(getattr(module, "num_heads", 0) or getattr(blocks[0].self_attn, "num_heads", 0) or dim // 128)
+    if dim % num_heads:
+        raise ModelFamilyError(f"model width {dim} is not divisible by {num_heads} heads")
+    head_lin = module.head.head
+    out_dim = int(head_lin.out_features) // math.prod(kernel)
+    if out_dim != in_dim:
+        raise ModelFamilyError(
+            f"model takes {in_dim} latent channels but predicts {out_dim}: not a text-to-video Wan model"
+        )
+    text_lin = _first_linear(module.text_embedding)
+    time_lin = _first_linear(module.time_embedding)
+    return BackboneSpec(
+        dim=dim, num_heads=num_heads, num_layers=len(blocks), patch_size=kernel,  # type: ignore[arg-type]
+        in_dim=in_dim, out_dim=out_dim, text_dim=int(text_lin.in_features),
+        freq_dim=int(time_lin.in_features), text_len=int(getattr(module, "text_len", 512) or 512),
+    )
+
+
+def sinusoidal_embedding(freq_dim: int, timesteps: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding: ``[cos | sin]`` of ``t·10000^(-i/half)``, float64."""
+    half = freq_dim // 2
+    pos = timesteps.to(torch.float64).flatten()
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=pos.device) / half)
+    angles = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+@dataclass
+class TextContext:
+    """Cross-attention keys/values of one prompt, per layer: ``[B, heads, 512, head_dim]``."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+
+class WanRunner:
+    """Runs a Wan-shaped module chunk by chunk with an external self-attention."""
+
+    def __init__(self, module: torch.nn.Module, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        self.module = module
+        self.spec = inspect_backbone(module)
+        ref = module.blocks[0].self_attn.q.weight
+        self.dtype = dtype or (ref.dtype if ref.dtype.is_floating_point and ref.dtype.itemsize >= 2 else torch.float32)
+        self.device = torch.device(device) if device is not None else ref.device
+
+    # ---- text -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, context: torch.Tensor) -> TextContext:
+        """Embed a ``[B, L, text_dim]`` text-encoder output and precompute cross-attn K/V."""
+        spec = self.spec
+        if context.ndim != 3:
+            raise ShapeError(f"text context must be [batch, tokens, {spec.text_dim}], got {tuple(context.shape)}")
+        if context.shape[-1] != spec.text_dim:
+            raise ShapeError(
+                f"conditioning width {context.shape[-1]} does not match the model's text width {spec.text_dim}: "
+                "encode the prompt with the umT5-XXL text encoder (CLIPLoader type 'wan')"
+            )
+        if context.shape[1] > spec.text_len:
+            raise ShapeError(f"text context has {context.shape[1]} tokens; the model takes at most {spec.text_len}")
+        ctx = context.to(self.device, self.dtype)
+        # Wan pads *after* the text encoder: zero rows still pass through text_embedding.
+        ctx = F.pad(ctx, (0, 0, 0, spec.text_len - ctx.shape[1]))
+        emb = self.module.text_embedding(ctx)
+        keys, values = [], []
+        for block in self.module.blocks:
+            ca = block.cross_attn
+            k = ca.norm_k(ca.k(emb))
+            v = ca.v(emb)
+            keys.append(rearrange(k, "b l (n d) -> b n l d", n=spec.num_heads))
+            values.append(rearrange(v, "b l (n d) -> b n l d", n=spec.num_heads))
+        return TextContext(keys, values)
+
+    # ---- one chunk ----------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: TextContext,
+                self_attention: SelfAttentionFn) -> torch.Tensor:
+        """Predict the flow of a chunk.
+
+        ``latents``: ``[B, C, f, H, W]``; ``timesteps``: ``[B, f]`` floats (one per frame).
+        Returns the flow prediction in the same layout as ``latents``.
+        """
+        spec, m = self.spec, self.module
+        b, c, f, hh, ww = latents.shape
+        if c != spec.in_dim:
+            raise ShapeError(f"latents have {c} channels; the model expects {spec.in_dim}")
+        grid_h, grid_w = spec.token_grid(hh, ww)
+        tokens = grid_h * grid_w
+        dtype = self.dtype
+
+        pe_weight = getattr(m.patch_embedding, "weight", None)
+        pe_dtype = pe_weight.dtype if pe_weight is not None and pe_weight.dtype.is_floating_point else dtype
+        x = m.patch_embedding(latents.to(self.device, pe_dtype)).to(dtype)
+        x = rearrange(x, "b d f h w -> b (f h w) d")
+
+        t = timesteps.to(self.device).reshape(b, f)
+        e = m.time_embedding(sinusoidal_embedding(spec.freq_dim, t).to(dtype))  # [b*f, dim]
+        e0 = m.time_projection(e).reshape(b, f, 6, spec.dim)
+
+        ctx_k, ctx_v = text.keys, text.values
+        expand = text.batch != b
+        for layer, block in enumerate(m.blocks):
+            mod = (block.modulation.to(self.device, dtype).unsqueeze(1) + e0).chunk(6, dim=2)  # each [b,f,1,dim]
+
+            # self-attention on the per-frame modulated input
+            h = _per_frame(block.norm1(x), f) * (1 + mod[1]) + mod[0]
+            h = h.flatten(1, 2)
+            sa = block.self_attn
+            q = rearrange(sa.norm_q(sa.q(h)), "b s (n d) -> b s n d", n=spec.num_heads)
+            k = rearrange(sa.norm_k(sa.k(h)), "b s (n d) -> b s n d", n=spec.num_heads)
+            v = rearrange(sa.v(h), "b s (n d) -> b s n d", n=spec.num_heads)
+            y = self_attention(layer, q, k, v)
+            y = sa.o(y.flatten(2))
+            x = x + (_per_frame(y, f) * mod[2]).flatten(1, 2)
+
+            # cross-attention to the prompt (no modulation, no mask)
+            ca = block.cross_attn
+            cq = rearrange(ca.norm_q(ca.q(block.norm3(x))), "b s (n d) -> b n s d", n=spec.num_heads)
+            ck, cv = ctx_k[layer], ctx_v[layer]
+            if expand:
+                ck, cv = ck.expand(b, -1, -1, -1), cv.expand(b, -1, -1, -1)
+            co = F.scaled_dot_product_attention(cq, ck, cv)
+            x = x + ca.o(rearrange(co, "b n s d -> b s (n d)"))
+
+            # feed-forward
+            h = _per_frame(block.norm2(x), f) * (1 + mod[4]) + mod[3]
+            y = block.ffn(h.flatten(1, 2))
+            x = x + (_per_frame(y, f) * mod[5]).flatten(1, 2)
+
+        head = m.head
+        hmod = (head.modulation.to(self.device, dtype).unsqueeze(1) + e.reshape(b, f, 1, spec.dim)).chunk(2, dim=2)
+        out = head.head(_per_frame(head.norm(x), f) * (1 + hmod[1]) + hmod[0])  # [b, f, tokens, p*c]
+        pt, ph, pw = spec.patch_size
+        out = out.reshape(b, f, grid_h, grid_w, pt, ph, pw, spec.out_dim)
+        out = rearrange(out, "b f h w pt ph pw c -> b c (f pt) (h ph) (w pw)")
+        assert out.shape[-2:] == (hh, ww) and tokens == grid_h * grid_w
+        return out
+
+
+def _per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``[B, f·tokens, D]`` → ``[B, f, tokens, D]`` so per-frame modulation broadcasts."""
+    return x.unflatten(1, (frames, -1))

@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from headforcing_core import WanConfig, random_backbone
+
+TINY = WanConfig(dim=256, num_heads=2, num_layers=2, ffn_dim=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return random_backbone(TINY, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model64():
+    return random_backbone(TINY, seed=0, dtype=torch.float64)
+
+
+def text_context(batch=1, tokens=24, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, tokens, 4096, generator=g) * 0.5).to(dtype)
+
+
+def latent_noise(frames, h=8, w=8, batch=1, seed=2, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 16, frames, h, w, generator=g).to(dtype)
