@@ -127,25 +127,40 @@ class RetentionRule:
         if isinstance(m, Episodic) and not (-1.0 <= m.similarity <= 1.0):
             raise PolicyError(f"{where}: episodic similarity must lie in [-1, 1], got {m.similarity}")
 
-    def stored_tokens(self, frames_per_block: int, total_frames: int, tokens_of) -> int:
-        """Tokens this rule stores per head at steady state, the current chunk's slot included.
+    def budget(self, frames_per_block: int, total_frames: int, tokens_of) -> "TokenBudget":
+        """Tokens this rule stores and attends per head at steady state.
 
-        ``tokens_of(pool)`` is the token count of one frame pooled ``pool×pool``
-        (``tokens_of(1)`` is a whole frame). Mirrors the cache's tier capacities.
+        ``stored`` includes the current chunk's slot and every preallocated tier
+        (it mirrors the cache's capacities); ``attended`` is what a query of the
+        current chunk sees. ``tokens_of(pool)`` is the token count of one frame
+        pooled ``pool×pool`` (``tokens_of(1)``: a whole frame).
         """
         full = tokens_of(1)
         hist = self.history_frames(frames_per_block)
         if hist is None:
-            return total_frames * full
+            return TokenBudget(total_frames * full, total_frames * full)
+        stored = attended = (self.sink + hist + frames_per_block) * full
         m = self.middle
-        tokens = (self.sink + hist + frames_per_block) * full
-        if isinstance(m, (Stride, Cyclic)):
-            tokens += m.cap * full
+        if isinstance(m, Stride):
+            stored += m.cap * full
+            attended += m.cap * full
+        elif isinstance(m, Cyclic):
+            stored += m.cap * full
+            # a chunk sees the stored frames of its own phase: a share of the reachable phases
+            attended += m.cap * full * math.gcd(frames_per_block, m.period) // m.period
         elif isinstance(m, Merge):
-            tokens += (m.cap + 1) * tokens_of(m.pool)  # +1: the block being filled
+            stored += (m.cap + 1) * tokens_of(m.pool)  # +1: the block being filled (not attended)
+            attended += m.cap * tokens_of(m.pool)
         elif isinstance(m, Episodic):
-            tokens += (m.cap + 1) * tokens_of(m.pool)  # +1: headroom before two episodes merge
-        return tokens
+            stored += (m.cap + 1) * tokens_of(m.pool)  # +1: headroom before two episodes merge
+            attended += m.cap * tokens_of(m.pool)
+        return TokenBudget(stored, attended)
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    stored: int
+    attended: int
 
 
 # ---------------------------------------------------------------------------------------------

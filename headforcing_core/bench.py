@@ -1,0 +1,182 @@
+"""Benchmark the AR sampler per cache policy; prints one JSON object.
+
+Examples::
+
+    python -m headforcing_core.bench --estimate --model-shape 1.3b --seconds 60      # cache plan only
+    python -m headforcing_core.bench --model-shape tiny --width 256 --height 128 --seconds 30 --chunks 3
+    python -m headforcing_core.bench --model-shape 1.3b --device cuda --dtype bf16 --seconds 30 60
+
+Timed runs use random weights of the named shape. To measure a long video's
+steady state without generating all of it, the cache is first filled with
+random K/V for every frame before the timed window (``--chunks`` chunks at the
+end of the video); attention cost depends on sizes, not values. All policies
+are measured in one process so their ratios are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from .backbone import WanRunner
+from .memory import estimate_run
+from .plan import plan_chunk
+from .policies import PRESETS, make_policy
+from .sampler import ARSampler, Hooks
+from .schedule import FlowMatchSchedule
+from .wan_model import WanConfig, random_backbone
+
+MODEL_SHAPES = {
+    "tiny": WanConfig(dim=256, num_heads=2, num_layers=2, ffn_dim=512),
+    "1.3b": WanConfig(),
+    "14b": WanConfig(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_POLICIES = ("self_forcing_window", "sink_window", "pyramid_forcing", "head_forcing")
+
+
+def latent_frames_for(seconds: float, fps: int = 16) -> int:
+    frames = max(1, round(seconds * fps))
+    return (frames - 1) // 4 + 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill(sampler: ARSampler, frames: int, generator: torch.Generator) -> None:
+    """Commit random K/V for frames [0, frames) chunk by chunk, as the clean passes would."""
+    spec = sampler.runner.spec
+    gh, gw = spec.token_grid(*sampler.latent_hw)
+    f = sampler.frames_per_block
+    for start in range(0, frames, f):
+        n = min(f, frames - start)
+        shape = (sampler.batch, n * gh * gw, spec.num_heads, spec.head_dim)
+        for layer in range(spec.num_layers):
+            k = torch.randn(shape, generator=generator).to(sampler.runner.device, sampler.runner.dtype)
+            v = torch.randn(shape, generator=generator).to(sampler.runner.device, sampler.runner.dtype)
+            sampler.cache.commit(layer, k, v, start, n)
+    sampler.next_frame = frames
+
+
+def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.device) -> dict:
+    dtype = DTYPES[args.dtype]
+    runner = WanRunner(model, dtype=dtype, device=device)
+    sampler = ARSampler(runner, make_policy(policy_name), FlowMatchSchedule(), args.frames_per_block,
+                        args.attention_backend)
+    lh, lw = args.height // 8, args.width // 8
+    f = args.frames_per_block
+    timed_frames = min(args.chunks * f, latent_frames)
+    start_frame = latent_frames - timed_frames
+    start_frame -= start_frame % f
+    timed_frames = latent_frames - start_frame
+    sampler.start(1, lh, lw, latent_frames)
+    gen = torch.Generator().manual_seed(0)
+    sampler.set_prompt(torch.randn(1, 64, runner.spec.text_dim, generator=gen) * 0.1)
+    prefill(sampler, start_frame, gen)
+    plan = plan_chunk(sampler.cache, sampler.policy.rope, sampler.policy.window, start_frame, f)
+    attended = plan.mean_attended_tokens()
+    noise = torch.randn(1, runner.spec.in_dim, timed_frames, lh, lw, generator=gen).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    chunk_times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_chunk(_i, _x):
+        _sync(device)
+        now = time.perf_counter()
+        chunk_times.append(now - last[0])
+        last[0] = now
+
+    _sync(device)
+    last[0] = time.perf_counter()
+    sampler.sample(noise, torch.Generator().manual_seed(1), Hooks(on_chunk=on_chunk))
+    measured = chunk_times[args.warmup:] or chunk_times
+    spc = sum(measured) / len(measured)
+    tokens = plan.layers[0][0].query_rotary.angles.shape[0] // f
+    out = {
+        "kv_bytes_allocated": sampler.cache.nbytes + sampler.cache.chunk_slot_bytes(1, f, runner.spec.num_heads, dtype),
+        "attended_tokens_measured": attended,
+        "attended_frames_measured": attended / tokens,
+        "seconds_per_chunk": spc,
+        "chunk_seconds": chunk_times,
+        "video_fps": 4 * f / spc,
+        "timed_chunks": len(chunk_times),
+        "start_frame": start_frame,
+        "backend": sampler.backend_name,
+    }
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m headforcing_core.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="1.3b")
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--seconds", type=float, nargs="+", default=[30.0], help="video lengths to measure")
+    ap.add_argument("--policy", nargs="+", default=list(DEFAULT_POLICIES), choices=list(PRESETS),
+                    help="policies to compare (all in this run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--frames-per-block", type=int, default=3)
+    ap.add_argument("--chunks", type=int, default=3, help="chunks timed at the end of each video")
+    ap.add_argument("--warmup", type=int, default=1, help="timed chunks to drop as warm-up")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--estimate", action="store_true", help="no model run: only the cache plan")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    cfg = MODEL_SHAPES[args.model_shape]
+    if args.width % 16 or args.height % 16:
+        ap.error("width and height must be multiples of 16")
+
+    from .backbone import BackboneSpec
+    spec = BackboneSpec(cfg.dim, cfg.num_heads, cfg.num_layers, cfg.patch_size, cfg.in_dim, cfg.out_dim,
+                        cfg.text_dim, cfg.freq_dim, cfg.text_len)
+    report: dict = {
+        "command": "python -m headforcing_core.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model_shape": args.model_shape, "width": args.width, "height": args.height,
+        "frames_per_block": args.frames_per_block, "dtype": args.dtype, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__, "estimate_only": args.estimate, "results": {},
+    }
+    model = None
+    if not args.estimate:
+        model = random_backbone(cfg, seed=0, dtype=DTYPES[args.dtype]).to(device)
+    for seconds in args.seconds:
+        frames = latent_frames_for(seconds)
+        per_policy = {}
+        base = None
+        for name in args.policy:
+            est = estimate_run(spec, name, latent_frames=frames, latent_height=args.height // 8,
+                               latent_width=args.width // 8, frames_per_block=args.frames_per_block,
+                               dtype=DTYPES[args.dtype] if args.dtype != "fp32" else torch.bfloat16)
+            row = {"kv_bytes": est.kv_bytes, "kv_bytes_by_type": est.kv_bytes_by_type,
+                   "attended_tokens": est.attended_tokens, "attended_frames": est.attended_tokens / est.tokens_per_frame,
+                   "kv_dtype": "bf16" if args.dtype == "fp32" else args.dtype}
+            if model is not None:
+                row.update(run_policy(model, name, args, frames, device))
+            per_policy[name] = row
+        ref = per_policy.get("self_forcing_window")
+        if ref:
+            for row in per_policy.values():
+                row["kv_ratio_vs_self_forcing_window"] = row["kv_bytes"] / ref["kv_bytes"]
+                row["attended_ratio_vs_self_forcing_window"] = row["attended_tokens"] / ref["attended_tokens"]
+                if "video_fps" in row and "video_fps" in ref:
+                    row["speedup_vs_self_forcing_window"] = row["video_fps"] / ref["video_fps"]
+        report["results"][f"{seconds:g}s"] = {"latent_frames": frames, "policies": per_policy}
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
