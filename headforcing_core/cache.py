@@ -14,6 +14,12 @@ and V for its heads in preallocated slot buffers, one per tier:
 Committing a chunk writes its frames into slots (evicting through the rules);
 it never copies the whole cache. Noisy denoising calls only read. Memory is the
 sum of the tier capacities, fixed by the policy, not by the video length.
+
+Snapshots (AR_STATE, continuation): ``HeadwiseKVCache.state_dict()`` returns every
+tier's slot buffers (CPU copies) and the bookkeeping that says which slot holds
+which frames; ``load_state_dict()`` copies them into a freshly allocated cache of
+the same policy (the unbounded ``all`` tier may be larger: it grows on continue).
+``replace()`` overwrites the stored K/V of frames kept as whole frames (recache).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .errors import StateError
 from .policies import Cyclic, Episodic, Merge, RetentionRule, Stride
 from .rope import pool_tokens, pooled_grid
 
@@ -62,6 +69,33 @@ class SlotStore:
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def export(self, prefix: str, tensors: dict) -> None:
+        """CPU copies of both buffers (all slots) under ``prefix.k`` / ``prefix.v``."""
+        tensors[prefix + ".k"] = self.k.detach().to("cpu", copy=True).contiguous()
+        tensors[prefix + ".v"] = self.v.detach().to("cpu", copy=True).contiguous()
+
+    def restore(self, prefix: str, tensors: dict) -> int:
+        """Copy saved buffers into the first slots; the saved capacity may be smaller (growth)."""
+        k, v = _tensor(tensors, prefix + ".k"), _tensor(tensors, prefix + ".v")
+        n = k.shape[1] if k.ndim == 5 else -1
+        if k.shape != v.shape or n < 0 or n > self.capacity or k.shape[0] != self.k.shape[0] \
+                or k.shape[2:] != self.k.shape[2:]:
+            raise StateError(f"saved cache buffer {prefix} has shape {tuple(k.shape)}, which does not fit this "
+                             f"run's buffer {tuple(self.k.shape)} (another batch, size or policy?)")
+        self.k[:, :n].copy_(k)
+        self.v[:, :n].copy_(v)
+        return n
+
+
+def _tensor(tensors: dict, name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise StateError(f"the saved cache lacks tensor {name!r}: the AR_STATE is incomplete or corrupt")
+    return tensors[name]
+
+
+def _frames(raw) -> tuple[int, ...]:
+    return tuple(int(f) for f in raw)
 
 
 class FifoTier:
@@ -102,6 +136,23 @@ class FifoTier:
             out.append(Entry(k, v, time, self.pool, sink, frames, self.kind))
         return out
 
+    def state(self, prefix: str, tensors: dict) -> dict:
+        self.store.export(prefix, tensors)
+        return {"capacity": self.store.capacity, "free": list(self.free),
+                "items": [[slot, time, list(frames)] for slot, time, frames in self.items]}
+
+    def load_state(self, prefix: str, tensors: dict, meta: dict) -> None:
+        old = int(meta["capacity"])
+        if self.store.restore(prefix, tensors) != old:
+            raise StateError(f"saved cache tier {prefix}: buffer and bookkeeping disagree (corrupt AR_STATE)")
+        items = deque((int(s), float(t), _frames(fr)) for s, t, fr in meta["items"])
+        free = [int(s) for s in meta["free"]]
+        if sorted([i[0] for i in items] + free) != list(range(old)):
+            raise StateError(f"saved cache tier {prefix}: inconsistent slot map (corrupt AR_STATE)")
+        self.items = items
+        # slots added by growth are used after the saved free ones (the list pops from the end)
+        self.free = list(range(self.store.capacity - 1, old - 1, -1)) + free
+
 
 class MiddleTier:
     """Base class: receives frames leaving the recent ring."""
@@ -114,6 +165,16 @@ class MiddleTier:
 
     def on_prompt_switch(self) -> None:
         """Called when the prompt changes; only episodic memory reacts."""
+
+    def fifos(self) -> list[FifoTier]:
+        """Tiers whose entries are kept frames or blocks (not episodes)."""
+        return [self.fifo] if hasattr(self, "fifo") else []
+
+    def state(self, prefix: str, tensors: dict) -> dict:
+        return {"fifo": self.fifo.state(prefix + ".fifo", tensors)}
+
+    def load_state(self, prefix: str, tensors: dict, meta: dict) -> None:
+        self.fifo.load_state(prefix + ".fifo", tensors, meta["fifo"])
 
     stores: list[SlotStore]
 
@@ -174,6 +235,15 @@ class MergeTier(MiddleTier):
 
     def _pool(self, x):
         return pool_tokens(x, *self.grid, self.rule.pool)
+
+    def state(self, prefix, tensors):
+        self.acc.export(prefix + ".acc", tensors)
+        return {"fifo": self.fifo.state(prefix + ".fifo", tensors), "acc_frames": list(self.acc_frames)}
+
+    def load_state(self, prefix, tensors, meta):
+        self.fifo.load_state(prefix + ".fifo", tensors, meta["fifo"])
+        self.acc.restore(prefix + ".acc", tensors)
+        self.acc_frames = list(_frames(meta["acc_frames"]))
 
     def entries(self, chunk_start):
         return self.fifo.entries()
@@ -244,6 +314,30 @@ class EpisodicTier(MiddleTier):
             out.append(Entry(k, v, ep["time"], self.rule.pool, False, ep["frames"], "episode"))
         return out
 
+    def state(self, prefix, tensors):
+        self.store.export(prefix, tensors)
+        sig_dim = self.store.k.shape[3] * self.store.k.shape[4]
+        tensors[prefix + ".sig"] = (torch.stack([ep["sig"].detach().to("cpu", torch.float32) for ep in self.episodes])
+                                    if self.episodes else torch.zeros(0, sig_dim))
+        return {"capacity": self.store.capacity, "free": list(self.free), "force_new": self.force_new,
+                "episodes": [{"slot": ep["slot"], "count": ep["count"], "time": ep["time"],
+                              "frames": list(ep["frames"])} for ep in self.episodes]}
+
+    def load_state(self, prefix, tensors, meta):
+        if self.store.restore(prefix, tensors) != self.store.capacity or int(meta["capacity"]) != self.store.capacity:
+            raise StateError(f"saved episodic memory {prefix} has another capacity than this policy's")
+        sigs = _tensor(tensors, prefix + ".sig")
+        eps = meta["episodes"]
+        free = [int(s) for s in meta["free"]]
+        if sigs.shape[0] != len(eps) or sorted([int(e["slot"]) for e in eps] + free) != list(range(self.store.capacity)):
+            raise StateError(f"saved episodic memory {prefix}: inconsistent episodes (corrupt AR_STATE)")
+        device = self.store.k.device
+        self.episodes = [dict(slot=int(e["slot"]), count=int(e["count"]), time=float(e["time"]),
+                              frames=_frames(e["frames"]), sig=sigs[i].to(device, torch.float32, copy=True))
+                         for i, e in enumerate(eps)]
+        self.free = free
+        self.force_new = bool(meta["force_new"])
+
 
 class GroupCache:
     """Retained history of one head group of one layer."""
@@ -308,6 +402,43 @@ class GroupCache:
         if self.middle is not None:
             self.middle.on_prompt_switch()
 
+    def replace_frame(self, frame: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Overwrite the raw K/V (``[B, tokens, Hg, D]``) of every entry that keeps ``frame`` as a whole
+        frame (sink, recent / all, strided or phase-kept copies). Pooled or merged summaries that
+        include the frame, and the episodic memory, are left as they are. Returns how many
+        entries were replaced (0 when the frame is no longer retained whole)."""
+        tiers = [self.sink, self.recent] + (self.middle.fifos() if self.middle is not None else [])
+        n = 0
+        for tier in tiers:
+            if tier.pool != 1:
+                continue
+            for slot, _, frames in tier.items:
+                if frames == (frame,):
+                    tier.store.write(slot, k, v)
+                    n += 1
+        return n
+
+    def state(self, prefix: str, tensors: dict) -> dict:
+        meta = {"head_type": self.head_type, "heads": list(self.heads),
+                "middle_kind": type(self.middle).__name__ if self.middle is not None else None,
+                "sink": self.sink.state(prefix + ".sink", tensors),
+                "recent": self.recent.state(prefix + ".recent", tensors)}
+        if self.middle is not None:
+            meta["middle"] = self.middle.state(prefix + ".middle", tensors)
+        return meta
+
+    def load_state(self, prefix: str, tensors: dict, meta: dict) -> None:
+        kind = type(self.middle).__name__ if self.middle is not None else None
+        if (meta["head_type"], list(meta["heads"]), meta["middle_kind"]) != (self.head_type, list(self.heads), kind):
+            raise StateError(
+                f"saved cache group {prefix} is {meta['head_type']!r} heads {meta['heads']} ({meta['middle_kind']}) "
+                f"but this policy makes {self.head_type!r} heads {self.heads} ({kind}): the AR_STATE was made "
+                "with another policy or head labels")
+        self.sink.load_state(prefix + ".sink", tensors, meta["sink"])
+        self.recent.load_state(prefix + ".recent", tensors, meta["recent"])
+        if self.middle is not None:
+            self.middle.load_state(prefix + ".middle", tensors, meta["middle"])
+
     def stores(self) -> list[SlotStore]:
         return [self.sink.store, self.recent.store] + (self.middle.stores if self.middle else [])
 
@@ -336,6 +467,16 @@ class LayerCache:
             for j in range(frames):
                 g.commit_frame(gk[:, j], gv[:, j], chunk_start + j)
 
+    def replace(self, k: torch.Tensor, v: torch.Tensor, chunk_start: int, frames: int) -> int:
+        """Like :meth:`commit`, but overwrite the frames where they are kept whole; returns entries replaced."""
+        n = 0
+        for g in self.groups:
+            gk = (k if len(g.heads) == self.num_heads else k[:, :, g.heads]).unflatten(1, (frames, -1))
+            gv = (v if len(g.heads) == self.num_heads else v[:, :, g.heads]).unflatten(1, (frames, -1))
+            for j in range(frames):
+                n += g.replace_frame(chunk_start + j, gk[:, j], gv[:, j])
+        return n
+
     @property
     def nbytes(self) -> int:
         return sum(g.nbytes for g in self.groups)
@@ -350,6 +491,7 @@ class HeadwiseKVCache:
         kw = dict(batch=batch, grid=grid, head_dim=head_dim, frames_per_block=frames_per_block,
                   total_frames=total_frames, dtype=dtype, device=device)
         self.layers = [LayerCache(row, rules, **kw) for row in head_types]
+        self.total_frames = total_frames
         self.grid = grid
         self.head_dim = head_dim
         self.frames_per_block = frames_per_block
@@ -362,6 +504,32 @@ class HeadwiseKVCache:
         for layer in self.layers:
             for g in layer.groups:
                 g.on_prompt_switch()
+
+    def replace(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk_start: int, frames: int) -> int:
+        """Overwrite a chunk's frames (raw ``[B, frames·tokens, heads, D]`` K/V) where they are kept whole."""
+        return self.layers[layer].replace(k, v, chunk_start, frames)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(CPU copies of every tier's buffers, JSON-able bookkeeping). Independent of this cache."""
+        tensors: dict[str, torch.Tensor] = {}
+        layers = [[g.state(f"cache.l{li}.g{gi}", tensors) for gi, g in enumerate(layer.groups)]
+                  for li, layer in enumerate(self.layers)]
+        meta = {"grid": list(self.grid), "head_dim": self.head_dim, "frames_per_block": self.frames_per_block,
+                "total_frames": self.total_frames, "committed_frames": self.committed_frames, "layers": layers}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Copy a :meth:`state_dict` into this (fresh) cache, built for the same policy, batch and size."""
+        if list(meta["grid"]) != list(self.grid) or int(meta["head_dim"]) != self.head_dim:
+            raise StateError(f"the saved cache is for a {tuple(meta['grid'])} token grid with {meta['head_dim']}-wide "
+                             f"heads; this run has {self.grid} and {self.head_dim}")
+        if len(meta["layers"]) != len(self.layers) or any(
+                len(m) != len(layer.groups) for m, layer in zip(meta["layers"], self.layers)):
+            raise StateError("the saved cache has another number of layers or head groups than this policy makes")
+        for li, (layer, groups) in enumerate(zip(self.layers, meta["layers"])):
+            for gi, (g, gm) in enumerate(zip(layer.groups, groups)):
+                g.load_state(f"cache.l{li}.g{gi}", tensors, gm)
+        self.committed_frames = int(meta.get("committed_frames", 0))
 
     @property
     def nbytes(self) -> int:

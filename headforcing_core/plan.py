@@ -11,6 +11,7 @@ to one attention backend. The clean pass also commits the chunk's raw K/V.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -90,13 +91,24 @@ def plan_chunk(cache: HeadwiseKVCache, rope_mode: str, window: int, chunk_start:
     return ChunkPlan(chunk_start, frames, layers)
 
 
-class PlannedAttention:
-    """The runner's self-attention for one denoising call of a planned chunk."""
+Observer = Callable[[int, "GroupPlan", torch.Tensor, torch.Tensor], None]
 
-    def __init__(self, plan: ChunkPlan, backend: Backend, commit_to: HeadwiseKVCache | None = None):
+
+class PlannedAttention:
+    """The runner's self-attention for one denoising call of a planned chunk.
+
+    ``observer(layer, group_plan, q_roped, k_roped)`` — if given — sees every
+    group's rotated queries ``[B, S, Hg, D]`` and keys ``[B, L, Hg, D]`` (history
+    entries in ``group_plan.entries`` order, then the chunk); head profiling
+    uses it to measure attention without changing it.
+    """
+
+    def __init__(self, plan: ChunkPlan, backend: Backend, commit_to: HeadwiseKVCache | None = None,
+                 observer: Observer | None = None):
         self.plan = plan
         self.backend = backend
         self.commit_to = commit_to
+        self.observer = observer
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         groups = self.plan.layers[layer]
@@ -117,7 +129,10 @@ class PlannedAttention:
                 v_all = torch.cat([e.v for e in g.entries] + [vg], dim=1)
             else:
                 k_all, v_all = kg, vg
-            problems.append(GroupProblem(q_r, g.key_rotary.apply(k_all), v_all))
+            k_r = g.key_rotary.apply(k_all)
+            if self.observer is not None:
+                self.observer(layer, g, q_r, k_r)
+            problems.append(GroupProblem(q_r, k_r, v_all))
         outs = self.backend(problems)
         if len(groups) == 1 and groups[0].all_heads:
             out = outs[0]

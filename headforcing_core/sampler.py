@@ -26,7 +26,7 @@ from .attention import select_backend
 from .backbone import TextContext, WanRunner
 from .cache import HeadwiseKVCache
 from .errors import Interrupted, ShapeError
-from .plan import ChunkPlan, PlannedAttention, plan_chunk
+from .plan import ChunkPlan, Observer, PlannedAttention, plan_chunk
 from .policies import CachePolicy, make_policy, resolve_labels
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 
@@ -82,6 +82,7 @@ class ARSampler:
     latent_hw: tuple[int, int] | None = None
     batch: int = 0
     last_plan: ChunkPlan | None = None
+    observer: Observer | None = None  # sees rotated q/k of every group (head profiling)
 
     def __post_init__(self):
         spec = self.runner.spec
@@ -134,7 +135,7 @@ class ARSampler:
             local = slice(start - self.next_frame, start - self.next_frame + f)
             plan = plan_chunk(self.cache, self.policy.rope, self.policy.window, start, f)
             self.last_plan = plan
-            reader = PlannedAttention(plan, self.backend)
+            reader = PlannedAttention(plan, self.backend, observer=self.observer)
             x = noise[:, :, local]
             x0 = x
             for i, t_i in enumerate(timesteps):
@@ -147,7 +148,7 @@ class ARSampler:
                 self._report(hooks, done, calls_total)
             # clean pass at t = 0: its K/V are what the cache keeps for this chunk
             done = self._call_model_checked(hooks, done, calls_total)
-            self.runner.forward(x0, torch.zeros(b, f), self.text, PlannedAttention(plan, self.backend, self.cache))
+            self.runner.forward(x0, torch.zeros(b, f), self.text, PlannedAttention(plan, self.backend, self.cache, self.observer))
             self._report(hooks, done, calls_total)
             out[:, :, local] = x0
             if hooks.on_chunk is not None:

@@ -1,0 +1,403 @@
+"""The ONLY place that turns ComfyUI objects into core arguments (and core results back).
+
+Nodes stay thin: they declare a schema and hand their inputs to one function here, which
+converts ComfyUI values (ModelPatcher, CONDITIONING, widget values) into what
+:mod:`headforcing_core` takes and calls one core function.
+
+The module imports ComfyUI lazily (inside the functions that need it), so the pure helpers
+at the top (step parsing, frame arithmetic, noise, policy building) can be tested without a
+ComfyUI install.
+
+Facts this module relies on (ComfyUI 0.3.75):
+
+* ``patcher.model.diffusion_model`` is the Wan module (``comfy.ldm.wan.model.WanModel``); its
+  layers are ComfyUI ops that cast weights on the fly, so the core calls them, never copies.
+* The diffusion model works in the *normalized* latent space (``latent_format.process_in``:
+  ``(x - mean) / std`` per channel for Wan 2.1). KSampler turns the LATENT it is given into
+  that space before sampling and back with ``process_latent_out`` after. Our initial noise is
+  already a sample of that space, so the core's output goes through ``process_latent_out``
+  (``x * std + mean``) before it leaves as a LATENT that ``VAEDecode`` understands.
+* Progress: ``comfy.utils.ProgressBar`` → the server's global hook, which sends a websocket
+  ``progress`` message (and a preview image when one is attached) and *also* raises
+  ``InterruptProcessingException`` when the interrupt flag is set.
+* Interruption: ``comfy.model_management.processing_interrupted()`` is the flag POST
+  /interrupt sets; ``throw_exception_if_processing_interrupted()`` clears it and raises.
+* Previews: ``latent_preview.get_previewer(device, latent_format)`` honours the server's
+  ``--preview-method`` (``auto`` → latent2rgb unless a TAE decoder is installed) and decodes
+  a *normalized* latent.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from headforcing_core.backbone import BackboneSpec, inspect_backbone
+from headforcing_core.errors import HeadForcingError, Interrupted, ModelFamilyError, ShapeError
+from headforcing_core.memory import GiB, check_fits, estimate_run
+from headforcing_core.policies import PRESETS, CachePolicy, Episodic, HeadLabels, describe, make_policy
+from headforcing_core.schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
+from headforcing_core.wan_model import WanConfig
+
+log = logging.getLogger("headforcing")
+
+FPS = 16                    # Self Forcing / Causal Forcing / Wan 2.1 frame rate
+TIME_COMPRESSION = 4        # Wan VAE: T latent frames <-> 4T-3 video frames
+SPACE_COMPRESSION = 8       # Wan VAE: 8x8 pixels per latent cell
+SIZE_MULTIPLE = 16          # VAE 8x * patch 2x
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+LENGTH_UNITS = ("frames", "seconds")
+DEFAULT_STEPS = ",".join(str(int(s)) for s in SELF_FORCING_STEPS)   # "1000,750,500,250"
+DEFAULT_SHIFT = SELF_FORCING_SHIFT                                    # 5.0
+DEFAULT_SAMPLER_POLICY = "self_forcing_window"
+ROPE_CHOICES = ("preset default", "absolute", "window_clamp", "compact")
+WAN_1_3B = WanConfig()      # the shape the policy node's memory figure assumes
+
+
+# =============================================================================================
+# pure helpers (no ComfyUI)
+# =============================================================================================
+
+def parse_steps(text: str) -> tuple[float, ...]:
+    """``"1000, 750, 500, 250"`` → ``(1000.0, 750.0, 500.0, 250.0)`` (commas and/or spaces).
+
+    The values are Self Forcing's *nominal* timesteps; the core warps them through the
+    shifted schedule (1000,750,500,250 → ≈ 1000, 937.5, 833.3, 625 at shift 5).
+    """
+    parts = [p for p in re.split(r"[,\s;]+", str(text).strip()) if p]
+    if not parts:
+        raise ShapeError(f"steps is empty; give a comma-separated list of timesteps such as {DEFAULT_STEPS!r}")
+    try:
+        steps = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ShapeError(f"steps {text!r} is not a comma-separated list of numbers "
+                         f"(for example {DEFAULT_STEPS!r})") from None
+    if any(not math.isfinite(s) for s in steps):
+        raise ShapeError(f"steps {text!r} contains a non-finite value")
+    return steps
+
+
+def video_frames(length: int, unit: str = "frames") -> int:
+    """Requested video frames: ``length`` frames, or ``length`` seconds at 16 fps (+1 first frame)."""
+    if unit not in LENGTH_UNITS:
+        raise ShapeError(f"length_unit must be one of {', '.join(LENGTH_UNITS)}, got {unit!r}")
+    if length < 1:
+        raise ShapeError(f"length must be at least 1, got {length}")
+    return int(length) * FPS + 1 if unit == "seconds" else int(length)
+
+
+def latent_frames_for(frames: int) -> int:
+    """Latent frames for ``frames`` video frames (ComfyUI's Wan rule): ``(frames - 1) // 4 + 1``."""
+    return (int(frames) - 1) // TIME_COMPRESSION + 1
+
+
+def decoded_frames(latent_frames: int) -> int:
+    """Video frames VAEDecode makes from ``latent_frames``: ``4T - 3``."""
+    return TIME_COMPRESSION * int(latent_frames) - 3
+
+
+def check_video_size(width: int, height: int) -> None:
+    bad = [f"{name} {v}" for name, v in (("width", width), ("height", height)) if v % SIZE_MULTIPLE or v <= 0]
+    if bad:
+        raise ShapeError(
+            f"{' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a positive multiple of {SIZE_MULTIPLE} "
+            f"(the Wan VAE downsamples 8x and the model patches 2x2); use for example "
+            f"{_round16(width)}x{_round16(height)}"
+        )
+
+
+def _round16(v: int) -> int:
+    return max(SIZE_MULTIPLE, int(round(v / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+
+
+def check_length(frames: int, latent_frames: int, frames_per_block: int) -> None:
+    if frames_per_block < 1:
+        raise ShapeError(f"frames_per_block must be at least 1, got {frames_per_block}")
+    if latent_frames < frames_per_block:
+        raise ShapeError(
+            f"length {frames} video frames is {latent_frames} latent frame(s), shorter than one chunk of "
+            f"{frames_per_block} latent frames; ask for at least {decoded_frames(frames_per_block)} frames "
+            f"(or lower frames_per_block)"
+        )
+
+
+def latent_shape(width: int, height: int, latent_frames: int, batch: int = 1, channels: int = 16) -> tuple:
+    """ComfyUI's Wan video latent layout ``[B, 16, T, H/8, W/8]``."""
+    return (batch, channels, latent_frames, height // SPACE_COMPRESSION, width // SPACE_COMPRESSION)
+
+
+def initial_noise(shape, seed: int) -> torch.Tensor:
+    """The sampler's starting noise: float32 on the CPU, bit-identical to
+    ``comfy.sample.prepare_noise(torch.zeros(shape), seed)`` (what KSampler draws for an empty
+    latent of the same shape), but from a private generator instead of the global one."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed) & MAX_SEED)
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32, device="cpu")
+
+
+def renoise_generator(seed: int) -> torch.Generator:
+    """The CPU generator for the re-noising draws between denoising steps: seeded ``seed + 1``
+    (mod 2^64), so they never repeat the initial noise of the same seed."""
+    return torch.Generator(device="cpu").manual_seed((int(seed) + 1) & MAX_SEED)
+
+
+def conditioning_tensor(conditioning) -> torch.Tensor:
+    """The text-encoder output ``[B, L, C]`` of a ComfyUI CONDITIONING (``[[tensor, dict], ...]``)."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ShapeError("conditioning is empty; connect a CLIPTextEncode (umT5, CLIPLoader type 'wan') output")
+    if len(conditioning) > 1:
+        raise ShapeError(
+            f"conditioning holds {len(conditioning)} separate prompts (e.g. from Conditioning (Combine)); this "
+            "sampler takes one prompt (use Conditioning (Concat) to join texts)"
+        )
+    entry = conditioning[0]
+    cond = entry[0] if isinstance(entry, (list, tuple)) else entry
+    if not torch.is_tensor(cond) or cond.ndim != 3:
+        shape = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
+        raise ShapeError(f"conditioning must be a [batch, tokens, width] text embedding, got {shape}")
+    return cond
+
+
+def build_policy(preset: str, *, rope: str = "preset default", sink_frames: int = -1, recent_frames: int = -1,
+                 memory_episodes: int | None = None, memory_similarity: float | None = None,
+                 labels: HeadLabels | None = None) -> CachePolicy:
+    """A :class:`CachePolicy` from the policy node's widgets.
+
+    ``rope="preset default"``, ``sink_frames=-1``, ``recent_frames=-1`` keep the preset's
+    values; ``memory_episodes`` / ``memory_similarity`` (None: keep) tune the episodic tier of
+    ``head_forcing``'s memory heads and are ignored by the other presets. ``labels`` (from a
+    HEAD_PROFILE, later) type every (layer, head); without them the typed presets use their
+    defaults for the model's shape at sampling time.
+    """
+    if preset not in PRESETS:
+        raise HeadForcingError(f"unknown policy preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if rope not in ROPE_CHOICES:
+        raise HeadForcingError(f"unknown RoPE mode {rope!r}; choose one of {', '.join(ROPE_CHOICES)}")
+    kw = dict(labels=labels, rope=None if rope == "preset default" else rope,
+              sink=None if sink_frames < 0 else int(sink_frames),
+              recent=None if recent_frames < 0 else int(recent_frames))
+    policy = make_policy(preset, **kw)
+    memory = policy.rule_map.get("memory")
+    if memory is not None and isinstance(memory.middle, Episodic):
+        episodic = memory.middle
+        if memory_episodes is not None:
+            episodic = replace(episodic, cap=int(memory_episodes))
+        if memory_similarity is not None:
+            episodic = replace(episodic, similarity=float(memory_similarity))
+        if episodic != memory.middle:
+            policy = make_policy(preset, rules={"memory": replace(memory, middle=episodic)}, **kw)
+    return policy
+
+
+def sampler_policy(kv_policy: CachePolicy | None, preset: str) -> CachePolicy:
+    """The connected KV_POLICY wins; otherwise the sampler's ``policy`` dropdown preset."""
+    if kv_policy is not None:
+        if not isinstance(kv_policy, CachePolicy):
+            raise HeadForcingError(f"kv_policy must come from a Head Forcing Cache Policy node, got "
+                                   f"{type(kv_policy).__name__}")
+        return kv_policy
+    if preset not in PRESETS:
+        raise HeadForcingError(f"unknown policy preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return make_policy(preset)
+
+
+def spec_of(config: WanConfig) -> BackboneSpec:
+    return BackboneSpec(config.dim, config.num_heads, config.num_layers, tuple(config.patch_size), config.in_dim,
+                        config.out_dim, config.text_dim, config.freq_dim, config.text_len)
+
+
+def policy_summary(policy: CachePolicy, *, width: int, height: int, frames: int, frames_per_block: int = 3,
+                   spec: BackboneSpec | None = None, dtype: torch.dtype = torch.bfloat16) -> str:
+    """What the policy keeps and the memory it will use for a video of ``width``×``height``, ``frames`` frames."""
+    check_video_size(width, height)
+    latent = latent_frames_for(frames)
+    check_length(frames, latent, frames_per_block)
+    shape_note = "" if spec is not None else "Wan2.1-T2V-1.3B, "
+    spec = spec or spec_of(WAN_1_3B)
+    est = estimate_run(spec, policy, latent_frames=latent, latent_height=height // SPACE_COMPRESSION,
+                       latent_width=width // SPACE_COMPRESSION, frames_per_block=frames_per_block, batch=1,
+                       dtype=dtype)
+    dtype_name = str(dtype).replace("torch.", "")
+    return "\n".join([
+        describe(policy),
+        f"estimate for {shape_note}{width}x{height}, {decoded_frames(latent)} frames "
+        f"({latent} latent, {decoded_frames(latent) / FPS:.1f} s at {FPS} fps), {dtype_name}, "
+        f"{frames_per_block} frames per block:",
+        est.describe(),
+    ])
+
+
+@dataclass(frozen=True)
+class SamplerRequest:
+    """Validated sampler inputs, in core terms."""
+
+    width: int
+    height: int
+    frames_requested: int
+    latent_frames: int
+    seed: int
+    steps: tuple[float, ...]
+    shift: float
+    frames_per_block: int
+    policy: CachePolicy
+
+    @property
+    def frames(self) -> int:
+        return decoded_frames(self.latent_frames)
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.latent_frames // self.frames_per_block)
+
+    @property
+    def shape(self) -> tuple:
+        return latent_shape(self.width, self.height, self.latent_frames)
+
+
+def make_request(*, width: int, height: int, length: int, length_unit: str = "frames", seed: int = 0,
+                 steps: str = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT, frames_per_block: int = 3,
+                 policy: CachePolicy) -> SamplerRequest:
+    """Check every widget value before any work (no model load, no allocation)."""
+    check_video_size(width, height)
+    frames = video_frames(length, length_unit)
+    latent = latent_frames_for(frames)
+    check_length(frames, latent, frames_per_block)
+    step_values = parse_steps(steps)
+    FlowMatchSchedule(step_values, float(shift))  # raises ShapeError for a bad list or shift
+    policy.validate(frames_per_block)
+    return SamplerRequest(int(width), int(height), frames, latent, int(seed), step_values, float(shift),
+                          int(frames_per_block), policy)
+
+
+# =============================================================================================
+# ComfyUI-facing
+# =============================================================================================
+
+def wan_backbone(model):
+    """The Wan module inside a MODEL (ModelPatcher) and its shape; ModelFamilyError otherwise."""
+    base = getattr(model, "model", None)
+    module = getattr(base, "diffusion_model", None)
+    if module is None:
+        raise ModelFamilyError(f"expected a MODEL from 'Load Diffusion Model', got {type(model).__name__}")
+    try:
+        spec = inspect_backbone(module)
+    except ModelFamilyError as e:
+        config = type(getattr(base, "model_config", None)).__name__
+        raise ModelFamilyError(f"{e} (ComfyUI detected this checkpoint as {config})") from None
+    return module, spec
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI itself computes this model in: the manual-cast dtype (fp8 / low-precision
+    weights) if there is one, else the weight dtype."""
+    base = model.model
+    dtype = getattr(base, "manual_cast_dtype", None) or model.model_dtype()
+    if dtype is None or not dtype.is_floating_point or dtype.itemsize < 2:
+        return torch.float32
+    return dtype
+
+
+class ComfyHooks:
+    """Core hooks wired to ComfyUI: progress bar, interrupt flag, per-chunk previews, chunk timing."""
+
+    def __init__(self, model, total_calls: int):
+        import comfy.model_management
+        import comfy.utils
+        import latent_preview
+
+        self._mm = comfy.model_management
+        self.pbar = comfy.utils.ProgressBar(total_calls)
+        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+        self.done = 0
+        self.total = total_calls
+        self.chunk_seconds: list[float] = []
+        self._chunk_started = time.perf_counter()
+
+    def progress(self, done: int, total: int) -> None:
+        self.done = done
+        self.pbar.update_absolute(done, total)
+
+    def should_stop(self) -> bool:
+        return self._mm.processing_interrupted()
+
+    def on_chunk(self, index: int, x0: torch.Tensor) -> None:
+        now = time.perf_counter()
+        self.chunk_seconds.append(now - self._chunk_started)
+        self._chunk_started = now
+        if self.previewer is None:
+            return
+        # the chunk's newest latent frame (normalized space, what the previewers expect)
+        preview = self.previewer.decode_latent_to_preview_image("JPEG", x0[:1, :, -1:].float())
+        self.pbar.update_absolute(self.done, self.total, preview)
+
+
+def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy_preset: str, width: int,
+                   height: int, length: int, length_unit: str, seed: int, steps: str, shift: float,
+                   frames_per_block: int) -> tuple[dict, str]:
+    """HeadForcingARSampler's work: validate, pre-flight memory check, load, ``generate``, un-normalize.
+
+    Returns ``({"samples": latents}, report)``. Every input error is raised (as a ValueError
+    subclass) before the model is loaded or anything is allocated.
+    """
+    import comfy.model_management as mm
+    from headforcing_core import generate
+    from headforcing_core.backbone import WanRunner
+    from headforcing_core.sampler import validate_inputs
+
+    policy = sampler_policy(kv_policy, policy_preset)
+    req = make_request(width=width, height=height, length=length, length_unit=length_unit, seed=seed,
+                       steps=steps, shift=shift, frames_per_block=frames_per_block, policy=policy)
+    module, spec = wan_backbone(model)
+    context = conditioning_tensor(conditioning)
+    noise = initial_noise(latent_shape(req.width, req.height, req.latent_frames, channels=spec.in_dim), req.seed)
+    validate_inputs(WanRunner(module), context, noise, req.frames_per_block)  # text width, channels, grid
+
+    dtype = compute_dtype(model)
+    estimate = estimate_run(spec, policy, latent_frames=req.latent_frames, latent_height=noise.shape[-2],
+                            latent_width=noise.shape[-1], frames_per_block=req.frames_per_block, batch=1,
+                            dtype=dtype)
+    # The runner reads its device off the weights, so load them all (no lowvram split).
+    mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
+    device = model.load_device
+    check_fits(estimate, mm.get_free_memory(device))
+
+    hooks = ComfyHooks(model, req.chunks * (len(req.steps) + 1))
+    t0 = time.perf_counter()
+    try:
+        latents = generate(module, context, noise.to(device), steps=req.steps, shift=req.shift,
+                           frames_per_block=req.frames_per_block, policy=policy,
+                           generator=renoise_generator(req.seed), progress=hooks.progress,
+                           should_stop=hooks.should_stop, on_chunk=hooks.on_chunk, dtype=dtype)
+    except Interrupted:
+        mm.throw_exception_if_processing_interrupted()  # clears the flag and raises
+        raise mm.InterruptProcessingException() from None
+    seconds = time.perf_counter() - t0
+    samples = model.model.process_latent_out(latents.float()).to(mm.intermediate_device())
+    report = _report(req, policy, estimate, hooks.chunk_seconds, seconds, dtype, device)
+    log.info("headforcing: %s", report.replace("\n", " | "))
+    return {"samples": samples}, report
+
+
+def _report(req: SamplerRequest, policy: CachePolicy, estimate, chunk_seconds: list[float], seconds: float,
+            dtype: torch.dtype, device) -> str:
+    per_chunk = seconds / max(1, len(chunk_seconds))
+    steady = sum(chunk_seconds[1:]) / (len(chunk_seconds) - 1) if len(chunk_seconds) > 1 else per_chunk
+    lines = [
+        f"Head Forcing AR sampler: {req.frames} frames ({req.latent_frames} latent, "
+        f"{req.frames / FPS:.2f} s at {FPS} fps) at {req.width}x{req.height}, seed {req.seed}"
+        + (f" (asked for {req.frames_requested} frames)" if req.frames_requested != req.frames else ""),
+        f"chunks: {req.chunks} x {req.frames_per_block} latent frames, {len(req.steps)} steps + clean pass, "
+        f"steps {','.join(f'{s:g}' for s in req.steps)}, shift {req.shift:g}",
+        f"policy: {describe(policy)}",
+        *[f"  {n}" for n in estimate.notes],
+        f"memory estimate: KV cache {estimate.kv_bytes / GiB:.3f} GiB, activations "
+        f"{estimate.activation_bytes / GiB:.3f} GiB, text K/V {estimate.text_bytes / GiB:.3f} GiB, "
+        f"total {estimate.total_bytes / GiB:.3f} GiB (+ weights)",
+        f"time: {seconds:.2f} s, {per_chunk:.3f} s/chunk (steady {steady:.3f} s/chunk), "
+        f"{req.frames / seconds if seconds > 0 else 0:.2f} video frames/s on {device} in "
+        f"{str(dtype).replace('torch.', '')}",
+    ]
+    return "\n".join(lines)

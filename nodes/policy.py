@@ -1,0 +1,83 @@
+"""HeadForcingCachePolicy: choose and tune a head-aware KV-cache policy (KV_POLICY)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from headforcing_core.policies import PRESETS, make_policy
+
+from . import comfy_bridge as bridge
+from .types import KV_POLICY
+
+_HEAD_FORCING = make_policy("head_forcing").rule_map["memory"].middle  # episodic defaults
+
+
+class HeadForcingCachePolicy(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HeadForcingCachePolicy",
+            display_name="Head Forcing Cache Policy",
+            category="sampling/head_forcing",
+            description=(
+                "Which history every attention head keeps while the AR sampler generates, and at which "
+                "RoPE positions. Bounded presets keep memory constant however long the video is. Feed "
+                "the KV_POLICY output to Head Forcing AR Sampler."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "preset", options=list(PRESETS), default="head_forcing",
+                    tooltip="full: keep everything (Self Forcing; only up to 21 latent frames = 81 frames). "
+                            "self_forcing_window: last 21 frames. sink_window: first + last frames for every "
+                            "head. pyramid_forcing: Anchor/Wave/Veil heads (paper defaults). head_forcing: "
+                            "Local/Anchor/Memory heads with episodic memory (long videos)."),
+                io.Combo.Input(
+                    "rope", options=list(bridge.ROPE_CHOICES), default="preset default",
+                    tooltip="How kept frames are positioned. absolute: true frame index (Self Forcing). "
+                            "window_clamp: history clamped into the last 21 frames (Pyramid Forcing). "
+                            "compact: each head's kept frames renumbered into the 21-frame range (Head "
+                            "Forcing). 'preset default' uses the preset's own mode."),
+                io.Int.Input(
+                    "sink_frames", default=-1, min=-1, max=64,
+                    tooltip="First latent frames kept as attention sinks (anchor and memory heads). "
+                            "-1: the preset's value (3). Ignored by full and self_forcing_window."),
+                io.Int.Input(
+                    "recent_frames", default=-1, min=-1, max=1024,
+                    tooltip="Most recent latent frames kept (memory heads for head_forcing; every head for "
+                            "sink_window and pyramid_forcing; the window size incl. the current chunk for "
+                            "self_forcing_window). -1: the preset's value. Ignored by full."),
+                io.Int.Input(
+                    "memory_episodes", default=_HEAD_FORCING.cap, min=1, max=256,
+                    tooltip="head_forcing only: most episodes (pooled summaries of older frames) a memory "
+                            "head keeps; past it the two most similar neighbours merge."),
+                io.Float.Input(
+                    "memory_similarity", default=_HEAD_FORCING.similarity, min=-1.0, max=1.0, step=0.01,
+                    tooltip="head_forcing only: cosine similarity of keys at or above which an evicted "
+                            "frame joins the open episode; below it a new episode starts (a scene change)."),
+                io.Int.Input(
+                    "width", default=832, min=16, max=16384, step=16,
+                    tooltip="For the memory figure only: video width the estimate is computed for."),
+                io.Int.Input(
+                    "height", default=480, min=16, max=16384, step=16,
+                    tooltip="For the memory figure only: video height the estimate is computed for."),
+                io.Int.Input(
+                    "length", default=961, min=1, max=1_000_000, step=4,
+                    tooltip="For the memory figure only: video frames (961 = 60 s at 16 fps)."),
+                # HEAD_PROFILE input (labels per layer and head) goes here once profiling lands:
+                # its labels are passed to bridge.build_policy(labels=...).
+            ],
+            outputs=[
+                KV_POLICY.Output(display_name="kv_policy",
+                                 tooltip="The cache policy, for Head Forcing AR Sampler's kv_policy input."),
+                io.String.Output(display_name="summary",
+                                 tooltip="What each head type keeps and the KV memory it needs at the given "
+                                         "size (Wan2.1-T2V-1.3B shape, bf16, 3 frames per block)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, preset, rope, sink_frames, recent_frames, memory_episodes, memory_similarity, width,
+                height, length) -> io.NodeOutput:
+        policy = bridge.build_policy(preset, rope=rope, sink_frames=sink_frames, recent_frames=recent_frames,
+                                     memory_episodes=memory_episodes, memory_similarity=memory_similarity)
+        summary = bridge.policy_summary(policy, width=width, height=height, frames=length)
+        return io.NodeOutput(policy, summary)

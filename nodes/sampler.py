@@ -1,0 +1,93 @@
+"""HeadForcingARSampler: chunk-wise autoregressive sampling of a Self Forcing / Causal Forcing model."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from headforcing_core.policies import PRESETS
+
+from . import comfy_bridge as bridge
+from .types import KV_POLICY
+
+MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
+
+
+class HeadForcingARSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HeadForcingARSampler",
+            display_name="Head Forcing AR Sampler",
+            category="sampling/head_forcing",
+            description=(
+                "Generates a video autoregressively, chunk by chunk, with a Self Forcing / Causal Forcing "
+                "(Wan2.1-T2V distilled) model and a head-aware KV cache. No CFG, no negative prompt. "
+                "Outputs a LATENT for VAEDecode (T latent frames decode to 4T-3 frames at 16 fps)."
+            ),
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="A Self Forcing or Causal Forcing checkpoint (Wan2.1-T2V-1.3B shape) from "
+                            "'Load Diffusion Model'. Other model families are refused."),
+                io.Conditioning.Input(
+                    "conditioning",
+                    tooltip="The prompt: CLIPTextEncode with the umT5-XXL text encoder (CLIPLoader type 'wan'). "
+                            "Positive only: these distilled models run without CFG."),
+                io.Int.Input(
+                    "width", default=832, min=16, max=MAX_RESOLUTION, step=16,
+                    tooltip="Video width in pixels, a multiple of 16. The models were trained at 832x480."),
+                io.Int.Input(
+                    "height", default=480, min=16, max=MAX_RESOLUTION, step=16,
+                    tooltip="Video height in pixels, a multiple of 16."),
+                io.Int.Input(
+                    "length", default=81, min=1, max=1_000_000, step=1,
+                    tooltip="Video length in the unit of 'length_unit'. Frames are rounded down to 4k+1 "
+                            "(81 frames = 21 latent frames = 5 s; 961 = 60 s). Seconds give 16*s+1 frames."),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=bridge.MAX_SEED, control_after_generate=True,
+                    tooltip="Initial noise seed (same noise as KSampler's for an empty latent of this size); "
+                            "the re-noising between steps uses seed+1."),
+                # optional: an API prompt may leave these out and gets the defaults
+                KV_POLICY.Input(
+                    "kv_policy", optional=True,
+                    tooltip="A cache policy from 'Head Forcing Cache Policy'. When connected it replaces the "
+                            "'policy' dropdown."),
+                io.Combo.Input(
+                    "length_unit", options=list(bridge.LENGTH_UNITS), default="frames", optional=True,
+                    tooltip="'frames': length counts video frames. 'seconds': length counts seconds at 16 fps "
+                            "(60 -> 961 frames)."),
+                io.String.Input(
+                    "steps", default=bridge.DEFAULT_STEPS, optional=True,
+                    tooltip="Comma-separated nominal timesteps, highest first. Self Forcing / Causal Forcing "
+                            "use 1000,750,500,250; they are warped through the shifted schedule "
+                            "(-> about 1000, 937.5, 833.3, 625). Each chunk also gets one clean pass."),
+                io.Float.Input(
+                    "shift", default=bridge.DEFAULT_SHIFT, min=0.01, max=100.0, step=0.01, optional=True,
+                    tooltip="Flow-matching shift of the schedule. 5.0 is Self Forcing's training value; "
+                            "ComfyUI's Wan default of 8.0 (ModelSamplingSD3) is wrong for these models."),
+                io.Int.Input(
+                    "frames_per_block", default=3, min=1, max=21, optional=True,
+                    tooltip="Latent frames generated per chunk: 3 for chunk-wise checkpoints, 1 for frame-wise "
+                            "ones. A last chunk may be shorter."),
+                io.Combo.Input(
+                    "policy", options=list(PRESETS), default=bridge.DEFAULT_SAMPLER_POLICY, optional=True,
+                    tooltip="KV-cache preset used when no kv_policy is connected. self_forcing_window keeps "
+                            "the last 21 latent frames (identical to 'full', i.e. Self Forcing, up to 81 "
+                            "frames; bounded beyond). Use the Cache Policy node to tune a policy."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent",
+                                 tooltip="Clean video latent [1, 16, T, H/8, W/8] for VAEDecode."),
+                io.String.Output(display_name="report",
+                                 tooltip="Policy, memory estimate and timing of the run."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, width, height, length, seed, kv_policy=None, length_unit="frames",
+                steps=bridge.DEFAULT_STEPS, shift=bridge.DEFAULT_SHIFT, frames_per_block=3,
+                policy=bridge.DEFAULT_SAMPLER_POLICY) -> io.NodeOutput:
+        latent, report = bridge.run_ar_sampler(
+            model, conditioning, kv_policy=kv_policy, policy_preset=policy, width=width, height=height,
+            length=length, length_unit=length_unit, seed=seed, steps=steps, shift=shift,
+            frames_per_block=frames_per_block)
+        return io.NodeOutput(latent, report)

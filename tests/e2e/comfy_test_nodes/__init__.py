@@ -1,0 +1,155 @@
+"""Test-only ComfyUI nodes (ids prefixed ``HFTest``), loaded by the end-to-end tests and the tiny demo.
+
+Never shipped to users: the pack's own ``__init__.py`` does not import this folder; the
+harness links it into the server's ``custom_nodes/`` next to the pack.
+
+* ``HFTestConditioning``: random CONDITIONING ``[1, L, 4096]`` (normal * 0.1) from a seed; stands
+  in for umT5 + CLIPTextEncode, which cannot be made tiny.
+* ``HFTestRandomLatent``: a random Wan-shaped LATENT ``[B, 16, T, H/8, W/8]``.
+* ``HFTestModelInfo`` / ``HFTestVAEInfo``: output nodes that report, as UI text (JSON), how
+  ComfyUI detected a loaded MODEL / VAE (classes, shapes, dtypes, latent format).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io, ui
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed) % (2**63))
+
+
+class HFTestConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HFTestConditioning",
+            display_name="HF Test: Random Conditioning",
+            category="testing/headforcing",
+            description="Random umT5-shaped CONDITIONING [1, length, 4096] (normal * 0.1). Test-only.",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED),
+                io.Int.Input("length", default=512, min=1, max=4096),
+                io.Float.Input("scale", default=0.1, min=0.0, max=10.0, step=0.01, optional=True),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed, length, scale=0.1) -> io.NodeOutput:
+        cond = torch.randn((1, length, 4096), generator=_generator(seed)) * scale
+        return io.NodeOutput([[cond, {}]])
+
+
+class HFTestRandomLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HFTestRandomLatent",
+            display_name="HF Test: Random Video Latent",
+            category="testing/headforcing",
+            description="Random normal LATENT [batch, 16, (length-1)//4+1, height/8, width/8]. Test-only.",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED),
+                io.Int.Input("width", default=64, min=16, max=8192, step=16),
+                io.Int.Input("height", default=64, min=16, max=8192, step=16),
+                io.Int.Input("length", default=9, min=1, max=100000, step=4),
+                io.Int.Input("batch_size", default=1, min=1, max=64),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed, width, height, length, batch_size=1) -> io.NodeOutput:
+        shape = (batch_size, 16, (length - 1) // 4 + 1, height // 8, width // 8)
+        return io.NodeOutput({"samples": torch.randn(shape, generator=_generator(seed))})
+
+
+def _describe_model(model) -> dict:
+    base = model.model
+    dm = base.diffusion_model
+    info = {
+        "patcher": type(model).__name__,
+        "base_model": type(base).__name__,
+        "model_config": type(base.model_config).__name__,
+        "unet_config": {k: (list(v) if isinstance(v, tuple) else v)
+                        for k, v in base.model_config.unet_config.items()
+                        if isinstance(v, (int, float, str, bool, tuple, list, type(None)))},
+        "diffusion_model": f"{type(dm).__module__}.{type(dm).__name__}",
+        "latent_format": type(base.latent_format).__name__,
+        "model_type": str(getattr(base, "model_type", None)),
+        "model_sampling": type(base.model_sampling).__name__,
+        "shift": float(getattr(base.model_sampling, "shift", float("nan"))),
+        "model_dtype": str(model.model_dtype()),
+        "load_device": str(model.load_device),
+        "num_blocks": len(getattr(dm, "blocks", [])),
+        "dim": getattr(dm, "dim", None),
+        "num_heads": getattr(dm, "num_heads", None),
+        "params": sum(p.numel() for p in dm.parameters()),
+    }
+    return info
+
+
+class HFTestModelInfo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HFTestModelInfo",
+            display_name="HF Test: Model Info",
+            category="testing/headforcing",
+            description="Reports (UI text, JSON) how ComfyUI detected a MODEL. Test-only.",
+            inputs=[io.Model.Input("model")],
+            outputs=[io.String.Output()],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        text = json.dumps(_describe_model(model), sort_keys=True)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+class HFTestVAEInfo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HFTestVAEInfo",
+            display_name="HF Test: VAE Info",
+            category="testing/headforcing",
+            description="Reports (UI text, JSON) how ComfyUI detected a VAE. Test-only.",
+            inputs=[io.Vae.Input("vae")],
+            outputs=[io.String.Output()],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, vae) -> io.NodeOutput:
+        fsm = vae.first_stage_model
+        info = {
+            "first_stage_model": f"{type(fsm).__module__}.{type(fsm).__name__}",
+            "latent_channels": vae.latent_channels,
+            "latent_dim": vae.latent_dim,
+            "dim": getattr(fsm, "dim", None),
+            "z_dim": getattr(fsm, "z_dim", None),
+            "vae_dtype": str(vae.vae_dtype),
+            "upscale_ratio_t_of_3": vae.upscale_ratio[0](3) if callable(vae.upscale_ratio[0]) else None,
+            "spatial_upscale": list(vae.upscale_ratio[1:]),
+        }
+        text = json.dumps(info, sort_keys=True)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+class HFTestExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [HFTestConditioning, HFTestRandomLatent, HFTestModelInfo, HFTestVAEInfo]
+
+
+async def comfy_entrypoint() -> HFTestExtension:
+    return HFTestExtension()

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Tiny random models in the REAL file formats ComfyUI loads.
+
+* ``write_tiny_wan(path)``: a Wan2.1 text-to-video diffusion model, flat safetensors with the
+  official key names, that ComfyUI's UNETLoader ("Load Diffusion Model") detects as Wan 2.1
+  t2v: dim 256 (2 heads of 128), 2 layers, ffn 512, text_dim 4096, freq_dim 256, in/out 16,
+  patch (1, 2, 2).  The parameters come from the pack's own reference backbone
+  (``headforcing_core.wan_model``), so the core tests and ComfyUI see the same layout.
+* ``write_tiny_wan_vae(path)``: a Wan 2.1 video VAE with base dim 8 that ComfyUI's VAELoader
+  detects as the Wan 2.1 VAE (16 latent channels, 4x time / 8x space).  Its keys and shapes
+  are written from a small description of the architecture, so this needs torch and
+  safetensors but not ComfyUI.
+
+Random weights give noise videos: these models prove plumbing, not quality.
+
+    python tools/tiny_models.py --wan OUT.safetensors --vae OUT_VAE.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# The tiny Wan shape (one place).
+TINY_WAN = dict(dim=256, num_heads=2, num_layers=2, ffn_dim=512, text_dim=4096, freq_dim=256,
+                in_dim=16, out_dim=16, patch_size=(1, 2, 2))
+TINY_VAE_DIM = 8
+WAN_VAE_Z_DIM = 16
+
+
+# --------------------------------------------------------------------------------------
+# Wan 2.1 T2V diffusion model
+# --------------------------------------------------------------------------------------
+
+def tiny_wan_config():
+    from headforcing_core.wan_model import WanConfig
+    return WanConfig(**TINY_WAN)
+
+
+def tiny_wan_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    from headforcing_core.wan_model import random_backbone
+    model = random_backbone(tiny_wan_config(), seed=seed, dtype=dtype)
+    return {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def write_tiny_wan(path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_wan_state_dict(seed, dtype), str(path), metadata={"format": "pt"})
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Wan 2.1 VAE (causal 3-D conv autoencoder), keys and shapes from the architecture
+# --------------------------------------------------------------------------------------
+
+def _conv3d(sd, name, cin, cout, k):
+    sd[f"{name}.weight"] = (cout, cin, *k)
+    sd[f"{name}.bias"] = (cout,)
+
+
+def _conv2d(sd, name, cin, cout, k):
+    sd[f"{name}.weight"] = (cout, cin, k, k)
+    sd[f"{name}.bias"] = (cout,)
+
+
+def _res_block(sd, name, cin, cout):
+    # residual = [RMS_norm, SiLU, CausalConv3d, RMS_norm, SiLU, Dropout, CausalConv3d]
+    sd[f"{name}.residual.0.gamma"] = (cin, 1, 1, 1)
+    _conv3d(sd, f"{name}.residual.2", cin, cout, (3, 3, 3))
+    sd[f"{name}.residual.3.gamma"] = (cout, 1, 1, 1)
+    _conv3d(sd, f"{name}.residual.6", cout, cout, (3, 3, 3))
+    if cin != cout:
+        _conv3d(sd, f"{name}.shortcut", cin, cout, (1, 1, 1))
+
+
+def _attn_block(sd, name, dim):
+    sd[f"{name}.norm.gamma"] = (dim, 1, 1)
+    _conv2d(sd, f"{name}.to_qkv", dim, dim * 3, 1)
+    _conv2d(sd, f"{name}.proj", dim, dim, 1)
+
+
+def _resample(sd, name, dim, mode):
+    if mode in ("downsample2d", "downsample3d"):
+        _conv2d(sd, f"{name}.resample.1", dim, dim, 3)  # [ZeroPad2d, Conv2d stride 2]
+        if mode == "downsample3d":
+            _conv3d(sd, f"{name}.time_conv", dim, dim, (3, 1, 1))
+    else:
+        _conv2d(sd, f"{name}.resample.1", dim, dim // 2, 3)  # [Upsample, Conv2d]
+        if mode == "upsample3d":
+            _conv3d(sd, f"{name}.time_conv", dim, dim * 2, (3, 1, 1))
+
+
+def wan_vae_shapes(dim: int = TINY_VAE_DIM, z_dim: int = WAN_VAE_Z_DIM,
+                   dim_mult=(1, 2, 4, 4), num_res_blocks: int = 2,
+                   temporal_down=(False, True, True)) -> dict[str, tuple]:
+    """Every key and shape of a Wan 2.1 VAE state dict (the official/ComfyUI layout)."""
+    sd: dict[str, tuple] = {}
+    # encoder: conv1, downsamples, middle, head -> 2*z_dim channels (mean, log-var)
+    dims = [dim * u for u in (1, *dim_mult)]
+    _conv3d(sd, "encoder.conv1", 3, dims[0], (3, 3, 3))
+    i = 0
+    for level, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        for _ in range(num_res_blocks):
+            _res_block(sd, f"encoder.downsamples.{i}", cin, cout)
+            cin = cout
+            i += 1
+        if level != len(dim_mult) - 1:
+            _resample(sd, f"encoder.downsamples.{i}", cout, "downsample3d" if temporal_down[level] else "downsample2d")
+            i += 1
+    top = dims[-1]
+    _res_block(sd, "encoder.middle.0", top, top)
+    _attn_block(sd, "encoder.middle.1", top)
+    _res_block(sd, "encoder.middle.2", top, top)
+    sd["encoder.head.0.gamma"] = (top, 1, 1, 1)
+    _conv3d(sd, "encoder.head.2", top, z_dim * 2, (3, 3, 3))
+    _conv3d(sd, "conv1", z_dim * 2, z_dim * 2, (1, 1, 1))
+    _conv3d(sd, "conv2", z_dim, z_dim, (1, 1, 1))
+    # decoder: conv1, middle, upsamples, head -> RGB
+    temporal_up = tuple(reversed(temporal_down))
+    ddims = [dim * u for u in (dim_mult[-1], *reversed(dim_mult))]
+    _conv3d(sd, "decoder.conv1", z_dim, ddims[0], (3, 3, 3))
+    _res_block(sd, "decoder.middle.0", ddims[0], ddims[0])
+    _attn_block(sd, "decoder.middle.1", ddims[0])
+    _res_block(sd, "decoder.middle.2", ddims[0], ddims[0])
+    i = 0
+    for level, (cin, cout) in enumerate(zip(ddims[:-1], ddims[1:])):
+        if level in (1, 2, 3):
+            cin = cin // 2  # the previous upsample halved the channels
+        for _ in range(num_res_blocks + 1):
+            _res_block(sd, f"decoder.upsamples.{i}", cin, cout)
+            cin = cout
+            i += 1
+        if level != len(dim_mult) - 1:
+            _resample(sd, f"decoder.upsamples.{i}", cout, "upsample3d" if temporal_up[level] else "upsample2d")
+            i += 1
+    sd["decoder.head.0.gamma"] = (ddims[-1], 1, 1, 1)
+    _conv3d(sd, "decoder.head.2", ddims[-1], 3, (3, 3, 3))
+    return sd
+
+
+def tiny_wan_vae_state_dict(seed: int = 0, dim: int = TINY_VAE_DIM,
+                            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights: RMS-norm gains 1, biases small, convs ~ unit gain (std 1/sqrt(fan_in)).
+
+    The residual branches are damped so activations stay O(1) through the ~30 blocks, and
+    the decoded frames are varied (not constant) but finite.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in sorted(wan_vae_shapes(dim).items()):
+        if key.endswith(".gamma"):
+            t = torch.ones(shape)
+        elif key.endswith(".bias"):
+            t = torch.randn(shape, generator=g) * 0.02
+        else:
+            fan_in = math.prod(shape[1:])
+            t = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+            if ".residual.6." in key:
+                t = t * 0.5
+        out[key] = t.to(dtype).contiguous()
+    return out
+
+
+def write_tiny_wan_vae(path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_wan_vae_state_dict(seed, dtype=dtype), str(path), metadata={"format": "pt"})
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--wan", type=Path, help="write the tiny Wan2.1 T2V diffusion model here")
+    p.add_argument("--vae", type=Path, help="write the tiny Wan 2.1 VAE here")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not (args.wan or args.vae):
+        p.error("nothing to write: give --wan and/or --vae")
+    if args.wan:
+        print(f"tiny Wan2.1 T2V -> {write_tiny_wan(args.wan, seed=args.seed)}")
+    if args.vae:
+        print(f"tiny Wan 2.1 VAE -> {write_tiny_wan_vae(args.vae, seed=args.seed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
