@@ -34,16 +34,25 @@ def load_checkpoint(path: str) -> Mapping:
     """Read a ``.pt`` file safely (tensors, dicts, lists and numbers only)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    name = os.path.basename(path)
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and magic[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint (unknown file format)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{os.path.basename(path)} needs objects other than tensors to load and was refused for safety "
-            f"(torch.load weights_only=True): {str(e).splitlines()[0]}"
-        ) from None
+        detail = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "GLOBAL" in ln]
+        if detail:
+            raise CheckpointError(
+                f"{name} needs objects other than tensors to load and was refused for safety "
+                f"(torch.load with weights_only=True): {detail[0]}"
+            ) from None
+        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint (corrupt pickle)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{os.path.basename(path)} is not a readable PyTorch checkpoint: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint: {first}") from None
 
 
 def extract_generator(ckpt: Mapping, ema: bool = False) -> dict[str, torch.Tensor]:

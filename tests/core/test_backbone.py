@@ -1,0 +1,55 @@
+"""The runner drives Wan-shaped modules by name, through their own (casting) layers."""
+
+import torch
+import torch.nn.functional as F
+
+from headforcing_core import WanBackbone, WanConfig, generate, inspect_backbone, random_backbone
+
+from .conftest import TINY, latent_noise, text_context
+
+
+class CastingLinear(torch.nn.Linear):
+    """Like ComfyUI's ops: weights stay in storage dtype and are cast on the fly per call."""
+
+    calls = 0
+
+    def forward(self, x):
+        CastingLinear.calls += 1
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def castify(module: torch.nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if type(child) is torch.nn.Linear:
+            child.__class__ = CastingLinear
+        else:
+            castify(child)
+
+
+def test_shapes_are_read_off_the_module():
+    spec = inspect_backbone(WanBackbone(WanConfig(dim=384, num_heads=3, num_layers=3, ffn_dim=64)))
+    assert (spec.dim, spec.num_heads, spec.num_layers, spec.head_dim) == (384, 3, 3, 128)
+    assert spec.tokens_per_frame(60, 104) == 1560
+
+
+def test_bf16_weights_cast_on_the_fly_without_copies():
+    model = random_backbone(TINY, seed=0)
+    reference = generate(model, text_context(), latent_noise(3), generator=torch.Generator().manual_seed(0))
+    bf16 = random_backbone(TINY, seed=0, dtype=torch.bfloat16)
+    castify(bf16)
+    before = {n: (p.data_ptr(), p.dtype) for n, p in bf16.named_parameters()}
+    CastingLinear.calls = 0
+    out = generate(bf16, text_context(), latent_noise(3), generator=torch.Generator().manual_seed(0),
+                   dtype=torch.float32)
+    assert CastingLinear.calls > 0
+    assert before == {n: (p.data_ptr(), p.dtype) for n, p in bf16.named_parameters()}
+    # bf16-rounded weights computed in float32: close to the float32 model, not equal
+    assert out.dtype == torch.float32
+    assert float((out - reference).norm() / reference.norm()) < 0.05
+
+
+def test_state_dict_round_trip_infers_the_shape():
+    model = random_backbone(TINY, seed=3)
+    again = WanBackbone.from_state_dict(model.state_dict())
+    assert again.config == TINY
+    assert set(model.state_dict()) == set(again.state_dict())

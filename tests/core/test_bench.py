@@ -1,0 +1,41 @@
+"""The benchmark CLI's estimates: KV budgets of the presets against Self Forcing's window."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from headforcing_core.bench import main
+
+
+def run_bench(capsys, *args):
+    assert main(list(args)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_estimate_budgets_at_1p3b(capsys):
+    r = run_bench(capsys, "--estimate", "--model-shape", "1.3b", "--width", "832", "--height", "480",
+                  "--seconds", "30", "60", "600")
+    for length in ("30s", "60s", "600s"):
+        pol = r["results"][length]["policies"]
+        assert pol["head_forcing"]["kv_ratio_vs_self_forcing_window"] <= 0.55
+        assert pol["pyramid_forcing"]["kv_ratio_vs_self_forcing_window"] <= 0.65
+        # 21 frames of 1560 tokens, 30 layers × 12 heads × 128 × K and V × bf16
+        assert pol["self_forcing_window"]["kv_bytes"] == 21 * 1560 * 30 * 12 * 128 * 2 * 2
+        assert pol["self_forcing_window"]["attended_frames"] == pytest.approx(21)
+
+
+def test_timed_run_on_the_tiny_model(capsys):
+    r = run_bench(capsys, "--model-shape", "tiny", "--width", "64", "--height", "64", "--seconds", "10",
+                  "--chunks", "2", "--device", "cpu")
+    pol = r["results"]["10s"]["policies"]
+    for row in pol.values():
+        assert row["seconds_per_chunk"] > 0 and row["video_fps"] > 0
+        assert row["attended_tokens_measured"] == pytest.approx(row["attended_tokens"])
+
+
+def test_module_entry_point_prints_json():
+    out = subprocess.run([sys.executable, "-m", "headforcing_core.bench", "--estimate", "--policy", "full",
+                          "head_forcing"], capture_output=True, text=True, check=True)
+    assert "head_forcing" in json.loads(out.stdout)["results"]["30s"]["policies"]
