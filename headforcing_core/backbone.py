@@ -52,6 +52,17 @@ class BackboneSpec:
     text_dim: int
     freq_dim: int
     text_len: int
+    ffn_dim: int = 0  # 0: unknown (estimates then assume Wan's ratio)
+
+    @classmethod
+    def from_config(cls, cfg) -> "BackboneSpec":
+        """The spec of a :class:`~headforcing_core.wan_model.WanConfig` (no module needed)."""
+        return cls(cfg.dim, cfg.num_heads, cfg.num_layers, tuple(cfg.patch_size), cfg.in_dim, cfg.out_dim,
+                   cfg.text_dim, cfg.freq_dim, cfg.text_len, cfg.ffn_dim)
+
+    @property
+    def ffn_width(self) -> int:
+        return self.ffn_dim or int(self.dim * 5.84)  # Wan: 8960 for 1536
 
     @property
     def head_dim(self) -> int:
@@ -70,6 +81,15 @@ class BackboneSpec:
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
         h, w = self.token_grid(latent_height, latent_width)
         return h * w
+
+    def forward_flops(self, query_tokens: int, attended_tokens: float) -> dict[str, float]:
+        """FLOPs of one forward over ``query_tokens`` tokens that attend ``attended_tokens`` keys on average."""
+        d, s = self.dim, query_tokens
+        linear = self.num_layers * (6 * 2 * s * d * d + 2 * 2 * s * d * self.ffn_width)  # qkvo + cross q,o + FFN
+        self_attn = self.num_layers * 4 * s * attended_tokens * d
+        cross_attn = self.num_layers * 4 * s * self.text_len * d
+        return {"linear": float(linear), "self_attention": float(self_attn), "cross_attention": float(cross_attn),
+                "total": float(linear + self_attn + cross_attn)}
 
     def fingerprint(self) -> dict:
         return {"dim": self.dim, "num_heads": self.num_heads, "num_layers": self.num_layers,
@@ -121,10 +141,12 @@ def inspect_backbone(module: torch.nn.Module) -> BackboneSpec:
         )
     text_lin = _first_linear(module.text_embedding)
     time_lin = _first_linear(module.time_embedding)
+    ffn_lin = _first_linear(blocks[0].ffn)
     return BackboneSpec(
         dim=dim, num_heads=num_heads, num_layers=len(blocks), patch_size=kernel,  # type: ignore[arg-type]
         in_dim=in_dim, out_dim=out_dim, text_dim=int(text_lin.in_features),
         freq_dim=int(time_lin.in_features), text_len=int(getattr(module, "text_len", 512) or 512),
+        ffn_dim=int(ffn_lin.out_features),
     )
 
 

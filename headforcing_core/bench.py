@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .backbone import WanRunner
+from .backbone import BackboneSpec, WanRunner
 from .memory import estimate_run
 from .plan import plan_chunk
 from .policies import PRESETS, make_policy
@@ -65,6 +65,40 @@ def prefill(sampler: ARSampler, frames: int, generator: torch.Generator) -> None
     sampler.next_frame = frames
 
 
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, iters: int = 10) -> float:
+    """Achieved FLOP/s of a large square matrix multiply (the device's practical peak)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t)
+
+
+def time_attention(sampler: ARSampler, plan, iters: int = 3) -> dict:
+    """Time one layer's planned attention (gather + RoPE + backend) in isolation."""
+    from .plan import PlannedAttention
+
+    spec, dev, dtype = sampler.runner.spec, sampler.runner.device, sampler.runner.dtype
+    s = plan.frames * len(plan.layers[0][0].query_rotary) // plan.frames
+    q, k, v = (torch.randn(1, s, spec.num_heads, spec.head_dim, device=dev, dtype=dtype) for _ in range(3))
+    attn = PlannedAttention(plan, sampler.backend)
+    attn(0, q, k, v)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(iters):
+        attn(0, q, k, v)
+    _sync(dev)
+    seconds = (time.perf_counter() - t) / iters
+    attended = sum(g.attended_tokens * len(g.heads) for g in plan.layers[0]) / spec.num_heads
+    flops = 4 * s * attended * spec.dim
+    return {"seconds_per_layer_call": seconds, "flops_per_layer_call": flops, "tflops": flops / seconds / 1e12}
+
+
 def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.device) -> dict:
     dtype = DTYPES[args.dtype]
     runner = WanRunner(model, dtype=dtype, device=device)
@@ -72,10 +106,9 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
                         args.attention_backend)
     lh, lw = args.height // 8, args.width // 8
     f = args.frames_per_block
-    timed_frames = min(args.chunks * f, latent_frames)
-    start_frame = latent_frames - timed_frames
-    start_frame -= start_frame % f
-    timed_frames = latent_frames - start_frame
+    # time whole chunks at the end of the video; everything before is prefilled
+    timed_frames = min(args.chunks, max(latent_frames // f, 1)) * f
+    start_frame = max(0, (latent_frames - timed_frames) // f * f)
     sampler.start(1, lh, lw, latent_frames)
     gen = torch.Generator().manual_seed(0)
     sampler.set_prompt(torch.randn(1, 64, runner.spec.text_dim, generator=gen) * 0.1)
@@ -111,8 +144,13 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
         "start_frame": start_frame,
         "backend": sampler.backend_name,
     }
+    flops = runner.spec.forward_flops(f * tokens, attended)
+    calls = len(sampler.schedule.timesteps) + 1
+    out["flops_per_chunk"] = {k: v * calls for k, v in flops.items()}
+    out["achieved_tflops"] = flops["total"] * calls / spc / 1e12
     if device.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    out["attention"] = time_attention(sampler, plan)
     return out
 
 
@@ -138,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.width % 16 or args.height % 16:
         ap.error("width and height must be multiples of 16")
 
-    from .backbone import BackboneSpec
-    spec = BackboneSpec(cfg.dim, cfg.num_heads, cfg.num_layers, cfg.patch_size, cfg.in_dim, cfg.out_dim,
-                        cfg.text_dim, cfg.freq_dim, cfg.text_len)
+    spec = BackboneSpec.from_config(cfg)
     report: dict = {
         "command": "python -m headforcing_core.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model_shape": args.model_shape, "width": args.width, "height": args.height,
@@ -151,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     model = None
     if not args.estimate:
         model = random_backbone(cfg, seed=0, dtype=DTYPES[args.dtype]).to(device)
+        peak = measure_matmul_peak(device, DTYPES[args.dtype])
+        report["matmul_peak_tflops"] = peak / 1e12
     for seconds in args.seconds:
         frames = latent_frames_for(seconds)
         per_policy = {}
@@ -173,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                 if "video_fps" in row and "video_fps" in ref:
                     row["speedup_vs_self_forcing_window"] = row["video_fps"] / ref["video_fps"]
         report["results"][f"{seconds:g}s"] = {"latent_frames": frames, "policies": per_policy}
+    if model is not None:
+        for length in report["results"].values():
+            for row in length["policies"].values():
+                row["forward_fraction_of_peak"] = row["achieved_tflops"] / report["matmul_peak_tflops"]
+                row["attention"]["fraction_of_peak"] = row["attention"]["tflops"] / report["matmul_peak_tflops"]
+    report["vae_decode"] = "not measured: the core has no VAE; decode speed is ComfyUI's VAEDecode"
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

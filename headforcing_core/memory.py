@@ -86,18 +86,13 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     s = frames_per_block * tokens
     act = batch * itemsize * (
         s * (spec.dim * 10 + spec.head_dim * spec.num_heads * 4)  # residual, q/k/v/o, norms, FFN in/out
-        + s * 2 * _ffn_dim_guess(spec)  # FFN hidden (and its activation)
+        + s * 2 * spec.ffn_width  # FFN hidden (and its activation)
         + max_group_tokens * spec.head_dim * 3  # gathered K, roped K and V of the largest group
     ) + batch * spec.in_dim * latent_frames * latent_height * latent_width * 4 * 3  # noise, output, chunk work
     text = spec.num_layers * 2 * batch * spec.text_len * spec.dim * itemsize
     return RunEstimate(pol.preset, latent_frames, sum(by_type.values()), by_type, attended_sum / n_heads,
                        stored_sum / n_heads, tokens, act, text, weights_bytes,
                        (pol.note,) if pol.note else ())
-
-
-def _ffn_dim_guess(spec: BackboneSpec) -> int:
-    # Wan's FFN is ≈ 5.83× the width (8960 for 1536); the spec does not carry it
-    return int(spec.dim * 5.84)
 
 
 def check_fits(estimate: RunEstimate, free_bytes: int, headroom: float = 0.9) -> None:

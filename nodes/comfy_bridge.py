@@ -352,17 +352,21 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
                        steps=steps, shift=shift, frames_per_block=frames_per_block, policy=policy)
     module, spec = wan_backbone(model)
     context = conditioning_tensor(conditioning)
-    noise = initial_noise(latent_shape(req.width, req.height, req.latent_frames, channels=spec.in_dim), req.seed)
-    validate_inputs(WanRunner(module), context, noise, req.frames_per_block)  # text width, channels, grid
+    shape = latent_shape(req.width, req.height, req.latent_frames, channels=spec.in_dim)
+    # text width, channels, grid: checked on a shape-only tensor (nothing allocated yet)
+    validate_inputs(WanRunner(module), context, torch.empty(shape, device="meta"), req.frames_per_block)
 
     dtype = compute_dtype(model)
-    estimate = estimate_run(spec, policy, latent_frames=req.latent_frames, latent_height=noise.shape[-2],
-                            latent_width=noise.shape[-1], frames_per_block=req.frames_per_block, batch=1,
-                            dtype=dtype)
-    # The runner reads its device off the weights, so load them all (no lowvram split).
-    mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
+    estimate = estimate_run(spec, policy, latent_frames=req.latent_frames, latent_height=shape[-2],
+                            latent_width=shape[-1], frames_per_block=req.frames_per_block, batch=1, dtype=dtype)
     device = model.load_device
+    # refuse what cannot fit even in an empty device before evicting anything, then load
+    # (the runner reads its device off the weights: load them all, no lowvram split) and
+    # check against what is really free next to the weights
+    check_fits(estimate, mm.get_total_memory(device))
+    mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
     check_fits(estimate, mm.get_free_memory(device))
+    noise = initial_noise(shape, req.seed)
 
     hooks = ComfyHooks(model, req.chunks * (len(req.steps) + 1))
     t0 = time.perf_counter()
@@ -371,7 +375,12 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
                            frames_per_block=req.frames_per_block, policy=policy,
                            generator=renoise_generator(req.seed), progress=hooks.progress,
                            should_stop=hooks.should_stop, on_chunk=hooks.on_chunk, dtype=dtype)
-    except Interrupted:
+    except (Interrupted, mm.InterruptProcessingException) as e:
+        # the core's should_stop hook (before every model call) or ComfyUI's progress hook
+        # (after every call) saw the interrupt flag: end the node the way ComfyUI expects
+        log.info("headforcing: interrupted after %d of %d model calls", hooks.done, hooks.total)
+        if isinstance(e, mm.InterruptProcessingException):
+            raise
         mm.throw_exception_if_processing_interrupted()  # clears the flag and raises
         raise mm.InterruptProcessingException() from None
     seconds = time.perf_counter() - t0
@@ -389,7 +398,10 @@ def _report(req: SamplerRequest, policy: CachePolicy, estimate, chunk_seconds: l
         f"Head Forcing AR sampler: {req.frames} frames ({req.latent_frames} latent, "
         f"{req.frames / FPS:.2f} s at {FPS} fps) at {req.width}x{req.height}, seed {req.seed}"
         + (f" (asked for {req.frames_requested} frames)" if req.frames_requested != req.frames else ""),
-        f"chunks: {req.chunks} x {req.frames_per_block} latent frames, {len(req.steps)} steps + clean pass, "
+        f"chunks: {req.chunks} of {req.frames_per_block} latent frames"
+        + (f" (the last one {req.latent_frames % req.frames_per_block})" if req.latent_frames % req.frames_per_block
+           else "")
+        + f", {len(req.steps)} steps + clean pass each, "
         f"steps {','.join(f'{s:g}' for s in req.steps)}, shift {req.shift:g}",
         f"policy: {describe(policy)}",
         *[f"  {n}" for n in estimate.notes],

@@ -3,8 +3,8 @@
 Never shipped to users: the pack's own ``__init__.py`` does not import this folder; the
 harness links it into the server's ``custom_nodes/`` next to the pack.
 
-* ``HFTestConditioning``: random CONDITIONING ``[1, L, 4096]`` (normal * 0.1) from a seed; stands
-  in for umT5 + CLIPTextEncode, which cannot be made tiny.
+* ``HFTestConditioning``: random CONDITIONING ``[1, L, dim=4096]`` (normal * 0.1) from a seed;
+  stands in for umT5 + CLIPTextEncode, which cannot be made tiny.
 * ``HFTestRandomLatent``: a random Wan-shaped LATENT ``[B, 16, T, H/8, W/8]``.
 * ``HFTestModelInfo`` / ``HFTestVAEInfo``: output nodes that report, as UI text (JSON), how
   ComfyUI detected a loaded MODEL / VAE (classes, shapes, dtypes, latent format).
@@ -37,13 +37,15 @@ class HFTestConditioning(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED),
                 io.Int.Input("length", default=512, min=1, max=4096),
                 io.Float.Input("scale", default=0.1, min=0.0, max=10.0, step=0.01, optional=True),
+                io.Int.Input("dim", default=4096, min=1, max=16384, optional=True,
+                             tooltip="channels per token (umT5-XXL: 4096); other values test refusals"),
             ],
             outputs=[io.Conditioning.Output()],
         )
 
     @classmethod
-    def execute(cls, seed, length, scale=0.1) -> io.NodeOutput:
-        cond = torch.randn((1, length, 4096), generator=_generator(seed)) * scale
+    def execute(cls, seed, length, scale=0.1, dim=4096) -> io.NodeOutput:
+        cond = torch.randn((1, length, dim), generator=_generator(seed)) * scale
         return io.NodeOutput([[cond, {}]])
 
 

@@ -1,0 +1,301 @@
+"""Head profile files: safetensors tensors + JSON metadata; safe names; shipped presets.
+
+File layout (``*.safetensors``)
+-------------------------------
+Tensors:
+
+* ``labels.<taxonomy>`` — int8 ``[layers, heads]``: index of each head's type in
+  ``policies.TAXONOMIES[taxonomy]`` (``head_forcing``: local 0, anchor 1, memory 2;
+  ``pyramid_forcing``: anchor 0, wave 1, veil 2);
+* ``stats.{mass,positive,logit,uniform,count}`` — float64 ``[layers, heads, F, F]``: the raw
+  sums of :mod:`.stats` (absent in a labels-only preset);
+* ``summary.*`` — float32 per-head statistics derived at the default settings, for people
+  inspecting the file; ignored when loading (recomputed from ``stats.*``).
+
+Metadata (safetensors header): ``format = "headforcing.head_profile"``, ``format_version``
+and ``headforcing`` = one JSON object with ``model`` (the backbone fingerprint),
+``taxonomy`` (primary), ``label_sources``, ``thresholds`` (per taxonomy), ``calibration``,
+``frames_per_block``, ``source``, ``attribution``, ``read_only``, ``created``, ``software``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import HeadForcingError, ProfileError
+from ..policies import (PYRAMID_PRESET_SOURCE, PYRAMID_TO_HEAD_FORCING, TAXONOMIES,
+                        pyramid_forcing_preset_labels)
+from ..wan_model import WanConfig
+from .classify import label_codes, labels_from_codes
+from .profile import HeadProfile, normalize_fingerprint
+from .stats import STAT_NAMES, FrameStats, summarize
+
+FORMAT = "headforcing.head_profile"
+FORMAT_VERSION = 1
+SUFFIX = ".safetensors"
+FOLDER_NAME = "headforcing"  # ComfyUI model folder (models/headforcing)
+PRESET_PREFIX = "preset: "
+
+
+# ---------------------------------------------------------------------------------------------
+# names
+
+
+def safe_profile_path(folder, name: str, *, suffix: str | None = SUFFIX) -> Path:
+    """The path of profile ``name`` inside ``folder``; ProfileError if it would leave it.
+
+    ``name`` is relative (sub-folders allowed). Refused: empty names, absolute paths or drive
+    names, ``..`` components, NUL bytes, and names whose real path (symlinks resolved) lies
+    outside the real path of ``folder``. ``suffix`` is appended when missing.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ProfileError("a head profile needs a file name")
+    if "\x00" in name:
+        raise ProfileError(f"head profile name {name!r} contains a NUL byte")
+    parts = [p for p in re.split(r"[\\/]+", name)]
+    if (os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name)
+            or any(p == ".." for p in parts)):
+        raise ProfileError(f"head profile name {name!r} must be a relative name inside the profile folder "
+                           "(no absolute paths, no '..')")
+    if suffix and not name.lower().endswith(suffix):
+        name = name + suffix
+    root = Path(os.path.realpath(folder))
+    target = Path(os.path.realpath(root / name))
+    try:
+        inside = os.path.commonpath([str(root), str(target)]) == str(root) and target != root
+    except ValueError:  # different drives
+        inside = False
+    if not inside:
+        raise ProfileError(f"head profile name {name!r} resolves to {target}, outside the profile folder {root}")
+    return target
+
+
+def list_profiles(folder) -> list[str]:
+    """Relative names (posix separators) of the profile files under ``folder`` that stay inside it."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    out = []
+    for dirpath, _dirs, files in os.walk(root, followlinks=False):
+        for f in files:
+            if not f.lower().endswith(SUFFIX):
+                continue
+            rel = Path(dirpath, f).relative_to(root).as_posix()
+            try:
+                safe_profile_path(root, rel)
+            except ProfileError:
+                continue
+            out.append(rel)
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+
+def _software() -> str:
+    from .. import __version__
+    return f"headforcing_core {__version__}"
+
+
+def profile_tensors(profile: HeadProfile) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for tax, lab in profile.labels_by_taxonomy.items():
+        tensors[f"labels.{tax}"] = torch.from_numpy(label_codes(lab))
+    if profile.stats is not None:
+        for n, t in profile.stats.tensors().items():
+            tensors[f"stats.{n}"] = t.detach().to("cpu", torch.float64).contiguous()
+        try:
+            summ = summarize(profile.stats)
+        except HeadForcingError:
+            summ = None
+        if summ is not None:
+            for n, a in summ.arrays().items():
+                tensors[f"summary.{n}"] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return tensors
+
+
+def profile_metadata(profile: HeadProfile) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": profile.model,
+        "taxonomy": profile.taxonomy,
+        "label_sources": {t: lab.source for t, lab in profile.labels_by_taxonomy.items()},
+        "thresholds": {t: dict(v) for t, v in profile.thresholds.items()},
+        "calibration": profile.calibration,
+        "frames_per_block": profile.stats.frames_per_block if profile.stats is not None else None,
+        "statistics": profile.stats is not None,
+        "summary_settings": {"sink_frames": 3, "recent_frames": 4},
+        "source": profile.source,
+        "attribution": profile.attribution,
+        "read_only": profile.read_only,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "software": _software(),
+    }
+
+
+def save_profile(profile: HeadProfile, path) -> Path:
+    """Write ``profile`` to ``path`` (atomically: a temporary file in the same folder, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+            "headforcing": json.dumps(profile_metadata(profile), sort_keys=True)}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=SUFFIX, dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_file(profile_tensors(profile), tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_profile(path, *, expect=None, name: str | None = None) -> HeadProfile:
+    """Read a profile file. ProfileError for a missing, corrupt or foreign file, and — when
+    ``expect`` (a BackboneSpec or fingerprint) is given — for a profile of another model shape."""
+    path = Path(path)
+    label = name or path.name
+    if not path.is_file():
+        raise ProfileError(f"no head profile file {label!r} (looked at {path})")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types (and OSError/ValueError)
+        raise ProfileError(f"head profile {label!r} is not a readable safetensors file (corrupt or truncated?): "
+                           f"{type(e).__name__}: {e}") from None
+    if header.get("format") != FORMAT:
+        raise ProfileError(f"{label!r} is a safetensors file but not a head profile (format "
+                           f"{header.get('format')!r}, expected {FORMAT!r})")
+    try:
+        version = int(header.get("format_version", "0"))
+        meta = json.loads(header["headforcing"])
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not a JSON object")
+    except (KeyError, ValueError, TypeError) as e:
+        raise ProfileError(f"head profile {label!r} has unreadable metadata: {e}") from None
+    if version > FORMAT_VERSION:
+        raise ProfileError(f"head profile {label!r} has format version {version}; this pack reads up to "
+                           f"{FORMAT_VERSION} (update Head Forcing)")
+    try:
+        profile = _profile_from(meta, tensors, label)
+    except ProfileError as e:
+        raise ProfileError(f"head profile {label!r}: {e}") from None
+    except (HeadForcingError, KeyError, TypeError, ValueError) as e:
+        raise ProfileError(f"head profile {label!r} is malformed: {type(e).__name__}: {e}") from None
+    if expect is not None:
+        profile.check_model(expect)
+    return profile
+
+
+def _profile_from(meta: dict, tensors: dict, label: str) -> HeadProfile:
+    model = normalize_fingerprint(meta["model"])
+    sources = meta.get("label_sources") or {}
+    labels = {}
+    for key, t in tensors.items():
+        if not key.startswith("labels."):
+            continue
+        tax = key[len("labels."):]
+        if tax not in TAXONOMIES:
+            raise ProfileError(f"unknown taxonomy {tax!r}")
+        labels[tax] = labels_from_codes(t.to(torch.int64).numpy(), tax, str(sources.get(tax, "")))
+    if not labels:
+        raise ProfileError("the file holds no labels")
+    stats = None
+    stat_tensors = {k[len("stats."):]: v for k, v in tensors.items() if k.startswith("stats.")}
+    if stat_tensors:
+        fpb = meta.get("frames_per_block")
+        if not isinstance(fpb, int):
+            raise ProfileError("statistics without frames_per_block in the metadata")
+        stats = FrameStats.from_tensors(stat_tensors, fpb)
+        missing = [n for n in STAT_NAMES if n not in stat_tensors]
+        assert not missing
+    thresholds = meta.get("thresholds") or {}
+    if not isinstance(thresholds, dict):
+        raise ProfileError("thresholds metadata is not an object")
+    calibration = meta.get("calibration")
+    if calibration is not None and not isinstance(calibration, dict):
+        raise ProfileError("calibration metadata is not an object")
+    taxonomy = meta.get("taxonomy")
+    if taxonomy not in labels:
+        raise ProfileError(f"primary taxonomy {taxonomy!r} has no labels in the file")
+    return HeadProfile(model=model, labels_by_taxonomy=labels, taxonomy=taxonomy, thresholds=thresholds,
+                       stats=stats, calibration=calibration, source=str(meta.get("source", "")),
+                       attribution=str(meta.get("attribution", "")), read_only=bool(meta.get("read_only", False)),
+                       name=label)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets (shipped with the pack, read-only, labels only)
+
+PYRAMID_PRESET = "pyramid_forcing_self_forcing_1p3b"
+
+
+def _wan_1p3b_fingerprint() -> dict:
+    c = WanConfig()
+    return {"dim": c.dim, "num_heads": c.num_heads, "num_layers": c.num_layers, "patch_size": list(c.patch_size),
+            "in_dim": c.in_dim, "out_dim": c.out_dim, "text_dim": c.text_dim}
+
+
+def _pyramid_preset() -> HeadProfile:
+    pyr = pyramid_forcing_preset_labels()
+    stand_in = pyr.mapped("head_forcing", PYRAMID_TO_HEAD_FORCING,
+                          "STAND-IN derived from " + PYRAMID_PRESET_SOURCE + " (veil→anchor, anchor→memory, "
+                          "wave→local); profile the model for real head_forcing labels")
+    return HeadProfile(
+        model=_wan_1p3b_fingerprint(), labels_by_taxonomy={"pyramid_forcing": pyr, "head_forcing": stand_in},
+        taxonomy="pyramid_forcing", source=PYRAMID_PRESET_SOURCE,
+        attribution=("Labels from Pyramid Forcing by Jiayu Chen et al. (Peking University), "
+                     "https://github.com/IF-LAB-PKU/Pyramid-Forcing, configs/head_configs/best_labels.csv, "
+                     "Apache License 2.0 (see the pack's NOTICE). -1 oscillating = wave, 1 stable = anchor, "
+                     "2 stable-sparse = veil."),
+        read_only=True, name=PRESET_PREFIX + PYRAMID_PRESET)
+
+
+PRESETS = {PYRAMID_PRESET: _pyramid_preset}
+
+
+def preset_names() -> list[str]:
+    """Dropdown names of the shipped presets (``"preset: <name>"``)."""
+    return [PRESET_PREFIX + n for n in PRESETS]
+
+
+def is_preset(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(PRESET_PREFIX) and name[len(PRESET_PREFIX):] in PRESETS
+
+
+def preset_profile(name: str) -> HeadProfile:
+    """A shipped preset by name (with or without the ``"preset: "`` prefix)."""
+    key = name[len(PRESET_PREFIX):] if name.startswith(PRESET_PREFIX) else name
+    if key not in PRESETS:
+        raise ProfileError(f"no preset head profile {name!r}; presets: {', '.join(preset_names())}")
+    return PRESETS[key]()
+
+
+def resolve_profile(name: str, folders, *, expect=None) -> HeadProfile:
+    """Load ``name``: a preset (``"preset: …"``) or a file in the first of ``folders`` that has it."""
+    if is_preset(name):
+        profile = preset_profile(name)
+        if expect is not None:
+            profile.check_model(expect)
+        return profile
+    tried = []
+    for folder in folders:
+        path = safe_profile_path(folder, name)
+        tried.append(str(path))
+        if path.is_file():
+            return load_profile(path, expect=expect, name=name)
+    raise ProfileError(f"no head profile {name!r} in the profile folder(s) {', '.join(map(str, folders)) or '(none)'}")

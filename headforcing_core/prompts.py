@@ -1,0 +1,518 @@
+"""Multi-prompt stories: prompt schedules, transitions and the schedule sampler.
+
+A :class:`PromptSchedule` is an immutable, ordered tuple of :class:`PromptSegment`\\ s.
+Each segment holds a text-encoder output (``[B, L, text_dim]``, what ComfyUI's
+CONDITIONING carries), a length (latent frames, or seconds resolved later
+against the chunk size) and the *transition* that leads into it from the
+segment before:
+
+``cut``
+    At the segment's first frame the cross-attention context is swapped for the
+    new prompt's. Nothing else changes.
+``recache`` (LongLive's recache)
+    A cut, and then the last ``transition_frames`` committed latent frames are
+    re-run once at timestep 0 under the new prompt, chunk by chunk (chunks of
+    ``frames_per_block`` starting at the oldest re-run frame). Each re-run chunk
+    attends to the retained history strictly older than itself plus itself, and
+    its fresh raw K/V *replace* the stored K/V of those frames wherever the cache
+    still keeps them as whole frames (sink, recent/all, strided or phase-kept
+    copies, see :meth:`GroupCache.replace_frame`); pooled summaries (merged
+    blocks, episodic memory) keep what they had. The re-run makes no new frames.
+``blend``
+    The two prompts are interpolated over the first ``transition_frames`` latent
+    frames of the segment. We blend the per-layer **cross-attention keys and
+    values** (not the text embeddings): for a chunk covering segment frames
+    ``j0 … j0+f-1`` the weight of the new prompt is the mean over its frames of
+    ``min(1, (j + 0.5) / k)`` and every layer uses ``K = (1-α)·K_old + α·K_new``,
+    ``V = (1-α)·V_old + α·V_new`` (computed from the two prompts' K/V, which are
+    encoded once). Chunks wholly past ``k`` use the new prompt exactly. With
+    ``k = 6`` and 3-frame chunks: α = 0.25, 0.75, then 1. (For interpolation in
+    embedding space, average the conditionings with ComfyUI's ConditioningAverage
+    and use ``cut``.)
+
+Every switch calls the cache's ``on_prompt_switch`` (memory heads of
+``head_forcing`` open a new episode). A segment whose conditioning equals the
+current prompt (same shape and values) is *not* a switch: it simply continues.
+The first segment of a fresh run has no predecessor, so its transition is ignored;
+when continuing from an AR_STATE it applies against the state's last prompt.
+
+Chunking restarts at every segment: a segment's chunks start at its first frame
+(a segment that is not a whole number of chunks ends with a shorter chunk). Segment
+lengths given in seconds are rounded to whole chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .backbone import TextContext
+from .errors import HeadForcingError, ShapeError
+from .plan import PlannedAttention, plan_chunk
+from .policies import TRAINING_WINDOW
+from .sampler import ARSampler, Hooks, chunk_bounds
+
+TRANSITIONS = ("cut", "recache", "blend")
+MAX_TRANSITION_FRAMES = TRAINING_WINDOW  # recache re-runs at most this many frames (the latents kept)
+TAIL_FRAMES = TRAINING_WINDOW  # committed latents a sampler / AR_STATE keeps for recache
+FPS = 16  # Self Forcing / Wan 2.1 frame rate
+TIME_COMPRESSION = 4  # Wan VAE: one latent frame = 4 video frames
+
+
+class ScheduleError(HeadForcingError):
+    """A prompt schedule (or schedule text) that cannot be sampled."""
+
+
+# ---------------------------------------------------------------------------------------------
+# segments and schedules
+
+
+def _short(text: str, n: int = 40) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+@dataclass(frozen=True, eq=False)
+class PromptSegment:
+    """One prompt of a story. Give ``frames`` (latent frames) or ``seconds`` (resolved later).
+
+    ``transition`` / ``transition_frames`` say how the video enters this segment from the
+    previous one (see the module docstring); ``transition_frames`` is in latent frames
+    (one latent frame = 4 video frames = 0.25 s at 16 fps) and is ignored for ``cut``.
+    """
+
+    context: torch.Tensor
+    frames: int | None = None
+    seconds: float | None = None
+    transition: str = "cut"
+    transition_frames: int = 0
+    label: str = ""
+
+    def __post_init__(self):
+        where = self.where()
+        if not torch.is_tensor(self.context) or self.context.ndim != 3:
+            shape = tuple(self.context.shape) if torch.is_tensor(self.context) else type(self.context).__name__
+            raise ScheduleError(f"{where}: conditioning must be a [batch, tokens, width] tensor, got {shape}")
+        if (self.frames is None) == (self.seconds is None):
+            raise ScheduleError(f"{where}: give the length either in latent frames or in seconds (exactly one)")
+        if self.frames is not None:
+            if int(self.frames) != self.frames or self.frames < 1:
+                raise ScheduleError(f"{where}: a segment needs at least 1 latent frame, got {self.frames} "
+                                    "(zero-length segments are not allowed)")
+            object.__setattr__(self, "frames", int(self.frames))
+        if self.seconds is not None:
+            if not math.isfinite(self.seconds) or self.seconds <= 0:
+                raise ScheduleError(f"{where}: length must be a positive number of seconds, got {self.seconds}")
+            object.__setattr__(self, "seconds", float(self.seconds))
+        if self.transition not in TRANSITIONS:
+            raise ScheduleError(f"{where}: unknown transition {self.transition!r}; choose one of "
+                                f"{', '.join(TRANSITIONS)}")
+        k = int(self.transition_frames)
+        if k != self.transition_frames or k < 0:
+            raise ScheduleError(f"{where}: transition frames must be a whole number ≥ 0, got {self.transition_frames}")
+        object.__setattr__(self, "transition_frames", k)
+        if self.transition in ("recache", "blend") and k < 1:
+            raise ScheduleError(f"{where}: a {self.transition} transition needs at least 1 frame "
+                                "(0 frames is a plain cut)")
+        if self.transition == "recache" and k > MAX_TRANSITION_FRAMES:
+            raise ScheduleError(f"{where}: recache re-runs at most {MAX_TRANSITION_FRAMES} latent frames, "
+                                f"got {k}")
+        if self.transition == "blend" and self.frames is not None and k > self.frames:
+            raise ScheduleError(f"{where}: a blend over {k} latent frames does not fit the segment's "
+                                f"{self.frames} frames; shorten the blend or lengthen the segment")
+
+    def where(self) -> str:
+        return f"segment {self.label!r}" if self.label else "segment"
+
+    @property
+    def resolved(self) -> bool:
+        return self.frames is not None
+
+    def with_frames(self, frames: int) -> "PromptSegment":
+        return replace(self, frames=int(frames), seconds=None)
+
+    def describe(self) -> str:
+        length = f"{self.frames} latent frames" if self.frames is not None else f"{self.seconds:g} s"
+        trans = self.transition if self.transition == "cut" else f"{self.transition} {self.transition_frames}"
+        return f"{length}, {trans}" + (f": {_short(self.label)}" if self.label else "")
+
+
+def seconds_to_latent_frames(seconds: float, frames_per_block: int, fps: float = FPS) -> int:
+    """Latent frames for ``seconds`` of video, rounded to whole chunks (at least one chunk).
+
+    One latent frame is 4 video frames; at 16 fps a second is 4 latent frames, so
+    5 s with 3-frame chunks → 20 → 21 latent frames.
+    """
+    latent = seconds * fps / TIME_COMPRESSION
+    chunks = max(1, math.floor(latent / frames_per_block + 0.5))
+    return chunks * frames_per_block
+
+
+@dataclass(frozen=True, eq=False)
+class PromptSchedule:
+    """An immutable, ordered list of prompt segments. Build with :meth:`single` / :meth:`then`."""
+
+    segments: tuple[PromptSegment, ...]
+
+    def __post_init__(self):
+        segs = tuple(self.segments)
+        if not segs:
+            raise ScheduleError("a prompt schedule needs at least one segment")
+        for i, s in enumerate(segs):
+            if not isinstance(s, PromptSegment):
+                raise ScheduleError(f"schedule item {i + 1} is a {type(s).__name__}, not a PromptSegment")
+        widths = {s.context.shape[-1] for s in segs}
+        if len(widths) > 1:
+            raise ScheduleError(f"the segments' conditionings have different widths {sorted(widths)}: encode "
+                                "every prompt with the same text encoder")
+        object.__setattr__(self, "segments", segs)
+
+    @classmethod
+    def single(cls, context: torch.Tensor, frames: int, label: str = "") -> "PromptSchedule":
+        return cls((PromptSegment(context, frames=frames, label=label),))
+
+    def then(self, segment: PromptSegment) -> "PromptSchedule":
+        """A new schedule with ``segment`` appended (this one is unchanged)."""
+        return PromptSchedule(self.segments + (segment,))
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def __iter__(self):
+        return iter(self.segments)
+
+    def __getitem__(self, i) -> PromptSegment:
+        return self.segments[i]
+
+    @property
+    def resolved(self) -> bool:
+        return all(s.resolved for s in self.segments)
+
+    def resolve(self, frames_per_block: int, fps: float = FPS) -> "PromptSchedule":
+        """Every segment in latent frames (seconds rounded to whole chunks); blends checked to fit."""
+        out = []
+        for i, s in enumerate(self.segments):
+            seg = s if s.resolved else s.with_frames(seconds_to_latent_frames(s.seconds, frames_per_block, fps))
+            out.append(_numbered(seg, i))
+        return PromptSchedule(tuple(out))
+
+    @property
+    def total_frames(self) -> int:
+        if not self.resolved:
+            raise ScheduleError("the schedule has lengths in seconds; resolve(frames_per_block) it first")
+        return sum(s.frames for s in self.segments)
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """(first latent frame, frames) of every segment, from 0 (lengths must be resolved)."""
+        out, pos = [], self.total_frames and 0
+        for s in self.segments:
+            out.append((pos, s.frames))
+            pos += s.frames
+        return out
+
+    def describe(self) -> str:
+        return "\n".join(f"{i + 1}. {s.describe()}" for i, s in enumerate(self.segments))
+
+
+def _numbered(seg: PromptSegment, index: int) -> PromptSegment:
+    # re-run the checks with the final length, naming the segment by position when it has no label
+    try:
+        return replace(seg)
+    except ScheduleError as e:
+        raise ScheduleError(f"segment {index + 1}: {e}") from None
+
+
+def as_schedule(value, frames: int | None = None) -> PromptSchedule:
+    """A schedule from a schedule or a bare ``[B, L, C]`` context (one cut segment of ``frames``)."""
+    if isinstance(value, PromptSchedule):
+        return value
+    if isinstance(value, PromptSegment):
+        return PromptSchedule((value,))
+    if torch.is_tensor(value):
+        if frames is None:
+            raise ScheduleError("a bare conditioning needs a length in latent frames")
+        return PromptSchedule.single(value, frames)
+    raise ScheduleError(f"expected a PromptSchedule or a conditioning tensor, got {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# text format: one "seconds | prompt [| transition [frames]]" per line
+
+
+@dataclass(frozen=True)
+class ScheduleLine:
+    line: int  # 1-based line number in the text
+    seconds: float
+    prompt: str
+    transition: str = "cut"
+    transition_frames: int = 0
+
+
+def parse_schedule_text(text: str, default_transition: str = "cut", default_frames: int = 0) -> list[ScheduleLine]:
+    """Parse a multi-line story, one segment per line::
+
+        5 | a red fox runs through fresh snow
+        4.5 | the fox stops and looks at the camera | blend 6
+        6 | close-up of the fox's eyes | recache 3
+        # comment lines and blank lines are skipped
+
+    The first field is the length in seconds (``5``, ``4.5``, ``5s``); the second the prompt;
+    an optional third the transition into this segment (``cut``, ``recache N``, ``blend N``,
+    N in latent frames), else ``default_transition`` with ``default_frames``. Errors name
+    the line number and its content.
+    """
+    if default_transition not in TRANSITIONS:
+        raise ScheduleError(f"unknown transition {default_transition!r}; choose one of {', '.join(TRANSITIONS)}")
+    out = []
+    for n, raw in enumerate(str(text).splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+
+        def fail(why: str):
+            raise ScheduleError(f"line {n} ({_short(line, 60)!r}): {why}; expected 'seconds | prompt' "
+                                "(optionally '| cut', '| recache N' or '| blend N')")
+
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 2:
+            fail("no '|' between the length and the prompt")
+        if len(parts) > 3:
+            fail("too many '|' separators (a prompt cannot contain '|')")
+        sec_text = parts[0].lower().removesuffix("s").removesuffix("sec").strip()
+        try:
+            seconds = float(sec_text)
+        except ValueError:
+            fail(f"{parts[0]!r} is not a length in seconds")
+        if not math.isfinite(seconds) or seconds <= 0:
+            fail(f"the length must be a positive number of seconds, got {parts[0]!r}")
+        prompt = parts[1]
+        if not prompt:
+            fail("the prompt is empty")
+        transition, frames = default_transition, default_frames
+        if len(parts) == 3:
+            words = parts[2].lower().split()
+            if not words or words[0] not in TRANSITIONS or len(words) > 2:
+                fail(f"{parts[2]!r} is not a transition (cut, recache N, blend N)")
+            transition = words[0]
+            frames = 0
+            if len(words) == 2:
+                try:
+                    frames = int(words[1])
+                except ValueError:
+                    fail(f"{words[1]!r} is not a whole number of latent frames")
+            elif transition != "cut":
+                fail(f"{transition} needs a frame count, e.g. '{transition} 3'")
+        if transition != "cut":
+            if frames < 1:
+                fail(f"a {transition} transition needs at least 1 latent frame")
+            if transition == "recache" and frames > MAX_TRANSITION_FRAMES:
+                fail(f"recache re-runs at most {MAX_TRANSITION_FRAMES} latent frames")
+        else:
+            frames = 0
+        out.append(ScheduleLine(n, seconds, prompt, transition, frames))
+    if not out:
+        raise ScheduleError("the schedule text has no segments; write one 'seconds | prompt' per line")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# transitions
+
+
+def same_context(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """True when two conditionings are the same prompt (same shape and values)."""
+    if a is None or b is None:
+        return False
+    if a is b:
+        return True
+    return a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu())
+
+
+def blend_weight(first: int, frames: int, k: int) -> float:
+    """Weight of the new prompt for a chunk of ``frames`` starting at segment frame ``first``."""
+    return sum(min(1.0, (j + 0.5) / k) for j in range(first, first + frames)) / frames
+
+
+def blend_text(old: TextContext, new: TextContext, alpha: float) -> TextContext:
+    """``(1-α)·old + α·new`` of every layer's cross-attention K and V (batches broadcast)."""
+    a = float(alpha)
+    return TextContext([(1 - a) * ko + a * kn for ko, kn in zip(old.keys, new.keys)],
+                       [(1 - a) * vo + a * vn for vo, vn in zip(old.values, new.values)])
+
+
+class _Before:
+    """Read-only view of a cache (or layer / group) that hides entries holding any frame ≥ ``before``."""
+
+    def __init__(self, inner, before: int):
+        self._inner = inner
+        self._before = before
+        if hasattr(inner, "layers"):
+            self.layers = [_Before(layer, before) for layer in inner.layers]
+        if hasattr(inner, "groups"):
+            self.groups = [_Before(g, before) for g in inner.groups]
+
+    def entries(self, chunk_start: int):
+        return [e for e in self._inner.entries(chunk_start) if all(f < self._before for f in e.frames)]
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _Replacer:
+    """Stands in for the cache as the clean pass's commit target: replaces instead of appending."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.replaced = 0
+
+    def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk_start: int, frames: int) -> None:
+        self.replaced += self.cache.replace(layer, k, v, chunk_start, frames)
+
+
+@dataclass
+class _SegmentPlan:
+    segment: PromptSegment
+    start: int  # first frame (absolute)
+    switch: bool  # the prompt changes here
+    recache: int  # frames actually re-run (0: none)
+
+
+@dataclass
+class ScheduleSampler(ARSampler):
+    """An :class:`~headforcing_core.sampler.ARSampler` that runs prompt schedules.
+
+    Besides the sampler state it remembers the current prompt's conditioning
+    (``context``) and the last committed latents (``tail``, up to 21 frames, for
+    ``recache``). ``events`` logs every transition applied:
+    ``{"frame", "transition", "switch", "frames", "replaced"}``.
+    """
+
+    context: torch.Tensor | None = None
+    tail: torch.Tensor | None = None
+    events: list = field(default_factory=list)
+    chunks_done: int = 0
+
+    # ---- planning --------------------------------------------------------------------------
+    def plan_schedule(self, schedule: PromptSchedule) -> list[_SegmentPlan]:
+        sched = schedule.resolve(self.frames_per_block)
+        plans, pos, ctx = [], self.next_frame, self.context
+        tail = 0 if self.tail is None else self.tail.shape[2]
+        started = self.text is not None
+        for seg in sched:
+            switch = started and not same_context(ctx, seg.context)
+            rec = 0
+            if switch and seg.transition == "recache":
+                rec = min(seg.transition_frames, pos, tail)
+            plans.append(_SegmentPlan(seg, pos, switch, rec))
+            started, ctx = True, seg.context
+            pos += seg.frames
+            tail = min(TAIL_FRAMES, tail + seg.frames)
+        return plans
+
+    def schedule_model_calls(self, schedule: PromptSchedule) -> int:
+        calls = 0
+        for p in self.plan_schedule(schedule):
+            calls += self.total_model_calls(p.segment.frames)
+            calls += len(chunk_bounds(0, p.recache, self.frames_per_block)) if p.recache else 0
+        return calls
+
+    # ---- running ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_schedule(self, schedule: PromptSchedule, noise: torch.Tensor, generator: torch.Generator | None = None,
+                     hooks: Hooks | None = None, calls_done: int = 0, calls_total: int | None = None) -> torch.Tensor:
+        """Generate every segment of ``schedule`` (noise ``[B, C, total, H, W]``), continuing from the cache.
+
+        Call :meth:`start` first (and nothing else: the first segment sets the prompt), or
+        restore the sampler from an AR_STATE.
+        """
+        if self.cache is None:
+            raise RuntimeError("call start() before run_schedule()")
+        hooks = hooks or Hooks()
+        plans = self.plan_schedule(schedule)
+        total_frames = sum(p.segment.frames for p in plans)
+        if noise.ndim != 5 or noise.shape[2] != total_frames:
+            raise ShapeError(f"noise {tuple(noise.shape)} does not cover the schedule's {total_frames} latent frames")
+        total = calls_total or (calls_done + self.schedule_model_calls(schedule))
+        done = calls_done
+        out = torch.empty_like(noise)
+        for p in plans:
+            seg = p.segment
+            previous = self.text
+            done = self._enter(p, hooks, done, total)
+            local0 = p.start - plans[0].start
+            seg_noise = noise[:, :, local0:local0 + seg.frames]
+            new_text = self.text
+            if p.switch and seg.transition == "blend":
+                k = seg.transition_frames
+                for s, f in chunk_bounds(0, seg.frames, self.frames_per_block):
+                    if s >= k:
+                        self.text = new_text
+                        out[:, :, local0 + s:local0 + seg.frames] = self._sample(
+                            seg_noise[:, :, s:], generator, hooks, done, total)
+                        done += self.total_model_calls(seg.frames - s)
+                        break
+                    self.text = blend_text(previous, new_text, blend_weight(s, f, k))
+                    out[:, :, local0 + s:local0 + s + f] = self._sample(seg_noise[:, :, s:s + f], generator,
+                                                                        hooks, done, total)
+                    done += self.total_model_calls(f)
+                self.text = new_text
+            else:
+                out[:, :, local0:local0 + seg.frames] = self._sample(seg_noise, generator, hooks, done, total)
+                done += self.total_model_calls(seg.frames)
+        return out
+
+    def _sample(self, noise, generator, hooks: Hooks, done: int, total: int) -> torch.Tensor:
+        offset = self.chunks_done
+        on_chunk = hooks.on_chunk
+        wrapped = Hooks(hooks.progress, hooks.should_stop,
+                        (lambda i, x0: on_chunk(offset + i, x0)) if on_chunk is not None else None)
+        out = self.sample(noise, generator, wrapped, done, total)
+        self.chunks_done += len(chunk_bounds(0, noise.shape[2], self.frames_per_block))
+        self.tail = out if self.tail is None else torch.cat([self.tail.to(out.device, out.dtype), out], dim=2)
+        self.tail = self.tail[:, :, -TAIL_FRAMES:]
+        return out
+
+    def _enter(self, p: _SegmentPlan, hooks: Hooks, done: int, total: int) -> int:
+        seg = p.segment
+        if self.text is None:
+            self.set_prompt(seg.context)
+            self.context = seg.context
+            return done
+        if not p.switch:
+            self.context = seg.context
+            return done
+        self.set_prompt(seg.context)  # a switch: the cache's memory heads open a new episode
+        self.context = seg.context
+        event = {"frame": self.next_frame, "transition": seg.transition, "switch": True,
+                 "frames": seg.transition_frames if seg.transition != "cut" else 0, "replaced": 0}
+        if seg.transition == "recache" and p.recache:
+            done, event["replaced"] = self.recache(p.recache, hooks, done, total)
+            event["frames"] = p.recache
+        self.events.append(event)
+        return done
+
+    @torch.no_grad()
+    def recache(self, frames: int, hooks: Hooks | None = None, done: int = 0, total: int = 0) -> tuple[int, int]:
+        """Re-run the last ``frames`` committed frames at t = 0 under the current prompt (LongLive).
+
+        Returns (model calls done, cache entries replaced). See the module docstring.
+        """
+        hooks = hooks or Hooks()
+        if self.tail is None or self.cache is None:
+            return done, 0
+        n = min(int(frames), self.next_frame, self.tail.shape[2])
+        if n <= 0:
+            return done, 0
+        start = self.next_frame - n
+        latents = self.tail[:, :, -n:]
+        b = latents.shape[0]
+        writer = _Replacer(self.cache)
+        for s, f in chunk_bounds(start, n, self.frames_per_block):
+            done = self._call_model_checked(hooks, done, total)
+            plan = plan_chunk(_Before(self.cache, s), self.policy.rope, self.policy.window, s, f)
+            self.runner.forward(latents[:, :, s - start:s - start + f], torch.zeros(b, f), self.text,
+                                PlannedAttention(plan, self.backend, writer, self.observer))
+            self._report(hooks, done, total)
+        return done, writer.replaced

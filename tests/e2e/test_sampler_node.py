@@ -1,0 +1,333 @@
+"""HeadForcingARSampler in a real ComfyUI 0.3.75 server with the tiny random Wan2.1 T2V model.
+
+Covers: the schema, a video of 4T-3 frames at the right size (short last chunk included),
+bit-for-bit agreement with the core run outside ComfyUI (noise, re-noise seed, latent
+scaling), progress messages per model call, per-chunk previews, interruption within one call
+with the server staying usable, the memory pre-flight check, and bad inputs (non-Wan model,
+size, length, steps, conditioning width) failing with a clear message and no video.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, ComfyError, expected_frames, host
+from .video_check import read_video
+
+SAMPLER = "3"
+PREVIEW = "20"
+FRAMES_PER_CALL = 5  # 4 denoising steps + 1 clean pass per chunk
+
+
+def _inputs(**kw) -> dict:
+    """Sampler inputs beyond the harness's (model, conditioning, width, height, length, seed)."""
+    base = {"length_unit": "frames", "steps": "1000,750,500,250", "shift": 5.0, "frames_per_block": 3,
+            "policy": "self_forcing_window"}
+    base.update(kw)
+    return base
+
+
+def _with_report(wf: dict) -> dict:
+    """Show the sampler's report STRING with ComfyUI's PreviewAny (an output node)."""
+    wf[PREVIEW] = {"class_type": "PreviewAny", "inputs": {"source": [SAMPLER, 1]}}
+    return wf
+
+
+def _prefix(tag: str) -> str:
+    return f"e2e/{tag}_{uuid.uuid4().hex[:8]}"
+
+
+def _files_with_prefix(comfy, prefix: str) -> list[Path]:
+    folder = comfy.output_dir / Path(prefix).parent
+    return sorted(folder.glob(Path(prefix).name + "*")) if folder.exists() else []
+
+
+def _error_of(comfy, wf: dict, timeout: float = 300) -> str:
+    with pytest.raises(ComfyError) as info:
+        comfy.run(wf, timeout=timeout)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# schema
+# --------------------------------------------------------------------------------------------
+
+def test_sampler_schema(comfy):
+    info = comfy.object_info("HeadForcingARSampler")["HeadForcingARSampler"]
+    assert info["category"] == "sampling/head_forcing"
+    assert info["output"] == ["LATENT", "STRING"]
+    assert info["output_name"] == ["latent", "report"]
+    req, opt = info["input"]["required"], info["input"].get("optional", {})
+    assert list(req) == ["model", "conditioning", "width", "height", "length", "seed"]
+    assert list(opt) == ["kv_policy", "length_unit", "steps", "shift", "frames_per_block", "policy"]
+    assert req["model"][0] == "MODEL" and req["conditioning"][0] == "CONDITIONING"
+    assert opt["kv_policy"][0] == "KV_POLICY"
+    for name, spec in {**req, **opt}.items():
+        assert spec[1].get("tooltip"), f"input {name} has no tooltip"
+    assert req["width"][1]["default"] == 832 and req["height"][1]["default"] == 480
+    assert req["width"][1]["step"] == 16
+    assert opt["steps"][1]["default"] == "1000,750,500,250"
+    assert opt["shift"][1]["default"] == 5.0 and "8" in opt["shift"][1]["tooltip"]
+    assert opt["frames_per_block"][1]["default"] == 3
+    assert opt["policy"][1]["default"] == "self_forcing_window"
+    policies = opt["policy"][1].get("options") or opt["policy"][0]
+    assert policies == ["full", "self_forcing_window", "sink_window", "pyramid_forcing", "head_forcing"]
+    ours = comfy.node_ids("HeadForcing")
+    assert {"HeadForcingARSampler", "HeadForcingCachePolicy"} <= set(ours)
+    assert not [n for n in comfy.object_info() if n in ("SamplerARVideo", "EmptyARVideoLatent")
+                and comfy.object_info(n)[n].get("python_module", "").startswith("custom_nodes")]
+
+
+# --------------------------------------------------------------------------------------------
+# a video, progress per call, a preview per chunk
+# --------------------------------------------------------------------------------------------
+
+def test_sampler_makes_video_with_progress_and_previews(comfy, sampler_wf):
+    # 17 frames -> T = 5 latent frames -> chunks of 3 + 2 (a short last chunk) -> 4*5-3 = 17 frames
+    width, height, length = 64, 48, 17
+    prefix = _prefix("sampler_video")
+    wf = _with_report(sampler_wf(_inputs(), width=width, height=height, length=length, seed=11, prefix=prefix))
+    t0 = time.time()
+    run = comfy.run_ws(wf, timeout=300)
+    elapsed = time.time() - t0
+
+    videos = comfy.outputs(run.entry, ".mp4")
+    assert len(videos) == 1, run.entry.get("outputs")
+    frames, w, h = read_video(videos[0])
+    assert (w, h) == (width, height)
+    assert len(frames) == expected_frames(5) == 17
+
+    # one progress message per model call: 2 chunks x 5 calls, values 1..10 of 10
+    progress = [m for m in run.of_type("progress") if str(m.get("node")) == SAMPLER]
+    total = 2 * FRAMES_PER_CALL
+    assert progress and all(m["max"] == total for m in progress), progress
+    assert sorted({m["value"] for m in progress}) == list(range(1, total + 1)), progress
+
+    # a preview per finished chunk (the server runs with --preview-method auto -> latent2rgb)
+    ours = [p for p in run.previews if p[1] is None or str(p[1].get("node_id")) == SAMPLER]
+    assert len(ours) >= 2, [(e, m) for e, m, _ in run.previews]
+    assert all(body[:2] == b"\xff\xd8" for _, _, body in ours), "previews should be JPEG images"
+
+    report = comfy.ui_text(run.entry, PREVIEW)[0]
+    assert "17 frames (5 latent" in report and "64x48" in report, report
+    assert "chunks: 2 of 3 latent frames (the last one 2)" in report and "s/chunk" in report, report
+    assert "self_forcing_window" in report and "KV cache" in report, report
+    print(f"\n[timing] 64x48, 17 frames, 2 chunks: {elapsed:.2f} s wall; report:\n{report}")
+
+
+def test_sampler_matches_core_run_and_latent_scaling(comfy, sampler_wf, tmp_path):
+    """The LATENT equals the core's own run on the same weights, noise and re-noise seed, mapped
+    out of the model's normalized space with Wan 2.1's process_out (x * std + mean)."""
+    width, height, length, seed, text_seed = 48, 32, 13, 5, 7
+    prefix = _prefix("sampler_latent")
+    wf = sampler_wf(_inputs(policy="full"), width=width, height=height, length=length, seed=seed,
+                    text_seed=text_seed, text_tokens=40, prefix=prefix)
+    wf["30"] = {"class_type": "SaveLatent", "inputs": {"samples": [SAMPLER, 0], "filename_prefix": prefix}}
+    entry = comfy.run(wf, timeout=300)
+    latents = comfy.outputs(entry, ".latent")
+    assert len(latents) == 1, entry.get("outputs")
+
+    script = tmp_path / "core_run.py"
+    script.write_text(_CORE_RUN.format(repo=str(REPO), comfy=str(host.COMFY)))
+    out = tmp_path / "core.json"
+    subprocess.run([str(host.VENV_PY), str(script), str(latents[0]), str(out), str(width), str(height),
+                    str(length), str(seed), str(text_seed), "40"], check=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert res["shape"] == [1, 16, 4, 4, 6], res
+    assert res["max_abs_diff"] < 1e-4, res
+    # the scaling really is applied: the raw (normalized) latent is far from what ComfyUI holds
+    assert res["max_abs_diff_unscaled"] > 0.1, res
+    # the initial noise is comfy.sample.prepare_noise's for the same seed and shape
+    assert res["noise_matches_prepare_noise"], res
+
+
+_CORE_RUN = r'''
+import json, sys
+sys.path.insert(0, {repo!r})
+sys.path.append({comfy!r})
+import torch
+from safetensors.torch import load_file
+from headforcing_core import generate
+from tools.tiny_models import tiny_wan_state_dict, tiny_wan_config
+from headforcing_core.wan_model import WanBackbone
+import importlib.util
+spec = importlib.util.spec_from_file_location("cbridge", {repo!r} + "/nodes/comfy_bridge.py")
+bridge = importlib.util.module_from_spec(spec); sys.modules["cbridge"] = bridge; spec.loader.exec_module(bridge)
+lf_spec = importlib.util.spec_from_file_location("lf", {comfy!r} + "/comfy/latent_formats.py")
+lf = importlib.util.module_from_spec(lf_spec); lf_spec.loader.exec_module(lf)
+
+path, out, width, height, length, seed, text_seed, tokens = sys.argv[1:]
+width, height, length, seed, text_seed, tokens = map(int, (width, height, length, seed, text_seed, tokens))
+comfy_latent = load_file(path)["latent_tensor"].float()
+
+model = WanBackbone(tiny_wan_config())
+model.load_state_dict(tiny_wan_state_dict(seed=0))
+model.eval()
+# HFTestConditioning: randn((1, L, 4096), generator=cpu seeded) * 0.1
+g = torch.Generator(device="cpu").manual_seed(text_seed % (2**63))
+context = torch.randn((1, tokens, 4096), generator=g) * 0.1
+T = bridge.latent_frames_for(length)
+shape = bridge.latent_shape(width, height, T)
+noise = bridge.initial_noise(shape, seed)
+latents = generate(model, context, noise, steps=(1000, 750, 500, 250), shift=5.0, frames_per_block=3,
+                   policy="full", generator=bridge.renoise_generator(seed), dtype=torch.float32)
+mine = lf.Wan21().process_out(latents.float())
+
+import comfy.sample  # needs only torch/numpy + comfy.nested_tensor
+ref = comfy.sample.prepare_noise(torch.zeros(shape), seed)
+json.dump({{
+    "shape": list(comfy_latent.shape),
+    "max_abs_diff": float((mine - comfy_latent).abs().max()),
+    "max_abs_diff_unscaled": float((latents - comfy_latent).abs().max()),
+    "noise_matches_prepare_noise": bool(torch.equal(ref, noise)),
+}}, open(out, "w"))
+'''
+
+
+# --------------------------------------------------------------------------------------------
+# interruption
+# --------------------------------------------------------------------------------------------
+
+def test_interrupt_stops_within_one_call_and_server_stays_usable(comfy, sampler_wf):
+    # long enough that it cannot finish before the interrupt lands: 241 frames = 61 latent
+    # frames = 21 chunks = 105 model calls
+    prefix = _prefix("sampler_interrupt")
+    wf = sampler_wf(_inputs(), width=64, height=64, length=241, seed=101, prefix=prefix)
+    sent = {}
+
+    def on_message(run, msg):
+        d = msg.get("data") or {}
+        if (msg.get("type") == "progress" and str(d.get("node")) == SAMPLER and d.get("value", 0) >= 3
+                and "at" not in sent):
+            sent["value"] = d["value"]
+            comfy.interrupt()
+            sent["at"] = time.time()
+
+    log_before = len(comfy.log_text())
+    run = comfy.run_ws(wf, timeout=300, raise_on_error=False, on_message=on_message)
+    stopped_at = time.time()
+    assert "at" in sent, "never saw the sampler's progress"
+    assert run.of_type("execution_interrupted"), [m["type"] for m in run.messages]
+    assert not _files_with_prefix(comfy, prefix), "an interrupted run must not write a video"
+
+    progress = [m for m in run.of_type("progress") if str(m.get("node")) == SAMPLER]
+    total = progress[0]["max"]
+    assert total == 21 * FRAMES_PER_CALL
+    log = comfy.log_text()[log_before:]
+    m = re.search(r"headforcing: interrupted after (\d+) of (\d+) model calls", log)
+    assert m, log[-3000:]
+    done = int(m.group(1))
+    assert int(m.group(2)) == total and done < total
+    # the interrupt arrived while call sent["value"] + 1 (at most) was running: the sampler made
+    # no more than that one call after it (progress messages can lag behind on the socket)
+    assert done <= max(v["value"] for v in progress) + 1, (done, sent)
+    assert max(v["value"] for v in progress) <= done
+    latency = stopped_at - sent["at"]
+    print(f"\n[timing] interrupt sent at call {sent['value']}, sampler stopped after call {done} of {total}; "
+          f"interrupt -> execution_interrupted {latency:.2f} s")
+
+    # the server is usable: the next run succeeds
+    prefix2 = _prefix("sampler_after_interrupt")
+    entry = comfy.run(sampler_wf(_inputs(), width=64, height=48, length=9, seed=102, prefix=prefix2), timeout=300)
+    videos = comfy.outputs(entry, ".mp4")
+    assert len(videos) == 1
+    frames, w, h = read_video(videos[0])
+    assert len(frames) == 9 and (w, h) == (64, 48)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: a clear error, nothing written
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, inputs, kw, message", [
+    ("width", {}, dict(width=72, height=48), r"width 72 is not a positive multiple of 16"),
+    ("height", {}, dict(width=64, height=40), r"height 40 is not a positive multiple of 16"),
+    ("length", {}, dict(length=5), r"length 5 video frames is 2 latent frame\(s\), shorter than one chunk of 3 "
+                                   r"latent frames; ask for at least 9 frames"),
+    ("length_fpb", {"frames_per_block": 4}, dict(length=9),
+     r"shorter than one chunk of 4 latent frames; ask for at least 13 frames"),
+    ("steps_text", {"steps": "1000, seven hundred"}, {}, r"steps '1000, seven hundred' is not a comma-separated"),
+    ("steps_order", {"steps": "250,500,1000"}, {}, r"denoising steps must strictly decrease"),
+    ("policy_name", {"policy": "nope"}, {}, r"nope"),
+])
+def test_bad_inputs_fail_cleanly(comfy, sampler_wf, case, inputs, kw, message):
+    prefix = _prefix(f"bad_{case}")
+    kw.setdefault("length", 9)
+    wf = sampler_wf(_inputs(**inputs), prefix=prefix, seed=7, **kw)
+    t0 = time.time()
+    text = _error_of(comfy, wf)
+    assert re.search(message, text), text
+    assert "HeadForcingARSampler" in text or "policy" in text, text
+    assert time.time() - t0 < 60
+    assert not _files_with_prefix(comfy, prefix)
+
+
+def test_non_wan_model_is_refused(comfy, sampler_wf):
+    """A real non-Wan MODEL (a tiny LTX-Video transformer that UNETLoader detects as LTXV)."""
+    name = "hf_tiny_ltxv.safetensors"
+    path = comfy.base_dir / "models" / "diffusion_models" / name
+    if not path.exists():
+        subprocess.run([str(host.VENV_PY), "-c", _TINY_LTXV.format(comfy=str(host.COMFY), out=str(path))],
+                       check=True, timeout=300)
+    prefix = _prefix("bad_model")
+    wf = sampler_wf(_inputs(), prefix=prefix, seed=3, length=9)
+    wf["1"]["inputs"]["unet_name"] = name
+    text = _error_of(comfy, wf)
+    assert "ModelFamilyError" in text, text
+    assert "not a Wan2.1-family video transformer" in text and "LTXV" in text, text
+    assert "Load Diffusion Model" in text, text
+    assert not _files_with_prefix(comfy, prefix)
+
+
+_TINY_LTXV = r'''
+import sys
+sys.path.insert(0, {comfy!r})
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import torch
+import comfy.ops
+from comfy.ldm.lightricks.model import LTXVModel
+from safetensors.torch import save_file
+# UNETLoader detects LTXV from adaln_single.*; head dim = attn2.to_k rows // 32 (heads)
+m = LTXVModel(in_channels=128, cross_attention_dim=64, attention_head_dim=2, num_attention_heads=32,
+              caption_channels=4096, num_layers=1, operations=comfy.ops.disable_weight_init)
+g = torch.Generator().manual_seed(0)
+sd = {{k: (torch.randn(v.shape, generator=g) * 0.02).contiguous() for k, v in m.state_dict().items()}}
+save_file(sd, {out!r})
+'''
+
+
+def test_wrong_conditioning_width_is_refused(comfy, sampler_wf):
+    cond = comfy.object_info("HFTestConditioning")["HFTestConditioning"]["input"]
+    names = {**cond.get("required", {}), **cond.get("optional", {})}
+    width_input = next((n for n in ("width", "dim", "channels", "text_dim") if n in names), None)
+    if width_input is None:
+        pytest.skip("HFTestConditioning has no option for the conditioning width yet")
+    prefix = _prefix("bad_cond")
+    wf = sampler_wf(_inputs(), prefix=prefix, seed=3, length=9, text_tokens=16)
+    wf["2"]["inputs"][width_input] = 768
+    text = _error_of(comfy, wf)
+    assert "ShapeError" in text, text
+    assert "768" in text and "4096" in text and "umT5" in text, text
+    assert not _files_with_prefix(comfy, prefix)
+
+
+def test_memory_preflight_refuses_what_cannot_fit(comfy, sampler_wf):
+    """A run whose KV cache alone exceeds this machine's memory is refused before any work."""
+    prefix = _prefix("bad_memory")
+    # full policy: every latent frame of every layer kept; 8192x8192, 20001 frames -> many TB
+    wf = sampler_wf(_inputs(policy="full"), prefix=prefix, seed=3, width=8192, height=8192, length=20001)
+    t0 = time.time()
+    text = _error_of(comfy, wf)
+    assert "MemoryBudgetError" in text, text
+    assert "GiB" in text and "is free" in text, text
+    assert "choose a bounded policy" in text and "lower the width/height" in text, text
+    assert time.time() - t0 < 60, "the refusal must come before any work"
+    assert not _files_with_prefix(comfy, prefix)
