@@ -242,7 +242,7 @@ def category_masks(frames: int, frames_per_block: int, sink_frames: int, recent_
     k = np.arange(frames)[None, :]
     has_hist = cs > 0
     history = (k < cs) & has_hist
-    current = (k >= cs) & has_hist
+    current = (k >= cs) & (k < cs + frames_per_block) & has_hist
     sink = history & (k < sink_frames)
     recent = history & ~sink & (cs - k <= recent_frames)
     middle = history & ~sink & ~recent

@@ -137,8 +137,9 @@ def test_sampler_matches_core_run_and_latent_scaling(comfy, sampler_wf, tmp_path
     script = tmp_path / "core_run.py"
     script.write_text(_CORE_RUN.format(repo=str(REPO), comfy=str(host.COMFY)))
     out = tmp_path / "core.json"
-    subprocess.run([str(host.VENV_PY), str(script), str(latents[0]), str(out), str(width), str(height),
-                    str(length), str(seed), str(text_seed), "40"], check=True, timeout=300)
+    proc = subprocess.run([str(host.VENV_PY), str(script), str(latents[0]), str(out), str(width), str(height),
+                    str(length), str(seed), str(text_seed), "40"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
     assert res["shape"] == [1, 16, 4, 4, 6], res
     assert res["max_abs_diff"] < 1e-4, res
@@ -180,7 +181,9 @@ latents = generate(model, context, noise, steps=(1000, 750, 500, 250), shift=5.0
                    policy="full", generator=bridge.renoise_generator(seed), dtype=torch.float32)
 mine = lf.Wan21().process_out(latents.float())
 
-import comfy.sample  # needs only torch/numpy + comfy.nested_tensor
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.sample
 ref = comfy.sample.prepare_noise(torch.zeros(shape), seed)
 json.dump({{
     "shape": list(comfy_latent.shape),
@@ -199,7 +202,7 @@ def test_interrupt_stops_within_one_call_and_server_stays_usable(comfy, sampler_
     # long enough that it cannot finish before the interrupt lands: 241 frames = 61 latent
     # frames = 21 chunks = 105 model calls
     prefix = _prefix("sampler_interrupt")
-    wf = sampler_wf(_inputs(), width=64, height=64, length=241, seed=101, prefix=prefix)
+    wf = sampler_wf(_inputs(), width=256, height=256, length=241, seed=101, prefix=prefix)
     sent = {}
 
     def on_message(run, msg):
@@ -263,6 +266,7 @@ def test_bad_inputs_fail_cleanly(comfy, sampler_wf, case, inputs, kw, message):
     wf = sampler_wf(_inputs(**inputs), prefix=prefix, seed=7, **kw)
     t0 = time.time()
     text = _error_of(comfy, wf)
+    print("\n[error]", text.splitlines()[0][:400])
     assert re.search(message, text), text
     assert "HeadForcingARSampler" in text or "policy" in text, text
     assert time.time() - t0 < 60
@@ -280,6 +284,7 @@ def test_non_wan_model_is_refused(comfy, sampler_wf):
     wf = sampler_wf(_inputs(), prefix=prefix, seed=3, length=9)
     wf["1"]["inputs"]["unet_name"] = name
     text = _error_of(comfy, wf)
+    print("\n[error]", text.splitlines()[0][:400])
     assert "ModelFamilyError" in text, text
     assert "not a Wan2.1-family video transformer" in text and "LTXV" in text, text
     assert "Load Diffusion Model" in text, text
@@ -314,6 +319,7 @@ def test_wrong_conditioning_width_is_refused(comfy, sampler_wf):
     wf = sampler_wf(_inputs(), prefix=prefix, seed=3, length=9, text_tokens=16)
     wf["2"]["inputs"][width_input] = 768
     text = _error_of(comfy, wf)
+    print("\n[error]", text.splitlines()[0][:400])
     assert "ShapeError" in text, text
     assert "768" in text and "4096" in text and "umT5" in text, text
     assert not _files_with_prefix(comfy, prefix)
@@ -326,6 +332,7 @@ def test_memory_preflight_refuses_what_cannot_fit(comfy, sampler_wf):
     wf = sampler_wf(_inputs(policy="full"), prefix=prefix, seed=3, width=8192, height=8192, length=20001)
     t0 = time.time()
     text = _error_of(comfy, wf)
+    print("\n[error]", text.splitlines()[0][:400])
     assert "MemoryBudgetError" in text, text
     assert "GiB" in text and "is free" in text, text
     assert "choose a bounded policy" in text and "lower the width/height" in text, text
