@@ -194,8 +194,11 @@ class PromptSchedule:
         """Every segment in latent frames (seconds rounded to whole chunks); blends checked to fit."""
         out = []
         for i, s in enumerate(self.segments):
-            seg = s if s.resolved else s.with_frames(seconds_to_latent_frames(s.seconds, frames_per_block, fps))
-            out.append(_numbered(seg, i))
+            try:
+                out.append(s if s.resolved else s.with_frames(seconds_to_latent_frames(s.seconds, frames_per_block, fps)))
+            except ScheduleError as e:
+                msg = str(e).removeprefix("segment: ")
+                raise ScheduleError(f"segment {i + 1}: {msg}") from None
         return PromptSchedule(tuple(out))
 
     @property
@@ -214,14 +217,6 @@ class PromptSchedule:
 
     def describe(self) -> str:
         return "\n".join(f"{i + 1}. {s.describe()}" for i, s in enumerate(self.segments))
-
-
-def _numbered(seg: PromptSegment, index: int) -> PromptSegment:
-    # re-run the checks with the final length, naming the segment by position when it has no label
-    try:
-        return replace(seg)
-    except ScheduleError as e:
-        raise ScheduleError(f"segment {index + 1}: {e}") from None
 
 
 def as_schedule(value, frames: int | None = None) -> PromptSchedule:
@@ -379,6 +374,50 @@ class _SegmentPlan:
     recache: int  # frames actually re-run (0: none)
 
 
+def plan_segments(schedule: PromptSchedule, frames_per_block: int, *, start_frame: int = 0,
+                  context: torch.Tensor | None = None, started: bool = False,
+                  tail_frames: int = 0) -> list[_SegmentPlan]:
+    """Where each segment starts, whether it switches the prompt and how many frames a recache re-runs.
+
+    ``context``/``started``: the current prompt, if any (a fresh run has none); ``tail_frames``:
+    committed latents available for a recache.
+    """
+    sched = schedule.resolve(frames_per_block)
+    plans, pos, ctx, tail = [], start_frame, context, tail_frames
+    for seg in sched:
+        switch = started and not same_context(ctx, seg.context)
+        rec = min(seg.transition_frames, pos, tail) if switch and seg.transition == "recache" else 0
+        plans.append(_SegmentPlan(seg, pos, switch, rec))
+        started, ctx = True, seg.context
+        pos += seg.frames
+        tail = min(TAIL_FRAMES, tail + seg.frames)
+    return plans
+
+
+def count_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: int, **where) -> int:
+    """Model calls a schedule run makes: ``steps + 1`` per chunk, plus one per re-run chunk of a recache."""
+    calls = 0
+    for p in plan_segments(schedule, frames_per_block, **where):
+        calls += len(chunk_bounds(0, p.segment.frames, frames_per_block)) * (steps + 1)
+        calls += len(chunk_bounds(0, p.recache, frames_per_block)) if p.recache else 0
+    return calls
+
+
+def segment_noise(draw, start_frame: int, frames: list[int]) -> torch.Tensor:
+    """Initial noise of consecutive segments such that a story's noise does not depend on how it is split.
+
+    ``draw(n)`` returns the noise a fresh run of ``n`` latent frames starts from
+    (``[B, C, n, H, W]``). The segment covering absolute frames ``[s, e)`` gets
+    ``draw(e)[:, :, s:e]``: a single segment from frame 0 is exactly ``draw(n)``, and
+    sampling segments one by one (Continue) draws what one run of the whole schedule draws.
+    """
+    parts, pos = [], start_frame
+    for n in frames:
+        parts.append(draw(pos + n)[:, :, pos:pos + n])
+        pos += n
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
 @dataclass
 class ScheduleSampler(ARSampler):
     """An :class:`~headforcing_core.sampler.ARSampler` that runs prompt schedules.
@@ -396,27 +435,13 @@ class ScheduleSampler(ARSampler):
 
     # ---- planning --------------------------------------------------------------------------
     def plan_schedule(self, schedule: PromptSchedule) -> list[_SegmentPlan]:
-        sched = schedule.resolve(self.frames_per_block)
-        plans, pos, ctx = [], self.next_frame, self.context
-        tail = 0 if self.tail is None else self.tail.shape[2]
-        started = self.text is not None
-        for seg in sched:
-            switch = started and not same_context(ctx, seg.context)
-            rec = 0
-            if switch and seg.transition == "recache":
-                rec = min(seg.transition_frames, pos, tail)
-            plans.append(_SegmentPlan(seg, pos, switch, rec))
-            started, ctx = True, seg.context
-            pos += seg.frames
-            tail = min(TAIL_FRAMES, tail + seg.frames)
-        return plans
+        return plan_segments(schedule, self.frames_per_block, start_frame=self.next_frame, context=self.context,
+                             started=self.text is not None, tail_frames=0 if self.tail is None else self.tail.shape[2])
 
     def schedule_model_calls(self, schedule: PromptSchedule) -> int:
-        calls = 0
-        for p in self.plan_schedule(schedule):
-            calls += self.total_model_calls(p.segment.frames)
-            calls += len(chunk_bounds(0, p.recache, self.frames_per_block)) if p.recache else 0
-        return calls
+        return count_model_calls(schedule, self.frames_per_block, len(self.schedule.timesteps),
+                                 start_frame=self.next_frame, context=self.context, started=self.text is not None,
+                                 tail_frames=0 if self.tail is None else self.tail.shape[2])
 
     # ---- running ---------------------------------------------------------------------------
     @torch.no_grad()

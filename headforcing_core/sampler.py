@@ -129,6 +129,8 @@ class ARSampler:
                              f"batch {self.batch}")
         timesteps = self.schedule.timesteps
         calls_total = calls_total or self.total_model_calls(t)
+        source_device = noise.device
+        noise = noise.to(self.runner.device)  # the chunk math runs where the model runs
         out = torch.empty_like(noise)
         done = calls_done
         for chunk_index, (start, f) in enumerate(chunk_bounds(self.next_frame, t, self.frames_per_block)):
@@ -154,7 +156,7 @@ class ARSampler:
             if hooks.on_chunk is not None:
                 hooks.on_chunk(chunk_index, x0)
         self.next_frame += t
-        return out
+        return out.to(source_device)
 
     @staticmethod
     def _call_model_checked(hooks: Hooks, done: int, total: int) -> int:

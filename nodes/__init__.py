@@ -12,11 +12,27 @@ To add a node: write it in its own module here, import it below and append it to
 from __future__ import annotations
 
 from .policy import HeadForcingCachePolicy
+from .profiling import (HeadForcingClassifyHeads, HeadForcingLoadHeadProfile, HeadForcingProfileHeads,
+                        HeadForcingSaveHeadProfile)
 from .sampler import HeadForcingARSampler
+from .prompts import HeadForcingPromptScheduleFromText, HeadForcingPromptSegment
+from .continuation import HeadForcingContinue, HeadForcingLoadARState, HeadForcingSaveARState
 
 NODE_LIST = [
     HeadForcingCachePolicy,
     HeadForcingARSampler,
+    HeadForcingProfileHeads,
+    HeadForcingClassifyHeads,
+    HeadForcingSaveHeadProfile,
+    HeadForcingLoadHeadProfile,
+    HeadForcingPromptSegment,
+    HeadForcingPromptScheduleFromText,
+    HeadForcingContinue,
+    HeadForcingSaveARState,
+    HeadForcingLoadARState,
 ]
 
-__all__ = ["NODE_LIST", "HeadForcingARSampler", "HeadForcingCachePolicy"]
+__all__ = ["NODE_LIST", "HeadForcingARSampler", "HeadForcingCachePolicy", "HeadForcingProfileHeads",
+           "HeadForcingClassifyHeads", "HeadForcingSaveHeadProfile", "HeadForcingLoadHeadProfile",
+           "HeadForcingPromptSegment", "HeadForcingPromptScheduleFromText", "HeadForcingContinue",
+           "HeadForcingSaveARState", "HeadForcingLoadARState"]

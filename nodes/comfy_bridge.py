@@ -336,25 +336,31 @@ class ComfyHooks:
 
 def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy_preset: str, width: int,
                    height: int, length: int, length_unit: str, seed: int, steps: str, shift: float,
-                   frames_per_block: int) -> tuple[dict, str]:
-    """HeadForcingARSampler's work: validate, pre-flight memory check, load, ``generate``, un-normalize.
+                   frames_per_block: int, prompt_schedule=None) -> tuple[dict, str, object]:
+    """HeadForcingARSampler's work: validate, pre-flight memory check, load, generate, un-normalize.
 
-    Returns ``({"samples": latents}, report)``. Every input error is raised (as a ValueError
-    subclass) before the model is loaded or anything is allocated.
+    Returns ``({"samples": latents}, report, ar_state)``. Every input error is raised (as a ValueError
+    subclass) before the model is loaded or anything is allocated. A connected ``prompt_schedule``
+    (PROMPT_SCHEDULE) replaces ``conditioning`` and ``length`` (multi-prompt glue and the AR_STATE:
+    nodes/continuation.py; one segment from frame 0 samples exactly like ``generate``).
     """
     import comfy.model_management as mm
-    from headforcing_core import generate
     from headforcing_core.backbone import WanRunner
     from headforcing_core.sampler import validate_inputs
+    from headforcing_core.state import generate_schedule
+
+    from .continuation import sampler_schedule, schedule_report, story_model_calls, story_noise
 
     policy = sampler_policy(kv_policy, policy_preset)
     req = make_request(width=width, height=height, length=length, length_unit=length_unit, seed=seed,
                        steps=steps, shift=shift, frames_per_block=frames_per_block, policy=policy)
     module, spec = wan_backbone(model)
-    context = conditioning_tensor(conditioning)
+    schedule = sampler_schedule(prompt_schedule, conditioning, req.latent_frames, req.frames_per_block)
+    req = replace(req, latent_frames=schedule.total_frames)
     shape = latent_shape(req.width, req.height, req.latent_frames, channels=spec.in_dim)
     # text width, channels, grid: checked on a shape-only tensor (nothing allocated yet)
-    validate_inputs(WanRunner(module), context, torch.empty(shape, device="meta"), req.frames_per_block)
+    for segment in schedule:
+        validate_inputs(WanRunner(module), segment.context, torch.empty(shape, device="meta"), req.frames_per_block)
 
     dtype = compute_dtype(model)
     estimate = estimate_run(spec, policy, latent_frames=req.latent_frames, latent_height=shape[-2],
@@ -366,15 +372,15 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     check_fits(estimate, mm.get_total_memory(device))
     mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
     check_fits(estimate, mm.get_free_memory(device))
-    noise = initial_noise(shape, req.seed)
+    noise = story_noise(lambda n: latent_shape(req.width, req.height, n, channels=spec.in_dim), req.seed, 0, schedule)
 
-    hooks = ComfyHooks(model, req.chunks * (len(req.steps) + 1))
+    hooks = ComfyHooks(model, story_model_calls(schedule, req.frames_per_block, len(req.steps)))
     t0 = time.perf_counter()
     try:
-        latents = generate(module, context, noise.to(device), steps=req.steps, shift=req.shift,
-                           frames_per_block=req.frames_per_block, policy=policy,
-                           generator=renoise_generator(req.seed), progress=hooks.progress,
-                           should_stop=hooks.should_stop, on_chunk=hooks.on_chunk, dtype=dtype)
+        latents, state = generate_schedule(module, schedule, noise.to(device), steps=req.steps, shift=req.shift,
+                                           frames_per_block=req.frames_per_block, policy=policy,
+                                           generator=renoise_generator(req.seed), progress=hooks.progress,
+                                           should_stop=hooks.should_stop, on_chunk=hooks.on_chunk, dtype=dtype)
     except (Interrupted, mm.InterruptProcessingException) as e:
         # the core's should_stop hook (before every model call) or ComfyUI's progress hook
         # (after every call) saw the interrupt flag: end the node the way ComfyUI expects
@@ -386,8 +392,10 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     seconds = time.perf_counter() - t0
     samples = model.model.process_latent_out(latents.float()).to(mm.intermediate_device())
     report = _report(req, policy, estimate, hooks.chunk_seconds, seconds, dtype, device)
+    extra = schedule_report(schedule)
+    report += ("\n" + extra if extra else "") + f"\nAR_STATE: {state.nbytes / 2**20:.1f} MiB in CPU memory"
     log.info("headforcing: %s", report.replace("\n", " | "))
-    return {"samples": samples}, report
+    return {"samples": samples}, report, state
 
 
 def _report(req: SamplerRequest, policy: CachePolicy, estimate, chunk_seconds: list[float], seconds: float,

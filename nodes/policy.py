@@ -6,7 +6,11 @@ from comfy_api.latest import io
 from headforcing_core.policies import PRESETS, make_policy
 
 from . import comfy_bridge as bridge
-from .types import KV_POLICY
+from .profiling import profile_labels, profile_note, profile_spec
+from .routes import register_routes
+from .types import HEAD_PROFILE, KV_POLICY
+
+register_routes()  # GET /headforcing/estimate: this node's memory figure for the browser (nodes/routes.py)
 
 _HEAD_FORCING = make_policy("head_forcing").rule_map["memory"].middle  # episodic defaults
 
@@ -62,8 +66,11 @@ class HeadForcingCachePolicy(io.ComfyNode):
                 io.Int.Input(
                     "length", default=961, min=1, max=1_000_000, step=4,
                     tooltip="For the memory figure only: video frames (961 = 60 s at 16 fps)."),
-                # HEAD_PROFILE input (labels per layer and head) goes here once profiling lands:
-                # its labels are passed to bridge.build_policy(labels=...).
+                HEAD_PROFILE.Input(
+                    "head_profile", optional=True,
+                    tooltip="Head labels from Profile Heads / Load Head Profile: they type every head for the "
+                            "pyramid_forcing and head_forcing presets (the profile's labels of that taxonomy). "
+                            "Other presets ignore them. Without a profile those presets use default labels."),
             ],
             outputs=[
                 KV_POLICY.Output(display_name="kv_policy",
@@ -76,8 +83,11 @@ class HeadForcingCachePolicy(io.ComfyNode):
 
     @classmethod
     def execute(cls, preset, rope, sink_frames, recent_frames, memory_episodes, memory_similarity, width,
-                height, length) -> io.NodeOutput:
+                height, length, head_profile=None) -> io.NodeOutput:
+        labels = profile_labels(head_profile, preset)
         policy = bridge.build_policy(preset, rope=rope, sink_frames=sink_frames, recent_frames=recent_frames,
-                                     memory_episodes=memory_episodes, memory_similarity=memory_similarity)
-        summary = bridge.policy_summary(policy, width=width, height=height, frames=length)
-        return io.NodeOutput(policy, summary)
+                                     memory_episodes=memory_episodes, memory_similarity=memory_similarity,
+                                     labels=labels)
+        summary = bridge.policy_summary(policy, width=width, height=height, frames=length,
+                                        spec=profile_spec(head_profile) if labels is not None else None)
+        return io.NodeOutput(policy, summary + profile_note(head_profile, preset))

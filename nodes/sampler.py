@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from headforcing_core.policies import PRESETS
 
 from . import comfy_bridge as bridge
-from .types import KV_POLICY
+from .types import AR_STATE, KV_POLICY, PROMPT_SCHEDULE
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 
@@ -29,9 +29,10 @@ class HeadForcingARSampler(io.ComfyNode):
                     tooltip="A Self Forcing or Causal Forcing checkpoint (Wan2.1-T2V-1.3B shape) from "
                             "'Load Diffusion Model'. Other model families are refused."),
                 io.Conditioning.Input(
-                    "conditioning",
+                    "conditioning", optional=True,
                     tooltip="The prompt: CLIPTextEncode with the umT5-XXL text encoder (CLIPLoader type 'wan'). "
-                            "Positive only: these distilled models run without CFG."),
+                            "Positive only: these distilled models run without CFG. Not needed when a "
+                            "prompt_schedule is connected."),
                 io.Int.Input(
                     "width", default=832, min=16, max=MAX_RESOLUTION, step=16,
                     tooltip="Video width in pixels, a multiple of 16. The models were trained at 832x480."),
@@ -73,21 +74,29 @@ class HeadForcingARSampler(io.ComfyNode):
                     tooltip="KV-cache preset used when no kv_policy is connected. self_forcing_window keeps "
                             "the last 21 latent frames (identical to 'full', i.e. Self Forcing, up to 81 "
                             "frames; bounded beyond). Use the Cache Policy node to tune a policy."),
+                PROMPT_SCHEDULE.Input(
+                    "prompt_schedule", optional=True,
+                    tooltip="Several prompts in a row (Prompt Segment / Prompt Schedule From Text). When "
+                            "connected it replaces 'conditioning' and 'length': the video is the schedule's "
+                            "segments with their transitions."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent",
                                  tooltip="Clean video latent [1, 16, T, H/8, W/8] for VAEDecode."),
                 io.String.Output(display_name="report",
                                  tooltip="Policy, memory estimate and timing of the run."),
+                AR_STATE.Output(display_name="ar_state",
+                                tooltip="The finished run (cache, position, RNG state) for Head Forcing Continue "
+                                        "or Save AR State. Held in CPU memory (about the KV cache's size)."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, conditioning, width, height, length, seed, kv_policy=None, length_unit="frames",
+    def execute(cls, model, width, height, length, seed, conditioning=None, kv_policy=None, length_unit="frames",
                 steps=bridge.DEFAULT_STEPS, shift=bridge.DEFAULT_SHIFT, frames_per_block=3,
-                policy=bridge.DEFAULT_SAMPLER_POLICY) -> io.NodeOutput:
-        latent, report = bridge.run_ar_sampler(
+                policy=bridge.DEFAULT_SAMPLER_POLICY, prompt_schedule=None) -> io.NodeOutput:
+        latent, report, state = bridge.run_ar_sampler(
             model, conditioning, kv_policy=kv_policy, policy_preset=policy, width=width, height=height,
             length=length, length_unit=length_unit, seed=seed, steps=steps, shift=shift,
-            frames_per_block=frames_per_block)
-        return io.NodeOutput(latent, report)
+            frames_per_block=frames_per_block, prompt_schedule=prompt_schedule)
+        return io.NodeOutput(latent, report, state)

@@ -19,6 +19,6 @@ from comfy_api.latest import io
 
 KV_POLICY = io.Custom("KV_POLICY")
 
-# HEAD_PROFILE = io.Custom("HEAD_PROFILE")        # head profiling (not yet)
-# PROMPT_SCHEDULE = io.Custom("PROMPT_SCHEDULE")  # multi-prompt (not yet)
-# AR_STATE = io.Custom("AR_STATE")                # segment chaining (not yet)
+HEAD_PROFILE = io.Custom("HEAD_PROFILE")  # headforcing_core.profiling.HeadProfile (frozen dataclass)
+PROMPT_SCHEDULE = io.Custom("PROMPT_SCHEDULE")  # headforcing_core.prompts.PromptSchedule (frozen dataclass)
+AR_STATE = io.Custom("AR_STATE")  # headforcing_core.state.ARState (frozen; CPU tensors; continuing copies it)

@@ -36,7 +36,7 @@ from ..policies import (PYRAMID_PRESET_SOURCE, PYRAMID_TO_HEAD_FORCING, TAXONOMI
 from ..wan_model import WanConfig
 from .classify import label_codes, labels_from_codes
 from .profile import HeadProfile, normalize_fingerprint
-from .stats import STAT_NAMES, FrameStats, summarize
+from .stats import FrameStats, summarize
 
 FORMAT = "headforcing.head_profile"
 FORMAT_VERSION = 1
@@ -220,9 +220,7 @@ def _profile_from(meta: dict, tensors: dict, label: str) -> HeadProfile:
         fpb = meta.get("frames_per_block")
         if not isinstance(fpb, int):
             raise ProfileError("statistics without frames_per_block in the metadata")
-        stats = FrameStats.from_tensors(stat_tensors, fpb)
-        missing = [n for n in STAT_NAMES if n not in stat_tensors]
-        assert not missing
+        stats = FrameStats.from_tensors(stat_tensors, fpb)  # checks names, shapes, finiteness
     thresholds = meta.get("thresholds") or {}
     if not isinstance(thresholds, dict):
         raise ProfileError("thresholds metadata is not an object")
@@ -292,10 +290,8 @@ def resolve_profile(name: str, folders, *, expect=None) -> HeadProfile:
         if expect is not None:
             profile.check_model(expect)
         return profile
-    tried = []
     for folder in folders:
         path = safe_profile_path(folder, name)
-        tried.append(str(path))
         if path.is_file():
             return load_profile(path, expect=expect, name=name)
     raise ProfileError(f"no head profile {name!r} in the profile folder(s) {', '.join(map(str, folders)) or '(none)'}")

@@ -338,3 +338,108 @@ def test_memory_preflight_refuses_what_cannot_fit(comfy, sampler_wf):
     assert "choose a bounded policy" in text and "lower the width/height" in text, text
     assert time.time() - t0 < 60, "the refusal must come before any work"
     assert not _files_with_prefix(comfy, prefix)
+
+
+# --------------------------------------------------------------------------------------------
+# the example workflow (UI format) and its API twin
+# --------------------------------------------------------------------------------------------
+
+UI_WORKFLOW = REPO / "workflows" / "headforcing_long_video.json"
+API_WORKFLOW = REPO / "workflows" / "api" / "headforcing_long_video.json"
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _widget_names(node_info: dict) -> list[tuple[str, bool]]:
+    """(name, has control_after_generate) of every widget, in the frontend's order (required, optional)."""
+    out = []
+    for group in ("required", "optional"):
+        for name in node_info.get("input_order", {}).get(group, []):
+            spec = node_info["input"][group][name]
+            typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+            if (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput"):
+                out.append((name, bool(opts.get("control_after_generate"))))
+    return out
+
+
+def test_example_workflow_ui_matches_api_twin(comfy):
+    ui = json.loads(UI_WORKFLOW.read_text())
+    api = json.loads(API_WORKFLOW.read_text())
+    assert ui["version"] == 0.4 and ui["last_node_id"] == max(n["id"] for n in ui["nodes"])
+    assert ui["last_link_id"] == max(link[0] for link in ui["links"])
+    info = comfy.object_info()
+    graph = [n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY]
+    assert {str(n["id"]) for n in graph} == set(api), "UI node ids and API ids must be the same"
+    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+    assert notes and "head_forcing" in notes[0]["widgets_values"][0]
+    for node in graph:
+        twin = api[str(node["id"])]
+        assert node["type"] == twin["class_type"] and node["type"] in info, node["type"]
+        assert twin["_meta"]["title"], node["id"]
+        values = list(node["widgets_values"])
+        for name, control in _widget_names(info[node["type"]]):
+            assert values, f"node {node['id']} ({node['type']}): no widget value for {name}"
+            assert values.pop(0) == twin["inputs"][name], (node["id"], name)
+            if control:
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+        assert not values, f"node {node['id']} ({node['type']}): extra widget values {values}"
+        sockets = {i["name"]: i for i in node["inputs"]}
+        for name, value in twin["inputs"].items():
+            if isinstance(value, list):
+                assert sockets[name]["link"] is not None, (node["id"], name)
+    for lid, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        dst_node = next(n for n in ui["nodes"] if n["id"] == dst)
+        name = dst_node["inputs"][dst_slot]["name"]
+        assert dst_node["inputs"][dst_slot]["link"] == lid
+        assert api[str(dst)]["inputs"][name] == [str(src), src_slot], (lid, name)
+        src_node = next(n for n in ui["nodes"] if n["id"] == src)
+        assert lid in src_node["outputs"][src_slot]["links"]
+        assert info[src_node["type"]]["output"][src_slot] == typ
+    # the one-minute settings
+    sampler = api["5"]["inputs"]
+    assert (sampler["width"], sampler["height"], sampler["length"], sampler["length_unit"]) == (832, 480, 961,
+                                                                                                 "frames")
+    assert sampler["kv_policy"] == ["4", 0] and api["4"]["inputs"]["preset"] == "head_forcing"
+    assert api["1"]["inputs"]["unet_name"] == "self_forcing_dmd.safetensors"
+    assert api["2"]["inputs"]["clip_name"] == "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    assert api["2"]["inputs"]["type"] == "wan" and api["6"]["inputs"]["vae_name"] == "wan_2.1_vae.safetensors"
+    assert api["8"]["inputs"]["fps"] == 16.0
+
+
+def test_example_api_workflow_runs_with_tiny_models(comfy):
+    """The API twin, patched the way `tools/host.py demo --tiny` patches it, runs end to end."""
+    api = json.loads(API_WORKFLOW.read_text())
+    wf = host.patch_workflow(api, {"diffusion_models": comfy.models["wan"], "vae": comfy.models["vae"]},
+                             tiny=True, overrides={"width": 64, "height": 48, "length": 33}, seed=None)
+    prefix = _prefix("example_workflow")
+    wf["9"]["inputs"]["filename_prefix"] = prefix
+    entry = comfy.run(wf, timeout=600)
+    videos = comfy.outputs(entry, ".mp4")
+    assert len(videos) == 1
+    frames, w, h = read_video(videos[0])
+    assert (w, h) == (64, 48) and len(frames) == 33
+    report = comfy.ui_text(entry, "10")[0]
+    assert "policy: head_forcing [compact RoPE]" in report, report
+    assert "KV cache" in comfy.ui_text(entry, "11")[0]
+
+
+def test_docs_cover_every_node_input_and_output(comfy):
+    """docs/nodes.md has a section per registered HeadForcing node naming all its inputs and outputs."""
+    doc = (REPO / "docs" / "nodes.md").read_text()
+    lines = doc.splitlines()
+    info = comfy.object_info()
+    missing = []
+    for node_id in comfy.node_ids("HeadForcing"):
+        start = next((i for i, line in enumerate(lines) if line.startswith("#") and f"`{node_id}`" in line), None)
+        if start is None:
+            missing.append(f"{node_id}: no section")
+            continue
+        level = len(lines[start]) - len(lines[start].lstrip("#"))
+        end = next((i for i in range(start + 1, len(lines))
+                    if lines[i].startswith("#") and len(lines[i]) - len(lines[i].lstrip("#")) <= level), len(lines))
+        section = "\n".join(lines[start:end])
+        node = info[node_id]
+        names = [n for g in ("required", "optional") for n in node.get("input_order", {}).get(g, [])]
+        names += list(node.get("output_name") or [])
+        missing += [f"{node_id}: {n}" for n in names if f"`{n}`" not in section]
+    assert not missing, "docs/nodes.md lacks:\n" + "\n".join(missing)

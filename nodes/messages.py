@@ -1,0 +1,330 @@
+"""What the server tells the browser extension (``web/headforcing.js``), in one place.
+
+Two channels, both plain JSON:
+
+* **Node UI data** (``io.NodeOutput(..., ui=...)``): ComfyUI sends a node's ``ui`` dict to the
+  browser that queued the prompt as the ``executed`` event (``detail.output``), stores it in
+  ``/history`` and re-sends it when the node's result comes from the cache. Every value of a
+  ``ui`` dict must be a list (ComfyUI concatenates the lists of list-mapped calls).
+  :func:`head_map_ui` builds the ``headforcing_head_map`` entry the profile nodes add next to
+  their heat-map PNG; the extension draws it as an interactive head map.
+* **Progress events** (:func:`send_progress`): ``PromptServer.instance.send_sync(
+  "headforcing.progress", payload, client_id)`` — a websocket message to the client that
+  queued the prompt (``client_id`` is the server's ``client_id`` of the running prompt; ComfyUI's
+  own ``progress`` messages use the same, and broadcast when it is None). The AR sampler sends one
+  per committed chunk through :class:`SamplerPanel`.
+
+Payload formats are documented in docs/web.md; the extension ignores fields it does not know
+and every payload carries ``"v": 1``.
+
+Chunk previews: the panel carries its own small JPEG (data URL) of the chunk's newest latent
+frame, made with the model's latent→RGB factors (``latent_format.latent_rgb_factors``; a linear
+map, ~1 ms). It does not depend on the server's ``--preview-method`` (ComfyUI's own previews
+stay as they are, shown by ComfyUI on the node when that flag is on).
+
+Nothing here may break a run: every send is wrapped, a failure is logged once and dropped.
+"""
+from __future__ import annotations
+
+import base64
+import io as _io
+import logging
+import math
+import time
+from typing import Any
+
+log = logging.getLogger("headforcing")
+
+PAYLOAD_VERSION = 1
+EVENT_PROGRESS = "headforcing.progress"
+HEAD_MAP_KEY = "headforcing_head_map"
+PREVIEW_MAX_SIDE = 192
+FPS = 16
+
+# head type -> RGB; the same colours as the heat-map PNG of nodes/profiling.py (read from there
+# when it is importable, so the two never disagree)
+DEFAULT_TYPE_COLORS = {
+    "local": (232, 126, 34),
+    "anchor": (52, 101, 164),
+    "memory": (46, 160, 90),
+    "wave": (142, 68, 173),
+    "veil": (22, 160, 160),
+    "all": (140, 140, 140),
+}
+# per-head statistics shown on hover (HeadSummary attribute -> label)
+HOVER_STATS = (
+    ("sink_mass", "sink"),
+    ("middle_mass", "middle"),
+    ("recent_mass", "recent"),
+    ("current_mass", "current chunk"),
+    ("period", "period"),
+    ("period_strength", "period strength"),
+)
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("headforcing: " + msg, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# head map (profile nodes)
+
+
+def type_colors() -> dict[str, str]:
+    """``{type: "#rrggbb"}`` for every head type."""
+    colors = dict(DEFAULT_TYPE_COLORS)
+    try:
+        from .profiling import TYPE_COLORS
+        colors.update(TYPE_COLORS)
+    except Exception:  # outside ComfyUI (no folder_paths) or renamed: keep the defaults
+        pass
+    return {t: "#%02x%02x%02x" % tuple(int(c) for c in rgb) for t, rgb in colors.items()}
+
+
+def _num(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return round(v, 4) if math.isfinite(v) else None
+
+
+def head_map_payload(profile) -> dict:
+    """JSON the extension draws: layers × heads of type codes, colours, and per-head statistics.
+
+    ``profile`` is a :class:`headforcing_core.profiling.HeadProfile` (its primary labels are
+    drawn; labels of the other taxonomies travel along for the hover text), or a bare
+    :class:`headforcing_core.policies.HeadLabels`.
+    """
+    from headforcing_core.policies import TAXONOMIES
+
+    labels = getattr(profile, "labels", None)
+    if labels is None or not hasattr(profile, "labels_by_taxonomy"):
+        labels, profile = profile, None
+    layers, heads = labels.shape
+    types = list(TAXONOMIES[labels.taxonomy])
+    codes = [[types.index(t) for t in row] for row in labels.types]
+    other = {}
+    stats = None
+    name = source = ""
+    if profile is not None:
+        name = getattr(profile, "name", "") or ""
+        source = getattr(profile, "source", "") or ""
+        for tax, lab in profile.labels_by_taxonomy.items():
+            if tax == labels.taxonomy or tax not in TAXONOMIES:
+                continue
+            names = list(TAXONOMIES[tax])
+            other[tax] = {"types": names, "labels": [[names.index(t) for t in row] for row in lab.types]}
+        if getattr(profile, "stats", None) is not None:
+            try:
+                summ = profile.summary()
+                stats = {key: [[_num(v) for v in row] for row in getattr(summ, key).tolist()]
+                         for key, _ in HOVER_STATS}
+            except Exception as e:  # statistics too short to summarize: labels only
+                _warn_once("head_map_stats", "head map without statistics: %s", e)
+                stats = None
+    counts = labels.counts()
+    return {
+        "v": PAYLOAD_VERSION,
+        "name": name,
+        "source": source or labels.source,
+        "taxonomy": labels.taxonomy,
+        "layers": layers,
+        "heads": heads,
+        "types": types,
+        "labels": codes,
+        "counts": {t: counts.get(t, 0) for t in types},
+        "colors": {t: c for t, c in type_colors().items() if t in types or any(
+            t in o["types"] for o in other.values())},
+        "other": other,
+        "stats": stats,
+        "stat_names": {key: label for key, label in HOVER_STATS},
+    }
+
+
+def head_map_ui(profile) -> dict:
+    """The ``ui`` entry of a profile node: ``{"headforcing_head_map": [payload]}`` (merge it into
+    the node's other ui entries). Never raises: a broken payload only loses the drawing."""
+    try:
+        return {HEAD_MAP_KEY: [head_map_payload(profile)]}
+    except Exception as e:
+        _warn_once("head_map", "could not build the head map for the browser: %s", e)
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# progress events (sampler)
+
+
+def _server():
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def executing_node() -> tuple[str | None, str | None]:
+    """(prompt id, node id) of the node ComfyUI is executing now, or (None, None)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        ctx = get_executing_context()
+    except ImportError:
+        ctx = None
+    if ctx is None:
+        return None, None
+    return ctx.prompt_id, ctx.node_id
+
+
+def send_progress(node_id: str | None, payload: dict, *, event: str = EVENT_PROGRESS) -> bool:
+    """Send ``payload`` (plus ``node``, ``prompt_id``, ``v``) to the browser that queued the running
+    prompt. Returns whether it was handed to the server; never raises."""
+    try:
+        srv = _server()
+        if srv is None:
+            return False
+        prompt_id, ctx_node = executing_node()
+        data = dict(payload)
+        data.setdefault("v", PAYLOAD_VERSION)
+        data["node"] = str(node_id if node_id is not None else ctx_node)
+        data.setdefault("prompt_id", prompt_id or getattr(srv, "last_prompt_id", None))
+        srv.send_sync(event, data, getattr(srv, "client_id", None))
+        return True
+    except Exception as e:
+        _warn_once("send", "could not send %s: %s", event, e)
+        return False
+
+
+def preview_data_url(x0, latent_format=None, max_side: int = PREVIEW_MAX_SIDE) -> str | None:
+    """A small JPEG data URL of the newest latent frame of ``x0`` (``[B, C, T, h, w]``, the
+    model's normalized latent space) through ``latent_format``'s latent→RGB factors, or None."""
+    try:
+        import torch
+        from PIL import Image
+
+        factors = getattr(latent_format, "latent_rgb_factors", None)
+        if factors is None:
+            return None
+        frame = x0[0, :, -1].detach().float().cpu()  # [C, h, w]
+        f = torch.tensor(factors, dtype=torch.float32)  # [C, 3]
+        if f.shape[0] != frame.shape[0]:
+            return None
+        rgb = torch.einsum("chw,cd->hwd", frame, f)
+        bias = getattr(latent_format, "latent_rgb_factors_bias", None)
+        if bias is not None:
+            rgb = rgb + torch.tensor(bias, dtype=torch.float32)
+        img = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).to(torch.uint8).numpy()
+        im = Image.fromarray(img)
+        h, w = img.shape[:2]
+        scale = max_side / max(h, w)
+        # latent frames are 8x smaller than the video: scale up small ones so they read as a thumbnail
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+        buf = _io.BytesIO()
+        im.save(buf, format="JPEG", quality=80)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    except Exception as e:
+        _warn_once("preview", "no chunk preview for the panel: %s", e)
+        return None
+
+
+class SamplerPanel:
+    """Feeds the sampler's live panel: one ``headforcing.progress`` event per committed chunk.
+
+    Built once per run with what the run knows up front; :meth:`chunk` is called from the
+    sampler's per-chunk hook with the chunk's clean latent. ``segments`` (optional) are
+    ``(prompt text or label, latent frames)`` in order, for multi-prompt schedules; the panel
+    shows the segment the newest chunk belongs to. ``kv_bytes_at(latent_frames)`` (optional)
+    gives the KV cache bytes held after that many committed frames (``estimate_run`` of the
+    same policy), ``kv_budget_bytes`` the bounded steady state.
+    """
+
+    def __init__(self, *, total_latent_frames: int, frames_per_block: int, node_id: str | None = None,
+                 policy: str = "", latent_format=None, segments: list[tuple[str, int]] | None = None,
+                 kv_bytes_at=None, kv_budget_bytes: int | None = None, start_frame: int = 0,
+                 width: int | None = None, height: int | None = None, send=send_progress):
+        self.node_id = node_id if node_id is not None else executing_node()[1]
+        self.total = int(total_latent_frames)
+        self.fpb = max(1, int(frames_per_block))
+        self.chunks = -(-self.total // self.fpb)
+        self.policy = policy
+        self.latent_format = latent_format
+        self.segments = [(str(t), int(n)) for t, n in (segments or [])]
+        self.kv_bytes_at = kv_bytes_at
+        self.kv_budget = kv_budget_bytes
+        self.start_frame = int(start_frame)
+        self.size = (width, height)
+        self.send = send
+        self.done_frames = 0
+        self.done_chunks = 0
+        self.t0 = time.perf_counter()
+        self.sent = 0
+
+    @staticmethod
+    def video_seconds(latent_frames: int) -> float:
+        """Seconds of 16-fps video that ``latent_frames`` decode to (4T-3 frames)."""
+        return max(0, 4 * int(latent_frames) - 3) / FPS if latent_frames > 0 else 0.0
+
+    def _segment(self, frame: int) -> tuple[int, str] | None:
+        edge = 0
+        for i, (text, n) in enumerate(self.segments):
+            edge += n
+            if frame < edge:
+                return i, text
+        return (len(self.segments) - 1, self.segments[-1][0]) if self.segments else None
+
+    def payload(self, x0=None) -> dict:
+        absolute = self.start_frame + self.done_frames
+        elapsed = time.perf_counter() - self.t0
+        p: dict[str, Any] = {
+            "kind": "chunk",
+            "chunk": self.done_chunks,
+            "chunks": self.chunks,
+            "latent_frames": self.done_frames,
+            "latent_frames_total": self.total,
+            "seconds_done": round(self.video_seconds(absolute), 3),
+            "seconds_total": round(self.video_seconds(self.start_frame + self.total), 3),
+            "elapsed": round(elapsed, 3),
+            "policy": self.policy,
+        }
+        if self.size[0]:
+            p["width"], p["height"] = self.size
+        seg = self._segment(max(0, self.done_frames - 1))
+        if seg is not None:
+            p["segment"], p["segments"], p["prompt"] = seg[0] + 1, len(self.segments), seg[1][:500]
+        if self.kv_bytes_at is not None:
+            try:
+                p["kv_bytes"] = int(self.kv_bytes_at(absolute))
+            except Exception as e:
+                _warn_once("kv", "no KV figure for the panel: %s", e)
+        if self.kv_budget is not None:
+            p["kv_budget_bytes"] = int(self.kv_budget)
+        if x0 is not None:
+            url = preview_data_url(x0, self.latent_format)
+            if url:
+                p["preview"] = url
+        return p
+
+    def begin(self) -> None:
+        """Announce the run (chunk 0 of n) so the panel resets before the first chunk lands."""
+        self.t0 = time.perf_counter()
+        p = self.payload()
+        p["kind"] = "start"
+        self.sent += bool(self.send(self.node_id, p))
+
+    def chunk(self, x0) -> None:
+        """A chunk was committed; ``x0`` is its clean latent ``[B, C, f, h, w]``."""
+        try:
+            self.done_chunks += 1
+            self.done_frames = min(self.total, self.done_frames + int(x0.shape[2]))
+            self.sent += bool(self.send(self.node_id, self.payload(x0)))
+        except Exception as e:  # a panel must never break a run
+            _warn_once("chunk", "panel update failed: %s", e)
+
+    def finish(self, ok: bool = True) -> None:
+        p = self.payload()
+        p["kind"] = "done" if ok else "stopped"
+        self.sent += bool(self.send(self.node_id, p))

@@ -1,0 +1,188 @@
+"""Multi-prompt nodes: build a PROMPT_SCHEDULE segment by segment or from text.
+
+* ``HeadForcingPromptSegment`` — one prompt (CONDITIONING), its length and the transition
+  into it; chain them through ``previous`` to tell a story.
+* ``HeadForcingPromptScheduleFromText`` — a CLIP (umT5, CLIPLoader type 'wan') and one
+  ``seconds | prompt [| transition N]`` per line.
+
+Feed the schedule to Head Forcing AR Sampler (``prompt_schedule``) or Head Forcing
+Continue. Schedules are immutable: chaining makes a new one. See docs/multiprompt.md.
+"""
+from __future__ import annotations
+
+import math
+
+from comfy_api.latest import io
+
+from headforcing_core.prompts import (MAX_TRANSITION_FRAMES, TRANSITIONS, PromptSchedule, PromptSegment,
+                                      ScheduleError, parse_schedule_text)
+
+from . import comfy_bridge as bridge
+from .types import PROMPT_SCHEDULE
+
+CATEGORY = "sampling/head_forcing/multi-prompt"
+LENGTH_UNITS = ("seconds", "latent_frames", "frames")
+TRANSITION_TOOLTIP = (
+    "How the video enters this prompt from the one before. cut: swap the prompt at the boundary. "
+    "recache: swap it and re-run the last N generated latent frames under the new prompt to refresh "
+    "the cache (LongLive). blend: interpolate the two prompts' cross-attention over the first N latent "
+    "frames. Ignored for the first prompt of a fresh run.")
+TRANSITION_FRAMES_TOOLTIP = (
+    f"N for recache (frames re-run, 1-{MAX_TRANSITION_FRAMES}) and blend (frames blended), in latent frames "
+    "(1 latent frame = 4 video frames = 0.25 s). Ignored for cut.")
+
+
+def segment_length(length: float, unit: str) -> dict:
+    """``PromptSegment`` length keywords for a widget value: seconds, or latent frames."""
+    if unit not in LENGTH_UNITS:
+        raise ScheduleError(f"length_unit must be one of {', '.join(LENGTH_UNITS)}, got {unit!r}")
+    if not math.isfinite(length) or length <= 0:
+        raise ScheduleError(f"length must be positive, got {length:g} (zero-length segments are not allowed)")
+    if unit == "seconds":
+        return {"seconds": float(length)}
+    if unit == "latent_frames":
+        if float(length) != int(length):
+            raise ScheduleError(f"length {length:g} is not a whole number of latent frames")
+        return {"frames": int(length)}
+    # video frames: 4 per latent frame (a continuation adds 4 video frames per latent frame)
+    return {"frames": max(1, math.ceil(float(length) / bridge.TIME_COMPRESSION))}
+
+
+def make_segment(context, length: float, unit: str, transition: str, transition_frames: int,
+                 label: str = "") -> PromptSegment:
+    frames = int(transition_frames) if transition != "cut" else 0
+    return PromptSegment(context, transition=transition, transition_frames=frames, label=str(label or "").strip(),
+                         **segment_length(length, unit))
+
+
+def check_schedule(value) -> PromptSchedule:
+    if not isinstance(value, PromptSchedule):
+        raise ScheduleError(f"prompt_schedule must come from a Head Forcing prompt node, got {type(value).__name__}")
+    return value
+
+
+def length_inputs(default: float = 5.0) -> list:
+    return [
+        io.Float.Input("length", default=default, min=0.0, max=100000.0, step=0.25,
+                       tooltip="Length of this part, in length_unit. Seconds are rounded to whole chunks "
+                               "(3 latent frames = 0.75 s at 16 fps)."),
+        io.Combo.Input("length_unit", options=list(LENGTH_UNITS), default="seconds",
+                       tooltip="seconds (16 fps) | latent_frames (4 video frames each) | frames (video frames, "
+                               "rounded up to whole latent frames)."),
+    ]
+
+
+def transition_inputs() -> list:
+    return [
+        io.Combo.Input("transition", options=list(TRANSITIONS), default="cut", tooltip=TRANSITION_TOOLTIP),
+        io.Int.Input("transition_frames", default=3, min=0, max=1000, tooltip=TRANSITION_FRAMES_TOOLTIP),
+    ]
+
+
+class HeadForcingPromptSegment(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HeadForcingPromptSegment",
+            display_name="Head Forcing Prompt Segment",
+            category=CATEGORY,
+            description=("One prompt of a multi-prompt video: its conditioning, how long it lasts and how the video "
+                         "enters it. Chain segments through 'previous'; the result is a PROMPT_SCHEDULE for Head "
+                         "Forcing AR Sampler or Head Forcing Continue."),
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="This segment's prompt (CLIPTextEncode with umT5)."),
+                *length_inputs(),
+                *transition_inputs(),
+                PROMPT_SCHEDULE.Input("previous", optional=True,
+                                      tooltip="The segments before this one (another Prompt Segment or a "
+                                              "schedule from text). Left empty, this segment starts a schedule."),
+                io.String.Input("label", default="", optional=True,
+                                tooltip="A name for reports (e.g. the prompt text)."),
+            ],
+            outputs=[
+                PROMPT_SCHEDULE.Output(display_name="prompt_schedule",
+                                       tooltip="The schedule so far, this segment last."),
+                io.String.Output(display_name="summary", tooltip="The segments of the schedule."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, length, length_unit, transition, transition_frames, previous=None,
+                label="") -> io.NodeOutput:
+        segment = make_segment(bridge.conditioning_tensor(conditioning), length, length_unit, transition,
+                               transition_frames, label)
+        if previous is None:
+            schedule = PromptSchedule((segment,))
+        else:
+            schedule = check_schedule(previous).then(segment)
+        return io.NodeOutput(schedule, schedule.describe())
+
+
+def encode_prompt(clip, text: str):
+    """ComfyUI's CLIPTextEncode, as a function: CONDITIONING for one prompt."""
+    if clip is None:
+        raise ScheduleError("connect a CLIP (CLIPLoader type 'wan' with the umT5-XXL text encoder)")
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+class HeadForcingPromptScheduleFromText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HeadForcingPromptScheduleFromText",
+            display_name="Head Forcing Prompt Schedule From Text",
+            category=CATEGORY,
+            description=("A whole story as text, one segment per line: 'seconds | prompt', optionally "
+                         "'| cut', '| recache N' or '| blend N' (N in latent frames). Lines starting with '#' are "
+                         "comments. Each prompt is encoded with the connected CLIP."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder: CLIPLoader with umt5_xxl, type 'wan'."),
+                io.String.Input("text", multiline=True,
+                                default="5 | a red fox trots through fresh snow in a pine forest\n"
+                                        "5 | the fox stops and looks straight at the camera | blend 3\n"
+                                        "5 | the fox leaps into a snow bank | recache 3",
+                                tooltip="One 'seconds | prompt [| transition N]' per line."),
+                io.Combo.Input("default_transition", options=list(TRANSITIONS), default="cut", optional=True,
+                               tooltip="Transition of lines that name none. " + TRANSITION_TOOLTIP),
+                io.Int.Input("default_transition_frames", default=3, min=0, max=1000, optional=True,
+                             tooltip=TRANSITION_FRAMES_TOOLTIP),
+            ],
+            outputs=[
+                PROMPT_SCHEDULE.Output(display_name="prompt_schedule", tooltip="One segment per line."),
+                io.String.Output(display_name="summary", tooltip="The parsed segments."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, text, default_transition="cut", default_transition_frames=3, **_):
+        # a bad line is reported when the prompt is queued, before anything runs
+        if not isinstance(text, str):  # the text comes from a link: checked when the node runs
+            return True
+        try:
+            parse_schedule_text(text, default_transition, _frames_for(default_transition, default_transition_frames))
+        except ScheduleError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, clip, text, default_transition="cut", default_transition_frames=3) -> io.NodeOutput:
+        lines = parse_schedule_text(text, default_transition,
+                                    _frames_for(default_transition, default_transition_frames))
+        segments = []
+        for line in lines:
+            cond = bridge.conditioning_tensor(encode_prompt(clip, line.prompt))
+            try:
+                segments.append(PromptSegment(cond, seconds=line.seconds, transition=line.transition,
+                                              transition_frames=line.transition_frames, label=line.prompt))
+            except ScheduleError as e:
+                raise ScheduleError(f"line {line.line}: {e}") from None
+        schedule = PromptSchedule(tuple(segments))
+        return io.NodeOutput(schedule, schedule.describe())
+
+
+def _frames_for(transition: str, frames: int) -> int:
+    return 0 if transition == "cut" else int(frames)
+
+
+NODES = [HeadForcingPromptSegment, HeadForcingPromptScheduleFromText]

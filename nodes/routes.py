@@ -1,0 +1,199 @@
+"""HTTP routes of the pack (registered on ComfyUI's server at import, once).
+
+``GET /headforcing/estimate`` — the policy node's memory figure for the browser, computed by
+the node itself: the query string carries the policy node's widget values (``preset``,
+``rope``, ``sink_frames``, ``recent_frames``, ``memory_episodes``, ``memory_similarity``,
+``width``, ``height``, ``length``; missing ones take the node's defaults) and optionally
+``profile`` (a name Load Head Profile lists: ``preset: …`` or a file in models/headforcing),
+whose labels type the heads as when that node feeds the policy's ``head_profile`` input.
+Values are checked against the node's own schema (type, min, max, options) before anything
+runs. Answers JSON:
+
+* 200 ``{"ok": true, "summary": <exactly the node's summary output>, "kv_bytes", "activation_bytes",
+  "text_bytes", "total_bytes", "kv_bytes_by_type", "attended_frames", "latent_frames",
+  "frames", "seconds", "window_kv_bytes", "notes"}``
+* 400 ``{"ok": false, "error": "..."}`` for bad input (the message names the field), and
+  500 ``{"ok": false, "error": ...}`` for anything unexpected — the server never goes down
+  for a bad request. ComfyUI also serves every route under ``/api`` (``/api/headforcing/estimate``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+log = logging.getLogger("headforcing")
+
+ESTIMATE_PATH = "/headforcing/estimate"
+_registered = False
+MAX_QUERY_VALUE_LEN = 512
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _policy_inputs() -> dict[str, tuple]:
+    """``{name: (io_type, options)}`` of the policy node's widget inputs, from its schema."""
+    from .policy import HeadForcingCachePolicy
+
+    spec = HeadForcingCachePolicy.INPUT_TYPES()
+    out = {}
+    for group in ("required", "optional"):
+        for name, value in (spec.get(group) or {}).items():
+            io_type = value[0]
+            opts = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
+            if isinstance(io_type, (list, tuple)):
+                opts = dict(opts, options=list(io_type))
+                io_type = "COMBO"
+            if io_type in ("INT", "FLOAT", "COMBO", "STRING", "BOOLEAN"):
+                out[name] = (io_type, opts)
+    return out
+
+
+def parse_estimate_query(query) -> dict:
+    """Checked widget values (node defaults for missing ones) and the optional profile name."""
+    inputs = _policy_inputs()
+    unknown = sorted(set(query) - set(inputs) - {"profile"})
+    if unknown:
+        raise BadRequest(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(inputs))}, profile")
+    values = {}
+    for name, (io_type, opts) in inputs.items():
+        raw = query.get(name)
+        if raw is None:
+            if "default" not in opts:
+                raise BadRequest(f"missing parameter {name}")
+            values[name] = opts["default"]
+            continue
+        raw = str(raw)
+        if len(raw) > MAX_QUERY_VALUE_LEN:
+            raise BadRequest(f"{name} is too long")
+        if io_type == "INT":
+            try:
+                v = int(raw.strip())
+            except ValueError:
+                raise BadRequest(f"{name} must be an integer, got {raw!r}") from None
+        elif io_type == "FLOAT":
+            try:
+                v = float(raw.strip())
+            except ValueError:
+                raise BadRequest(f"{name} must be a number, got {raw!r}") from None
+            if not math.isfinite(v):
+                raise BadRequest(f"{name} must be finite, got {raw!r}")
+        elif io_type == "BOOLEAN":
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise BadRequest(f"{name} must be true or false, got {raw!r}")
+            v = raw.lower() in ("true", "1")
+        elif io_type == "COMBO":
+            options = [str(o) for o in opts.get("options", [])]
+            if raw not in options:
+                raise BadRequest(f"{name} must be one of {', '.join(options)}; got {raw!r}")
+            v = raw
+        else:
+            v = raw
+        if io_type in ("INT", "FLOAT"):
+            lo, hi = opts.get("min"), opts.get("max")
+            if lo is not None and v < lo:
+                raise BadRequest(f"{name} must be at least {lo}, got {v}")
+            if hi is not None and v > hi:
+                raise BadRequest(f"{name} must be at most {hi}, got {v}")
+        values[name] = v
+    profile = query.get("profile")
+    if profile is not None:
+        profile = str(profile)
+        if not profile.strip() or len(profile) > MAX_QUERY_VALUE_LEN or "\x00" in profile:
+            raise BadRequest("profile must be a profile name listed by Load Head Profile")
+    return {"values": values, "profile": profile or None}
+
+
+def _load_profile(name: str):
+    """A HEAD_PROFILE by the names Load Head Profile accepts (a preset or a file in its folders)."""
+    from headforcing_core.profiling import resolve_profile
+
+    from .profiling import profile_folders
+
+    return resolve_profile(name, profile_folders())
+
+
+def compute_estimate(values: dict, profile_name: str | None = None) -> dict:
+    """The policy node's output for these widget values, plus the numbers behind its summary."""
+    from headforcing_core.memory import estimate_run
+    from headforcing_core.policies import make_policy
+
+    from . import comfy_bridge as bridge
+    from .policy import HeadForcingCachePolicy
+
+    profile = _load_profile(profile_name) if profile_name else None
+    kwargs = dict(values)
+    if profile is not None:
+        kwargs["head_profile"] = profile
+    out = HeadForcingCachePolicy.execute(**kwargs)
+    policy, summary = out.args[0], out.args[1]
+    spec = bridge.spec_of(bridge.WAN_1_3B)
+    if profile is not None and getattr(policy, "labels", None) is not None:
+        try:
+            from .profiling import profile_spec
+            spec = profile_spec(profile)
+        except Exception:
+            pass
+    width, height, frames = int(values["width"]), int(values["height"]), int(values["length"])
+    latent = bridge.latent_frames_for(frames)
+    lh, lw = height // bridge.SPACE_COMPRESSION, width // bridge.SPACE_COMPRESSION
+    est = estimate_run(spec, policy, latent_frames=latent, latent_height=lh, latent_width=lw, frames_per_block=3)
+    window = estimate_run(spec, make_policy("self_forcing_window"), latent_frames=latent, latent_height=lh,
+                          latent_width=lw, frames_per_block=3)
+    return {
+        "ok": True,
+        "summary": summary,
+        "preset": values.get("preset"),
+        "profile": profile_name,
+        "kv_bytes": est.kv_bytes,
+        "kv_bytes_by_type": dict(est.kv_bytes_by_type),
+        "activation_bytes": est.activation_bytes,
+        "text_bytes": est.text_bytes,
+        "total_bytes": est.total_bytes,
+        "attended_frames": round(est.attended_tokens / est.tokens_per_frame, 3),
+        "latent_frames": latent,
+        "frames": bridge.decoded_frames(latent),
+        "seconds": round(bridge.decoded_frames(latent) / bridge.FPS, 3),
+        "window_kv_bytes": window.kv_bytes,
+        "notes": list(est.notes),
+    }
+
+
+def estimate_response(query) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for a query mapping; never raises."""
+    from headforcing_core.errors import HeadForcingError
+
+    try:
+        parsed = parse_estimate_query(query)
+        return 200, compute_estimate(parsed["values"], parsed["profile"])
+    except (BadRequest, HeadForcingError, ValueError) as e:  # HeadForcingError subclasses are ValueErrors
+        return 400, {"ok": False, "error": str(e)}
+    except Exception as e:  # never take the server down for a figure
+        log.exception("headforcing: %s failed", ESTIMATE_PATH)
+        return 500, {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def register_routes() -> bool:
+    """Add the routes to ``PromptServer.instance.routes`` (once). False outside a server."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:
+        return False
+    srv = getattr(PromptServer, "instance", None)
+    if srv is None:
+        return False
+
+    @srv.routes.get(ESTIMATE_PATH)
+    async def headforcing_estimate(request):
+        query = {k: request.query.get(k) for k in request.query.keys()}
+        status, body = await asyncio.to_thread(estimate_response, query)
+        return web.json_response(body, status=status)
+
+    _registered = True
+    return True

@@ -1,0 +1,335 @@
+"""Prompt schedules: validation, the text format, and what each transition does per frame."""
+
+import pytest
+import torch
+
+from headforcing_core import generate
+from headforcing_core.backbone import WanRunner
+from headforcing_core.cache import HeadwiseKVCache
+from headforcing_core.plan import PlannedAttention, plan_chunk
+from headforcing_core.policies import Episodic, HeadLabels, RetentionRule, make_policy
+from headforcing_core.prompts import (PromptSchedule, PromptSegment, ScheduleError, ScheduleSampler, blend_text,
+                                      blend_weight, parse_schedule_text, seconds_to_latent_frames)
+from headforcing_core.schedule import FlowMatchSchedule
+from headforcing_core.state import generate_schedule
+
+from .conftest import latent_noise, text_context
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+A = text_context(seed=11)
+B = text_context(seed=12)
+
+
+def seg(ctx, frames, transition="cut", k=0, label=""):
+    return PromptSegment(ctx, frames=frames, transition=transition, transition_frames=k, label=label)
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule objects
+
+
+def test_schedule_is_immutable_and_chains():
+    one = PromptSchedule.single(A, 6, label="a")
+    two = one.then(seg(B, 3, "blend", 2, label="b"))
+    assert len(one) == 1 and len(two) == 2  # `then` returns a new schedule
+    assert two.total_frames == 9 and two.bounds() == [(0, 6), (6, 3)]
+    with pytest.raises(Exception):
+        two.segments = ()  # frozen
+    assert isinstance(two.segments, tuple)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(frames=0), "at least 1 latent frame"),
+    (dict(frames=-3), "at least 1 latent frame"),
+    (dict(seconds=0.0), "positive number of seconds"),
+    (dict(frames=3, seconds=1.0), "exactly one"),
+    (dict(), "exactly one"),
+    (dict(frames=3, transition="fade"), "unknown transition"),
+    (dict(frames=3, transition="recache", transition_frames=0), "at least 1 frame"),
+    (dict(frames=3, transition="recache", transition_frames=22), "at most 21"),
+    (dict(frames=3, transition="blend", transition_frames=4), "does not fit"),
+])
+def test_bad_segments_are_refused(kwargs, match):
+    with pytest.raises(ScheduleError, match=match):
+        PromptSegment(A, label="x", **kwargs)
+
+
+def test_bad_schedules_are_refused():
+    with pytest.raises(ScheduleError, match="at least one segment"):
+        PromptSchedule(())
+    with pytest.raises(ScheduleError, match="different widths"):
+        PromptSchedule((seg(A, 3), seg(torch.zeros(1, 4, 768), 3)))
+    with pytest.raises(ScheduleError, match=r"\[batch, tokens, width\]"):
+        PromptSegment(torch.zeros(4, 4096), frames=3)
+    # a blend given in seconds is checked once the length is known
+    s = PromptSchedule((seg(A, 3), PromptSegment(B, seconds=0.5, transition="blend", transition_frames=5)))
+    with pytest.raises(ScheduleError, match="segment 2.*does not fit"):
+        s.resolve(3)
+
+
+@pytest.mark.parametrize("seconds,fpb,frames", [(5, 3, 21), (5, 1, 20), (1, 3, 3), (0.1, 3, 3), (2.5, 3, 9),
+                                                (60, 3, 240)])
+def test_seconds_round_to_whole_chunks(seconds, fpb, frames):
+    assert seconds_to_latent_frames(seconds, fpb) == frames
+    assert PromptSchedule((PromptSegment(A, seconds=seconds),)).resolve(fpb).total_frames == frames
+
+
+# ---------------------------------------------------------------------------------------------
+# text format
+
+
+def test_parse_schedule_text():
+    text = """
+    # a story
+    5 | a red fox runs through snow
+    4.5s | the fox stops | blend 6
+
+    6 | close-up of the eyes | Recache 3
+    2 | the end | cut
+    """
+    lines = parse_schedule_text(text, default_transition="blend", default_frames=2)
+    assert [(l.line, l.seconds, l.prompt, l.transition, l.transition_frames) for l in lines] == [
+        (3, 5.0, "a red fox runs through snow", "blend", 2),
+        (4, 4.5, "the fox stops", "blend", 6),
+        (6, 6.0, "close-up of the eyes", "recache", 3),
+        (7, 2.0, "the end", "cut", 0),
+    ]
+
+
+@pytest.mark.parametrize("bad,line,why", [
+    ("five | a fox", 2, "not a length in seconds"),
+    ("5 a fox", 2, "no '|'"),
+    ("0 | a fox", 2, "positive number"),
+    ("-1 | a fox", 2, "positive number"),
+    ("5 |   ", 2, "prompt is empty"),
+    ("5 | a | b | c", 2, "too many"),
+    ("5 | a fox | dissolve 3", 2, "not a transition"),
+    ("5 | a fox | blend", 2, "needs a frame count"),
+    ("5 | a fox | blend x", 2, "not a whole number"),
+    ("5 | a fox | recache 40", 2, "at most 21"),
+])
+def test_parse_errors_name_the_line(bad, line, why):
+    text = "3 | fine first line\n" + bad + "\n4 | fine"
+    with pytest.raises(ScheduleError) as e:
+        parse_schedule_text(text)
+    msg = str(e.value)
+    assert f"line {line} " in msg and why in msg and repr(bad.strip())[:20] in msg, msg
+
+
+def test_parse_rejects_empty_text():
+    with pytest.raises(ScheduleError, match="no segments"):
+        parse_schedule_text("\n  # only a comment\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# transitions, observed on the model calls
+
+
+class Spy:
+    """Records every model call of a sampler: chunk, timesteps, commit target, text keys and latents."""
+
+    def __init__(self, sampler):
+        self.calls = []
+        inner = sampler.runner.forward
+
+        def forward(latents, timesteps, text, attention):
+            target = attention.commit_to
+            kind = "read" if target is None else ("commit" if isinstance(target, HeadwiseKVCache) else "replace")
+            self.calls.append(dict(start=attention.plan.chunk_start, frames=attention.plan.frames,
+                                   t=timesteps.flatten().tolist(), kind=kind, keys=[k.clone() for k in text.keys],
+                                   values=[v.clone() for v in text.values], latents=latents.clone(),
+                                   history=[[e.frames for e in g.entries] for g in attention.plan.layers[0]]))
+            return inner(latents, timesteps, text, attention)
+
+        sampler.runner.forward = forward
+
+
+def run_spied(model, schedule, noise, policy="full", seed=7):
+    runner = WanRunner(model)
+    sampler = ScheduleSampler(runner, make_policy(policy) if isinstance(policy, str) else policy,
+                              FlowMatchSchedule(), 3)
+    spy = Spy(sampler)
+    b, _, t, h, w = noise.shape
+    sampler.start(b, h, w, t)
+    out = sampler.run_schedule(schedule, noise, torch.Generator().manual_seed(seed))
+    return sampler, spy, out
+
+
+def texts(model):
+    runner = WanRunner(model)
+    return runner.encode_text(A), runner.encode_text(B)
+
+
+def same_text(call, text):
+    return all(torch.equal(a, b) for a, b in zip(call["keys"], text.keys)) and \
+        all(torch.equal(a, b) for a, b in zip(call["values"], text.values))
+
+
+def test_cut_swaps_the_context_at_the_boundary(tiny_model):
+    ta, tb = texts(tiny_model)
+    sampler, spy, _ = run_spied(tiny_model, PromptSchedule((seg(A, 6), seg(B, 6))), latent_noise(12))
+    assert [c["start"] for c in spy.calls] == [0] * 5 + [3] * 5 + [6] * 5 + [9] * 5
+    for c in spy.calls:
+        assert same_text(c, ta if c["start"] < 6 else tb)
+    assert not [c for c in spy.calls if c["kind"] == "replace"]
+    assert sampler.events == [dict(frame=6, transition="cut", switch=True, frames=0, replaced=0)]
+
+
+def test_same_prompt_again_is_not_a_switch(tiny_model):
+    """A segment repeating the current prompt just continues: identical to one long segment."""
+    noise = latent_noise(12)
+    sampler, _, out = run_spied(tiny_model, PromptSchedule((seg(A, 6), seg(A.clone(), 6, "recache", 3))), noise)
+    assert sampler.events == []
+    ref = generate(tiny_model, A, noise, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(out, ref)
+
+
+def test_blend_interpolates_cross_attention_kv_per_chunk(tiny_model):
+    ta, tb = texts(tiny_model)
+    sampler, spy, _ = run_spied(tiny_model, PromptSchedule((seg(A, 3), seg(B, 9, "blend", 6))), latent_noise(12))
+    alpha = {0: 0.0, 3: blend_weight(0, 3, 6), 6: blend_weight(3, 3, 6), 9: 1.0}
+    assert alpha[3] == pytest.approx(0.25) and alpha[6] == pytest.approx(0.75)
+    for c in spy.calls:
+        a = alpha[c["start"]]
+        for layer in range(len(ta.keys)):
+            assert torch.allclose(c["keys"][layer], (1 - a) * ta.keys[layer] + a * tb.keys[layer], atol=1e-6)
+            assert torch.allclose(c["values"][layer], (1 - a) * ta.values[layer] + a * tb.values[layer], atol=1e-6)
+    assert same_text([c for c in spy.calls if c["start"] == 0][0], ta)
+    assert same_text([c for c in spy.calls if c["start"] == 9][0], tb)  # past the blend: exactly B
+    assert sampler.events[0]["transition"] == "blend" and sampler.events[0]["frames"] == 6
+
+
+def test_blend_weights():
+    assert blend_weight(0, 3, 3) == pytest.approx(0.5)
+    assert blend_weight(0, 1, 4) == pytest.approx(0.125)
+    assert blend_weight(2, 3, 3) == pytest.approx((5 / 6 + 1 + 1) / 3)  # a chunk straddling the end
+    one = torch.ones(1, 2, 4, 8)
+    mixed = blend_text(_text(one), _text(3 * one), 0.25)
+    assert torch.allclose(mixed.keys[0], 1.5 * one) and torch.allclose(mixed.values[0], 1.5 * one)
+
+
+def _text(x):
+    from headforcing_core.backbone import TextContext
+    return TextContext([x], [x])
+
+
+def test_recache_reruns_exactly_the_last_frames_at_t0(tiny_model):
+    ta, tb = texts(tiny_model)
+    noise = latent_noise(12)
+    sampler, spy, out = run_spied(tiny_model, PromptSchedule((seg(A, 7), seg(B, 5, "recache", 4))), noise)
+    reruns = [c for c in spy.calls if c["kind"] == "replace"]
+    # the last 4 committed frames (3..6) re-run at t = 0 under B, in chunks of 3 from the oldest
+    assert [(c["start"], c["frames"]) for c in reruns] == [(3, 3), (6, 1)]
+    for c in reruns:
+        assert c["t"] == [0.0] * c["frames"] and same_text(c, tb)
+        assert torch.equal(c["latents"], out[:, :, c["start"]:c["start"] + c["frames"]])
+    # each re-run chunk attends only to strictly older history (the refreshed frames included)
+    assert reruns[0]["history"] == [[(0,), (1,), (2,)]]
+    assert reruns[1]["history"] == [[(f,) for f in range(6)]]
+    # order: A's last clean pass, then the re-runs, then B's first chunk
+    kinds = [(c["start"], c["kind"]) for c in spy.calls]
+    i = kinds.index((3, "replace"))
+    assert kinds[i - 1] == (6, "commit") and kinds[i + 2][0] == 7
+    assert sampler.events == [dict(frame=7, transition="recache", switch=True, frames=4, replaced=2 * 4)]
+
+
+def test_recache_replaces_kv_where_frames_are_kept_whole(tiny_model):
+    """After a recache the cache holds, for the re-run frames, exactly the K/V a clean pass under the
+    new prompt commits; other frames keep theirs; layer 0's K/V (text-independent) do not move."""
+    ta, tb = texts(tiny_model)
+    sched_a = PromptSchedule((seg(A, 6),))
+    noise = latent_noise(6)
+    sampler, _, out = run_spied(tiny_model, sched_a, noise)
+    before = [[s.k.clone() for s in layer.groups[0].stores()] for layer in sampler.cache.layers]
+    # independent expectation: a fresh cache committing frames 0-2 under A, then 3-5 under B
+    runner = sampler.runner
+    ref = HeadwiseKVCache(sampler.head_types, sampler.policy.rule_map, batch=1, grid=sampler.cache.grid,
+                          head_dim=runner.spec.head_dim, frames_per_block=3, total_frames=6, dtype=runner.dtype,
+                          device=runner.device)
+    for start, text in ((0, ta), (3, tb)):
+        plan = plan_chunk(ref, "absolute", 21, start, 3)
+        runner.forward(out[:, :, start:start + 3], torch.zeros(1, 3), text, PlannedAttention(plan, sampler.backend, ref))
+    sampler.set_prompt(B)
+    _, replaced = sampler.recache(3)
+    assert replaced == 3 * len(sampler.cache.layers)
+    for li, layer in enumerate(sampler.cache.layers):
+        tier = layer.groups[0].recent  # `full`: the all-frames tier
+        slots = {fr[0]: slot for slot, _, fr in tier.items}
+        ref_tier = ref.layers[li].groups[0].recent
+        ref_slots = {fr[0]: slot for slot, _, fr in ref_tier.items}
+        for f in range(6):
+            got = tier.store.k[:, slots[f]], tier.store.v[:, slots[f]]
+            want = ref_tier.store.k[:, ref_slots[f]], ref_tier.store.v[:, ref_slots[f]]
+            assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+            old = before[li][1][:, slots[f]]
+            if f < 3:
+                assert torch.equal(got[0], old)
+            elif li == 0:
+                assert torch.allclose(got[0], old, atol=1e-6)  # layer 0 never sees the text
+            else:
+                assert not torch.allclose(got[0], old, atol=1e-4)  # later layers do
+
+
+def test_replace_frame_touches_only_whole_frame_entries():
+    from headforcing_core.policies import Merge, Stride
+    pol = make_policy("pyramid_forcing", labels=HeadLabels("pyramid_forcing", (("anchor", "veil"),)))
+    cache = HeadwiseKVCache(pol.head_types(1, 2), pol.rule_map, batch=1, grid=(2, 2), head_dim=4,
+                            frames_per_block=3, total_frames=40, dtype=torch.float64, device=torch.device("cpu"))
+    for f in range(0, 18):
+        k = torch.full((1, 4 * 1, 2, 4), float(f), dtype=torch.float64)
+        cache.commit(0, k, k + 0.5, f, 1)
+    anchor, veil = cache.layers[0].groups
+    assert isinstance(anchor.middle.rule, Stride) and isinstance(veil.middle.rule, Merge)
+    # frame 6: kept whole by the anchor's stride tier, merged (pooled) by the veil
+    new = torch.full((1, 4, 1, 4), -1.0, dtype=torch.float64)
+    assert anchor.replace_frame(6, new, new) == 1
+    assert veil.replace_frame(6, new, new) == 0
+    assert anchor.replace_frame(1, new, new) == 1  # a sink frame
+    assert anchor.replace_frame(16, new, new) == 1  # a recent frame
+    assert anchor.replace_frame(5, new, new) == 0  # evicted, not a multiple of 6
+    kept = {e.frames: e.k for e in anchor.entries(18)}
+    assert (kept[(6,)] == -1).all() and (kept[(1,)] == -1).all() and (kept[(16,)] == -1).all()
+    assert (kept[(12,)] == 12).all() and (kept[(0,)] == 0).all()
+
+
+def memory_policy(similarity=-1.0):
+    """Every head a memory head whose episodes never split on similarity (only on a prompt switch)."""
+    return make_policy("head_forcing", labels=HeadLabels.uniform(2, 2, "memory", "head_forcing", "test"),
+                       rules={"memory": RetentionRule(sink=3, recent=6, middle=Episodic(8, 2, similarity))})
+
+
+def episodes(sampler):
+    return [[e.frames for e in g.entries(sampler.next_frame) if e.kind == "episode"]
+            for layer in sampler.cache.layers for g in layer.groups]
+
+
+@pytest.mark.parametrize("transition,k", [("cut", 0), ("recache", 3), ("blend", 3)])
+def test_memory_heads_open_an_episode_at_each_switch(tiny_model, transition, k):
+    noise = latent_noise(24)
+    same, _, _ = run_spied(tiny_model, PromptSchedule((seg(A, 12), seg(A, 12))), noise, memory_policy())
+    assert all(len(e) == 1 for e in episodes(same))  # one prompt: one episode of frames 3..17
+    switched, _, _ = run_spied(tiny_model, PromptSchedule((seg(A, 12), seg(B, 12, transition, k))), noise,
+                               memory_policy())
+    for eps in episodes(switched):
+        # the switch at frame 12 applies to the next frame leaving the recent ring (frame 6)
+        assert eps == [(3, 4, 5), tuple(range(6, 18))]
+
+
+def test_generate_schedule_with_one_segment_is_generate(tiny_model):
+    noise = latent_noise(7)
+    for policy in ("full", "head_forcing"):
+        ref = generate(tiny_model, A, noise, policy=policy, generator=torch.Generator().manual_seed(3))
+        out, state = generate_schedule(tiny_model, A, noise, policy=policy, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(out, ref)
+        assert state.next_frame == 7
+
+
+def test_schedule_noise_must_cover_the_segments(tiny_model):
+    with pytest.raises(ValueError, match="add up to 9"):
+        generate_schedule(tiny_model, PromptSchedule((seg(A, 6), seg(B, 3))), latent_noise(12))
