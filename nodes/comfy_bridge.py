@@ -369,7 +369,7 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     # refuse what cannot fit even in an empty device before evicting anything, then load
     # (the runner reads its device off the weights: load them all, no lowvram split) and
     # check against what is really free next to the weights
-    check_fits(estimate, mm.get_total_memory(device))
+    check_fits(replace(estimate, weights_bytes=int(model.model_size())), mm.get_total_memory(device))
     mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
     check_fits(estimate, mm.get_free_memory(device))
     noise = story_noise(lambda n: latent_shape(req.width, req.height, n, channels=spec.in_dim), req.seed, 0, schedule)

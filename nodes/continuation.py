@@ -258,7 +258,7 @@ class HeadForcingSaveARState(io.ComfyNode):
                          "to output/headforcing_states, where Load AR State finds it, to continue the video "
                          "in a later session."),
             inputs=[
-                AR_STATE.Input("ar_state"),
+                AR_STATE.Input("ar_state", tooltip="From Head Forcing AR Sampler or Continue."),
                 io.String.Input("filename", default="story",
                                 tooltip="Name inside output/headforcing_states (sub-folders allowed; "
                                         "'.safetensors' is added)."),

@@ -44,6 +44,14 @@ FILE_COMBOS = {("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELo
 UNET = "self_forcing_dmd.safetensors"
 TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE = "wan_2.1_vae.safetensors"
+# where the frontend's "missing models" dialog sends people (Comfy-Org's Wan 2.1 repackage); the
+# diffusion model has no download: Self Forcing's .pt must be converted (README)
+_REPACK = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+MODEL_DOWNLOADS = {
+    ("CLIPLoader", "clip_name"): {"name": TEXT_ENCODER, "url": f"{_REPACK}/text_encoders/{TEXT_ENCODER}",
+                                  "directory": "text_encoders"},
+    ("VAELoader", "vae_name"): {"name": VAE, "url": f"{_REPACK}/vae/{VAE}", "directory": "vae"},
+}
 NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"
 GROUP_COLOR = "#3f789e"
 NAMESPACE = uuid.UUID("5f1e9a2c-7d4b-4e0f-9c35-6a8b1d2e3f40")  # stable workflow ids
@@ -213,7 +221,9 @@ class Graph:
             else:
                 raise SchemaError(f"{node.type}.{name} has no default; give a value")
             values.append(v)
-            if opts.get("control_after_generate"):
+            # the frontend adds a control widget (fixed / increment / randomize) after an INT with
+            # control_after_generate, and — a legacy convention — after any INT named seed / noise_seed
+            if io_type == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed")):
                 values.append(node.values.get(name + "__control", "fixed"))
         info = self.info[node.type]
         outputs = []
@@ -225,6 +235,10 @@ class Graph:
         if node.title:
             out["title"] = node.title
         out["properties"] = {"Node name for S&R": node.type}
+        models = [m for key, m in MODEL_DOWNLOADS.items() if node.values.get(key[1]) == m["name"]
+                  and node.type == key[0]]
+        if models:  # the frontend offers these downloads when the file is missing
+            out["properties"]["models"] = models
         if values:
             out["widgets_values"] = values
         return out

@@ -136,7 +136,7 @@ class HeadMap {
   }
 
   height() {
-    if (!this.payload) return 34;
+    if (!this.payload) return 48;
     return 44 + this.gridHeightCss() + 40;
   }
 
