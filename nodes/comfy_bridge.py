@@ -327,6 +327,8 @@ class ComfyHooks:
         now = time.perf_counter()
         self.chunk_seconds.append(now - self._chunk_started)
         self._chunk_started = now
+        from . import messages
+        messages.chunk_done(x0)  # the node's live panel in the browser, if one is open (nodes/messages.py)
         if self.previewer is None:
             return
         # the chunk's newest latent frame (normalized space, what the previewers expect)
@@ -375,6 +377,14 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     noise = story_noise(lambda n: latent_shape(req.width, req.height, n, channels=spec.in_dim), req.seed, 0, schedule)
 
     hooks = ComfyHooks(model, story_model_calls(schedule, req.frames_per_block, len(req.steps)))
+    from . import messages  # the live panel: chunk k of n, seconds, segment, KV in use, newest chunk
+    messages.describe_run(
+        total_latent_frames=req.latent_frames, frames_per_block=req.frames_per_block, policy=policy.preset,
+        latent_format=model.model.latent_format, segments=[(seg.label, seg.frames) for seg in schedule],
+        kv_bytes_at=lambda n: estimate_run(spec, policy, latent_frames=max(1, n), latent_height=shape[-2],
+                                           latent_width=shape[-1], frames_per_block=req.frames_per_block,
+                                           dtype=dtype).kv_bytes,
+        kv_budget_bytes=estimate.kv_bytes, width=req.width, height=req.height)
     t0 = time.perf_counter()
     try:
         latents, state = generate_schedule(module, schedule, noise.to(device), steps=req.steps, shift=req.shift,

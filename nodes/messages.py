@@ -27,6 +27,8 @@ Nothing here may break a run: every send is wrapped, a failure is logged once an
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import io as _io
 import logging
 import math
@@ -56,7 +58,7 @@ HOVER_STATS = (
     ("sink_mass", "sink"),
     ("middle_mass", "middle"),
     ("recent_mass", "recent"),
-    ("current_mass", "current chunk"),
+    ("current_mass", "current"),
     ("period", "period"),
     ("period_strength", "period strength"),
 )
@@ -234,19 +236,38 @@ def preview_data_url(x0, latent_format=None, max_side: int = PREVIEW_MAX_SIDE) -
 class SamplerPanel:
     """Feeds the sampler's live panel: one ``headforcing.progress`` event per committed chunk.
 
-    Built once per run with what the run knows up front; :meth:`chunk` is called from the
-    sampler's per-chunk hook with the chunk's clean latent. ``segments`` (optional) are
-    ``(prompt text or label, latent frames)`` in order, for multi-prompt schedules; the panel
-    shows the segment the newest chunk belongs to. ``kv_bytes_at(latent_frames)`` (optional)
-    gives the KV cache bytes held after that many committed frames (``estimate_run`` of the
-    same policy), ``kv_budget_bytes`` the bounded steady state.
+    Made by :func:`live_panel` around a node's work; :meth:`configure` (through
+    :func:`describe_run`) tells it what the run will do and announces the start; :meth:`chunk`
+    (through :func:`chunk_done`, from the sampler's per-chunk hook) reports each committed chunk
+    with its clean latent. ``segments`` are ``(prompt text or label, latent frames)`` in order,
+    for multi-prompt schedules; the panel shows the segment the newest chunk belongs to.
+    ``kv_bytes_at(latent_frames)`` gives the KV cache bytes held after that many committed frames
+    (``estimate_run`` of the same policy), ``kv_budget_bytes`` the run's steady state.
     """
 
-    def __init__(self, *, total_latent_frames: int, frames_per_block: int, node_id: str | None = None,
-                 policy: str = "", latent_format=None, segments: list[tuple[str, int]] | None = None,
-                 kv_bytes_at=None, kv_budget_bytes: int | None = None, start_frame: int = 0,
-                 width: int | None = None, height: int | None = None, send=send_progress):
+    def __init__(self, node_id: str | None = None, send=send_progress):
         self.node_id = node_id if node_id is not None else executing_node()[1]
+        self.send = send
+        self.total = 0
+        self.fpb = 1
+        self.chunks = 0
+        self.policy = ""
+        self.latent_format = None
+        self.segments: list[tuple[str, int]] = []
+        self.kv_bytes_at = None
+        self.kv_budget = None
+        self.start_frame = 0
+        self.size = (None, None)
+        self.done_frames = 0
+        self.done_chunks = 0
+        self.t0 = time.perf_counter()
+        self.sent = 0
+        self.configured = False
+
+    def configure(self, *, total_latent_frames: int, frames_per_block: int, policy: str = "", latent_format=None,
+                  segments: list[tuple[str, int]] | None = None, kv_bytes_at=None,
+                  kv_budget_bytes: int | None = None, start_frame: int = 0, width: int | None = None,
+                  height: int | None = None) -> None:
         self.total = int(total_latent_frames)
         self.fpb = max(1, int(frames_per_block))
         self.chunks = -(-self.total // self.fpb)
@@ -257,11 +278,8 @@ class SamplerPanel:
         self.kv_budget = kv_budget_bytes
         self.start_frame = int(start_frame)
         self.size = (width, height)
-        self.send = send
-        self.done_frames = 0
-        self.done_chunks = 0
-        self.t0 = time.perf_counter()
-        self.sent = 0
+        self.configured = True
+        self.begin()
 
     @staticmethod
     def video_seconds(latent_frames: int) -> float:
@@ -278,16 +296,15 @@ class SamplerPanel:
 
     def payload(self, x0=None) -> dict:
         absolute = self.start_frame + self.done_frames
-        elapsed = time.perf_counter() - self.t0
         p: dict[str, Any] = {
             "kind": "chunk",
             "chunk": self.done_chunks,
-            "chunks": self.chunks,
+            "chunks": max(self.chunks, self.done_chunks),
             "latent_frames": self.done_frames,
-            "latent_frames_total": self.total,
+            "latent_frames_total": max(self.total, self.done_frames),
             "seconds_done": round(self.video_seconds(absolute), 3),
-            "seconds_total": round(self.video_seconds(self.start_frame + self.total), 3),
-            "elapsed": round(elapsed, 3),
+            "seconds_total": round(self.video_seconds(self.start_frame + max(self.total, self.done_frames)), 3),
+            "elapsed": round(time.perf_counter() - self.t0, 3),
             "policy": self.policy,
         }
         if self.size[0]:
@@ -311,6 +328,7 @@ class SamplerPanel:
     def begin(self) -> None:
         """Announce the run (chunk 0 of n) so the panel resets before the first chunk lands."""
         self.t0 = time.perf_counter()
+        self.done_frames = self.done_chunks = 0
         p = self.payload()
         p["kind"] = "start"
         self.sent += bool(self.send(self.node_id, p))
@@ -319,12 +337,60 @@ class SamplerPanel:
         """A chunk was committed; ``x0`` is its clean latent ``[B, C, f, h, w]``."""
         try:
             self.done_chunks += 1
-            self.done_frames = min(self.total, self.done_frames + int(x0.shape[2]))
+            self.done_frames += int(x0.shape[2])
             self.sent += bool(self.send(self.node_id, self.payload(x0)))
         except Exception as e:  # a panel must never break a run
             _warn_once("chunk", "panel update failed: %s", e)
 
     def finish(self, ok: bool = True) -> None:
+        if not (self.configured or self.done_chunks):
+            return
         p = self.payload()
         p["kind"] = "done" if ok else "stopped"
         self.sent += bool(self.send(self.node_id, p))
+
+
+_PANEL: contextvars.ContextVar[SamplerPanel | None] = contextvars.ContextVar("headforcing_panel", default=None)
+
+
+@contextlib.contextmanager
+def live_panel(node_id: str | None = None, send=send_progress):
+    """Around a sampling node's work: chunks committed inside feed that node's live panel.
+
+    ``node_id`` defaults to the node ComfyUI is executing. Ends with a ``done`` (or, when the
+    work raised, ``stopped``) event. Nested panels: the innermost one gets the chunks.
+    """
+    panel = SamplerPanel(node_id, send=send)
+    token = _PANEL.set(panel)
+    ok = False
+    try:
+        yield panel
+        ok = True
+    finally:
+        _PANEL.reset(token)
+        try:
+            panel.finish(ok)
+        except Exception as e:
+            _warn_once("finish", "panel end failed: %s", e)
+
+
+def current_panel() -> SamplerPanel | None:
+    return _PANEL.get()
+
+
+def describe_run(**run) -> None:
+    """Tell the active panel (if any) what the run will do: :meth:`SamplerPanel.configure`'s keywords."""
+    panel = _PANEL.get()
+    if panel is None:
+        return
+    try:
+        panel.configure(**run)
+    except Exception as e:
+        _warn_once("configure", "panel set-up failed: %s", e)
+
+
+def chunk_done(x0) -> None:
+    """From the sampler's per-chunk hook: report a committed chunk to the active panel (if any)."""
+    panel = _PANEL.get()
+    if panel is not None:
+        panel.chunk(x0)

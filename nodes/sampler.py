@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from headforcing_core.policies import PRESETS
 
 from . import comfy_bridge as bridge
+from . import messages
 from .types import AR_STATE, KV_POLICY, PROMPT_SCHEDULE
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -95,8 +96,9 @@ class HeadForcingARSampler(io.ComfyNode):
     def execute(cls, model, width, height, length, seed, conditioning=None, kv_policy=None, length_unit="frames",
                 steps=bridge.DEFAULT_STEPS, shift=bridge.DEFAULT_SHIFT, frames_per_block=3,
                 policy=bridge.DEFAULT_SAMPLER_POLICY, prompt_schedule=None) -> io.NodeOutput:
-        latent, report, state = bridge.run_ar_sampler(
-            model, conditioning, kv_policy=kv_policy, policy_preset=policy, width=width, height=height,
-            length=length, length_unit=length_unit, seed=seed, steps=steps, shift=shift,
-            frames_per_block=frames_per_block, prompt_schedule=prompt_schedule)
+        with messages.live_panel():  # per-chunk progress events for the browser panel (web/headforcing.js)
+            latent, report, state = bridge.run_ar_sampler(
+                model, conditioning, kv_policy=kv_policy, policy_preset=policy, width=width, height=height,
+                length=length, length_unit=length_unit, seed=seed, steps=steps, shift=shift,
+                frames_per_block=frames_per_block, prompt_schedule=prompt_schedule)
         return io.NodeOutput(latent, report, state)

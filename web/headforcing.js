@@ -137,12 +137,12 @@ class HeadMap {
 
   height() {
     if (!this.payload) return 48;
-    return 44 + this.gridHeightCss() + 40;
+    return 60 + this.gridHeightCss() + 66;
   }
 
   rowHeight() {
     const layers = this.payload?.layers || 1;
-    return Math.max(4, Math.min(16, Math.floor(300 / layers)));
+    return Math.max(4, Math.min(28, Math.floor(300 / layers)));
   }
 
   gridHeightCss() {
@@ -185,7 +185,7 @@ class HeadMap {
     const H = Math.max(1, Math.round(cssH * dpr));
     const labelW = Math.round(28 * dpr);
     const headerH = Math.round(12 * dpr);
-    const cellW = Math.max(2, Math.min(Math.round(28 * dpr), Math.floor((W - labelW - 2) / p.heads)));
+    const cellW = Math.max(2, Math.min(Math.round(44 * dpr), Math.floor((W - labelW - 2) / p.heads)));
     const cellH = Math.max(2, Math.floor((H - headerH - 2) / p.layers));
     return { dpr, W, H, cssH, labelW, headerH, cellW, cellH, x0: labelW, y0: headerH };
   }
@@ -279,8 +279,9 @@ class HeadMap {
         .map((k) => `${p.stat_names?.[k] || k} ${pct(v(k))}`)
         .join(" · ");
       const period = v("period");
-      stats = `attention: ${mass}` +
-        (period !== null ? ` · period ${period.toFixed(1)} frames (strength ${(v("period_strength") ?? 0).toFixed(2)})` : "");
+      stats = `attention: ${mass}\n` + (period !== null
+        ? `logits vs frame age: period ${period.toFixed(1)} frames (strength ${(v("period_strength") ?? 0).toFixed(2)})`
+        : "logits vs frame age: no dominant period");
     } else {
       stats = "labels only (no statistics in this profile)";
     }
@@ -364,9 +365,15 @@ class SamplerPanel {
     this.time.textContent = `${fmtSeconds(d.seconds_done ?? 0)} of ${fmtSeconds(d.seconds_total ?? 0)} video` +
       (d.width ? ` at ${d.width}×${d.height}` : "");
     if (d.prompt !== undefined) {
-      const seg = d.segments > 1 ? `segment ${d.segment}/${d.segments}: ` : "prompt: ";
-      this.prompt.textContent = seg + (d.prompt || "(no text)");
-      this.prompt.title = d.prompt || "";
+      // the server knows a segment's label (Schedule From Text: its prompt); the graph knows the
+      // text of the CLIPTextEncode behind a CONDITIONING
+      const fromGraph = promptFromGraph(this.node, d.segment || 1, d.segments || 1);
+      const text = fromGraph || d.prompt || "";
+      const label = fromGraph && d.prompt && d.prompt !== fromGraph ? ` (${d.prompt})` : "";
+      const seg = d.segments > 1 ? `segment ${d.segment}/${d.segments}${label}: ` : `prompt${label}: `;
+      this.prompt.textContent = seg + (text || "(no text)");
+      this.prompt.title = text;
+      this.root.dataset.segment = String(d.segment ?? "");
     } else {
       this.prompt.textContent = "";
     }
@@ -391,6 +398,35 @@ class SamplerPanel {
   }
 }
 
+/** The text of a CLIPTextEncode-like node feeding `input` of `node` (or of its schedule chain). */
+function inputNode(node, name) {
+  const slot = node?.findInputSlot?.(name) ?? -1;
+  return slot >= 0 && node.inputs?.[slot]?.link != null ? node.getInputNode(slot) : null;
+}
+
+function textOf(node) {
+  const w = node?.widgets?.find((x) => x.name === "text" || x.name === "prompt");
+  return typeof w?.value === "string" ? w.value : "";
+}
+
+/** A segment's prompt when the server has no text for it (a CONDITIONING carries none): read the
+ *  graph — the sampler's conditioning, or segment k of a chain of Prompt Segment nodes. */
+function promptFromGraph(node, segment, segments) {
+  try {
+    const sched = inputNode(node, "prompt_schedule");
+    if (sched) {
+      const chain = [];
+      for (let n = sched; n && chain.length < 256; n = inputNode(n, "previous")) chain.unshift(n);
+      const seg = chain.length === segments ? chain[segment - 1] : null;
+      if (!seg) return "";
+      return textOf(inputNode(seg, "conditioning"));
+    }
+    return textOf(inputNode(node, "conditioning"));
+  } catch {
+    return "";
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // policy estimate
 
@@ -407,7 +443,7 @@ class PolicyEstimate {
     this.line3 = el("div", "hf-muted", "");
     this.root.append(this.main, this.line2, this.line3);
     this.root.headforcing = this;
-    this.widget = addPanel(node, "headforcing_estimate", this.root, () => 58);
+    this.widget = addPanel(node, "headforcing_estimate", this.root, () => 72);
   }
 
   params() {
@@ -474,13 +510,11 @@ class PolicyEstimate {
     const share = body.window_kv_bytes ? Math.round((100 * body.kv_bytes) / body.window_kv_bytes) : null;
     this.main.textContent = `KV cache ${gib(body.kv_bytes)}` +
       (share !== null ? ` · ${share} % of the ${WINDOW_FRAMES}-frame window` : "");
-    this.line2.textContent = `total ≈ ${gib(body.total_bytes)} (+ weights) · ≈ ${body.attended_frames.toFixed(1)} ` +
-      `frames attended per query`;
-    this.line3.textContent = this.profileNote ||
-      `bounded: the same for any length (here ${fmtSeconds(body.seconds)}, ${body.latent_frames} latent frames)`;
-    if (body.preset === "full") {
-      this.line3.textContent = `grows with length: ${fmtSeconds(body.seconds)} = ${body.latent_frames} latent frames`;
-    }
+    this.line2.textContent = `total ≈ ${gib(body.total_bytes)} + weights · ${body.attended_frames.toFixed(1)} ` +
+      `frames per query`;
+    this.line3.textContent = this.profileNote || (body.preset === "full"
+      ? `grows with length: here ${fmtSeconds(body.seconds)} (${body.latent_frames} latent frames)`
+      : `bounded: the same at any length (here ${fmtSeconds(body.seconds)})`);
     this.root.title = body.summary;
   }
 }

@@ -159,6 +159,7 @@ def ui_server(tmp_path_factory):
         "Comfy.TutorialCompleted": True,            # no template browser on first load
         "Comfy.Notification.ShowVersionUpdates": False,
         "Comfy.Minimap.Visible": False,
+        "LiteGraph.Canvas.MinFontSizeForLOD": 0,    # full detail (and DOM widgets) at every zoom level
     }))
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -252,7 +253,7 @@ class UIPage:
 
     def focus_node(self, node_id, scale: float = 1.0) -> None:
         self.js("""([id, scale]) => { const n = app.graph.getNodeById(id); const c = app.canvas;
-                   c.ds.scale = scale; c.ds.offset[0] = -n.pos[0] + 80; c.ds.offset[1] = -n.pos[1] + 120;
+                   c.ds.scale = scale; c.ds.offset[0] = -n.pos[0] + 120; c.ds.offset[1] = -n.pos[1] + 170;
                    c.setDirty(true, true); }""", [node_id, scale])
         self.page.wait_for_timeout(300)
 
@@ -304,6 +305,8 @@ def ui(request, ui_server, chromium):
     page.on("console", on_console)
     page.on("pageerror", lambda err: entries.append(ConsoleEntry("pageerror", f"{err}\n{getattr(err, 'stack', '')}")))
     page.on("requestfailed", lambda r: entries.append(ConsoleEntry("requestfailed", r.failure or "", r.url)))
+    # no "Nodes 2.0" banner over the screenshots (the frontend keeps its dismissal in localStorage)
+    page.add_init_script("try { localStorage.setItem('vueNodesBannerDismissed', 'true'); } catch (e) {}")
     page.goto(ui_server.url, wait_until="domcontentloaded")
     page.wait_for_function(READY_JS, timeout=120_000)
     page.evaluate(PROBE_EXTENSION_JS)

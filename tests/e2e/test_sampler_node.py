@@ -236,6 +236,8 @@ def test_interrupt_stops_within_one_call_and_server_stays_usable(comfy, sampler_
     # no more than that one call after it (progress messages can lag behind on the socket)
     assert done <= max(v["value"] for v in progress) + 1, (done, sent)
     assert max(v["value"] for v in progress) <= done
+    # and it stopped right away: well within the chunk (5 calls) the interrupt arrived in
+    assert done <= sent["value"] + FRAMES_PER_CALL, (done, sent)
     latency = stopped_at - sent["at"]
     print(f"\n[timing] interrupt sent at call {sent['value']}, sampler stopped after call {done} of {total}; "
           f"interrupt -> execution_interrupted {latency:.2f} s")
