@@ -404,7 +404,7 @@ def count_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: in
 
 
 def segment_noise(draw, start_frame: int, frames: list[int]) -> torch.Tensor:
-    """Initial noise of consecutive segments such that a story's noise does not depend on how it is split.
+    """Initial noise of consecutive segments, the same whether they are sampled in one run or one by one.
 
     ``draw(n)`` returns the noise a fresh run of ``n`` latent frames starts from
     (``[B, C, n, H, W]``). The segment covering absolute frames ``[s, e)`` gets

@@ -34,6 +34,7 @@ from headforcing_core.state import (ARState, continue_generation, load_state, sa
                                     weights_digest)
 
 from . import comfy_bridge as bridge
+from . import messages
 from .prompts import check_schedule, length_inputs, make_segment, transition_inputs
 from .types import AR_STATE, PROMPT_SCHEDULE
 
@@ -142,6 +143,12 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
     noise = story_noise(shape_of, seed, state.next_frame, schedule)
 
     hooks = bridge.ComfyHooks(model, story_model_calls(schedule, fpb, len(state.steps), state))
+    messages.describe_run(  # the node's live panel in the browser (nodes/messages.py)
+        total_latent_frames=new_frames, start_frame=state.next_frame, frames_per_block=fpb, policy=policy.preset,
+        latent_format=model.model.latent_format, segments=[(seg.label, seg.frames) for seg in schedule],
+        kv_bytes_at=lambda n: estimate_run(spec, policy, latent_frames=max(1, n), latent_height=h, latent_width=w,
+                                           frames_per_block=fpb, batch=state.batch, dtype=dtype).kv_bytes,
+        kv_budget_bytes=estimate.kv_bytes, width=width, height=height)
     t0 = time.perf_counter()
     latents, new_state = _interruptible(lambda: continue_generation(
         module, state, schedule, noise.to(device), hooks=Hooks(hooks.progress, hooks.should_stop, hooks.on_chunk),
@@ -200,10 +207,11 @@ class HeadForcingContinue(io.ComfyNode):
     @classmethod
     def execute(cls, model, ar_state, length, length_unit, transition, transition_frames, seed,
                 conditioning=None, prompt_schedule=None) -> io.NodeOutput:
-        latent, state, report = run_continue(model, ar_state, conditioning=conditioning,
-                                             prompt_schedule=prompt_schedule, length=length,
-                                             length_unit=length_unit, transition=transition,
-                                             transition_frames=transition_frames, seed=seed)
+        with messages.live_panel():  # per-chunk progress events for the browser panel (web/headforcing.js)
+            latent, state, report = run_continue(model, ar_state, conditioning=conditioning,
+                                                 prompt_schedule=prompt_schedule, length=length,
+                                                 length_unit=length_unit, transition=transition,
+                                                 transition_frames=transition_frames, seed=seed)
         return io.NodeOutput(latent, state, report)
 
 

@@ -300,8 +300,33 @@ def build_lock():
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; the browser tests drive it with playwright (never a download)
+
+
+def ensure_chromium() -> bool:
+    """Debian's chromium for tests/browser: installed with apt-get when missing (as root, e.g. in CI).
+    Never fails the build: without apt (or root) it says so and the browser tests skip."""
+    if CHROMIUM.exists():
+        return True
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        log(f"{CHROMIUM} is missing and cannot be installed here ("
+            + ("no apt-get" if apt is None else "not root") + "): the browser tests (tests/browser) will skip; "
+            "install Debian's chromium package (apt-get install chromium) to run them")
+        return False
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        run([apt, "update", "-qq"], env=env)
+        run([apt, "install", "-y", "-qq", "--no-install-recommends", "chromium", "fonts-liberation"], env=env)
+    except (subprocess.CalledProcessError, OSError) as e:
+        log(f"apt-get could not install chromium ({e}): the browser tests will skip")
+        return False
+    return CHROMIUM.exists()
+
+
 def build(force: bool = False) -> None:
     ensure_pack_requirements()
+    ensure_chromium()
     if not force and is_built():
         return
     with build_lock():

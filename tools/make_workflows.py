@@ -356,7 +356,7 @@ def profile_then_generate(info: dict) -> dict:
     unet, clip, vae = _loaders(g, 0, 0)
     calib = []
     for i, text in enumerate(PROFILE_PROMPTS):
-        node = g.add("CLIPTextEncode", (400, i * 170), (330, 150), f"Calibration prompt {i + 1}", text=text)
+        node = g.add("CLIPTextEncode", (400, i * 215), (330, 150), f"Calibration prompt {i + 1}", text=text)
         g.link(clip, node, "clip")
         calib.append(node)
     prof = g.add("HeadForcingProfileHeads", (780, 0), (380, 640), "Profile Heads", latent_frames=21, width=832,
@@ -393,7 +393,7 @@ def profile_then_generate(info: dict) -> dict:
     rep = g.add("PreviewAny", (1210, y + 220), (320, 240), "Sampler report")
     g.link(smp.out("report"), rep, "source")
     g.group("2. Generate with the profiled labels", [pol, prompt, smp, dec, video, save, rep])
-    g.note(PROFILE_NOTE, (0, 400), (350, 330))
+    g.note(PROFILE_NOTE, (0, 420), (350, 250))
     return g.ui_json()
 
 

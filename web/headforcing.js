@@ -49,7 +49,8 @@ function loadCss() {
 }
 
 function gib(bytes) {
-  return `${(bytes / GiB).toFixed(2)} GiB`;
+  // GiB with 2 decimals, as the server's summaries print it; small figures in MiB
+  return bytes >= 0.1 * GiB ? `${(bytes / GiB).toFixed(2)} GiB` : `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 }
 
 function pct(x) {

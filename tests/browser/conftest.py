@@ -82,11 +82,12 @@ ComfyError = host.ComfyError
 
 
 def problem() -> str | None:
+    if not CHROMIUM.exists():
+        # always a skip: `tools/host.py build` installs it where apt is available (CI) and says so otherwise
+        pytest.skip(f"no Chromium at {CHROMIUM}: `python3 tools/host.py build` installs Debian's chromium where "
+                    "apt-get is available (as root); or `apt-get install chromium`")
     if not (host.VENV_PY.exists() and (host.COMFY / "main.py").exists()):
         return ".host is not built: run `python3 tools/host.py test` (or `python3 tools/host.py build`)"
-    if not CHROMIUM.exists():
-        return (f"no Chromium at {CHROMIUM}: `python3 tools/host.py build` installs Debian's chromium "
-                "(apt-get install chromium)")
     for mod in ("playwright", "torch", "safetensors"):
         try:
             __import__(mod)
@@ -160,6 +161,7 @@ def ui_server(tmp_path_factory):
         "Comfy.Notification.ShowVersionUpdates": False,
         "Comfy.Minimap.Visible": False,
         "LiteGraph.Canvas.MinFontSizeForLOD": 0,    # full detail (and DOM widgets) at every zoom level
+        "Comfy.Workflow.Persist": False,            # no restore of an earlier page's graph racing our loads
     }))
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -283,6 +285,7 @@ async (wf) => {
 READY_JS = """
 () => window.app && app.graph && window.LiteGraph && LiteGraph.registered_node_types['HeadForcingARSampler']
       && document.querySelector('link[data-headforcing-css]') && app.canvas
+      && document.querySelector('[data-testid="queue-button"]')
 """
 
 PROBE_EXTENSION_JS = """
@@ -306,7 +309,8 @@ def ui(request, ui_server, chromium):
     page.on("pageerror", lambda err: entries.append(ConsoleEntry("pageerror", f"{err}\n{getattr(err, 'stack', '')}")))
     page.on("requestfailed", lambda r: entries.append(ConsoleEntry("requestfailed", r.failure or "", r.url)))
     # no "Nodes 2.0" banner over the screenshots (the frontend keeps its dismissal in localStorage)
-    page.add_init_script("try { localStorage.setItem('vueNodesBannerDismissed', 'true'); } catch (e) {}")
+    page.add_init_script("try { localStorage.clear(); sessionStorage.clear(); "
+                         "localStorage.setItem('vueNodesBannerDismissed', 'true'); } catch (e) {}")
     page.goto(ui_server.url, wait_until="domcontentloaded")
     page.wait_for_function(READY_JS, timeout=120_000)
     page.evaluate(PROBE_EXTENSION_JS)

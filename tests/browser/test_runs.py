@@ -64,6 +64,12 @@ TINYIZE_JS = """
       const tf = n.widgets.find(w => w.name === 'transition_frames');
       if (tf && tf.value > 3) tf.value = 3;
     }
+    if (n.comfyClass === 'HeadForcingContinue') {
+      setW(n, 'length', o.segment_seconds); setW(n, 'length_unit', 'seconds');
+      const tf = n.widgets.find(w => w.name === 'transition_frames');
+      if (tf && tf.value > 3) tf.value = 3;
+    }
+    if (n.comfyClass === 'HeadForcingCachePolicy') setW(n, 'length', Math.max(o.length, 9));
     if (n.comfyClass === 'SaveVideo') setW(n, 'filename_prefix', o.prefix);
     if (n.comfyClass === 'HeadForcingSaveHeadProfile') setW(n, 'filename', o.prefix_profile);
   }
@@ -72,17 +78,21 @@ TINYIZE_JS = """
 }
 """
 
-# Record every state the sampler panel shows (one entry per update).
+# Record every state the sampler panel(s) show (one entry per update).
 OBSERVE_PANEL_JS = """
-(id) => {
+(ids) => {
+  window.__hfPanelLogs = {};
+  for (const id of [].concat(ids)) {
   const n = app.graph.getNodeById(id);
   const root = n.headforcingPanel.root;
-  window.__hfPanelLog = [];
-  const record = () => window.__hfPanelLog.push({
+  const log = window.__hfPanelLogs[id] = [];
+  if (!Array.isArray(ids)) window.__hfPanelLog = log;
+  const record = () => log.push({
     updates: Number(root.dataset.updates || 0), kind: root.dataset.kind, chunk: Number(root.dataset.chunk || 0),
     chunks: Number(root.dataset.chunks || 0), segment: root.dataset.segment || '', text: root.innerText,
     kv: root.dataset.kvBytes || '', preview: root.querySelector('img').getAttribute('src') || '' });
   new MutationObserver(record).observe(root, { attributes: true, attributeFilter: ['data-updates'] });
+  }
   return true;
 }
 """
@@ -182,6 +192,28 @@ def test_story_panel_shows_current_segment(ui):
         assert f"segment {e['segment']}/4" in e["text"], e["text"]
         label = [lab for lab in labels if lab.endswith(e["segment"])]
         assert not label or label[0] in e["text"], (label, e["text"])
+
+
+def test_continuation_chain_panels(ui):
+    _load(ui, "headforcing_continuation.json")
+    _tinyize(ui, length=21, segment_seconds=0.75, prefix="browser/continuation")   # 6 + 3 + 3 latent frames
+    ids = ui.node_ids("HeadForcingARSampler") + ui.node_ids("HeadForcingContinue")
+    assert len(ids) == 3
+    ui.js(OBSERVE_PANEL_JS, ids)
+    last = ids[-1]
+    entry = _run_from_ui(ui, f"() => app.graph.getNodeById({last}).headforcingPanel.root.dataset.kind === 'done'")
+    assert ui.server.outputs(entry, ".mp4")
+    logs = ui.js("() => window.__hfPanelLogs")
+    ends = []
+    for node_id in ids:
+        chunks = [e for e in logs[str(node_id)] if e["kind"] == "chunk"]
+        assert chunks and [e["chunk"] for e in chunks] == list(range(1, chunks[0]["chunks"] + 1)), (node_id, chunks)
+        assert all(e["preview"] for e in chunks)
+        ends.append(chunks[-1]["text"])
+    # the video keeps growing across the chain: 21 frames, then +12, then +12
+    assert "1.3 s of 1.3 s video" in ends[0] and "2.1 s of 2.1 s video" in ends[1] and "2.8 s of 2.8 s" in ends[2], ends
+    ui.focus_node(ids[1], scale=0.9)
+    ui.shot("run_continuation_panels")
 
 
 def _add_profile_loader(ui, profile_name: str) -> int:

@@ -111,6 +111,16 @@ def test_workflow_loads_in_browser(ui, path):
             assert state["widget"], f"{cls} #{node_id} has no {widget} widget"
             assert state["connected"] and state["w"] > 50 and state["h"] > 20, f"{cls} #{node_id}: {state}"
             assert state["serialize"] is False
+    # nothing overlaps once the frontend has sized every node (the pack's widgets make nodes taller)
+    overlaps = ui.js("""() => {
+        const boxes = app.graph._nodes.map(n => { const b = n.boundingRect; return [n.id, n.title, b[0], b[1], b[2], b[3]]; });
+        const out = [];
+        for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+          const [ia, ta, xa, ya, wa, ha] = boxes[i], [ib, tb, xb, yb, wb, hb] = boxes[j];
+          if (xa < xb + wb - 1 && xb < xa + wa - 1 && ya < yb + hb - 1 && yb < ya + ha - 1) out.push(`${ia} ${ta} / ${ib} ${tb}`);
+        }
+        return out; }""")
+    assert not overlaps, f"{path.name}: overlapping nodes once sized by the frontend: {overlaps}"
     # the prompt the frontend would queue validates against this ComfyUI's nodes (except model files)
     prompt = ui.js("async () => (await app.graphToPrompt()).output")
     assert prompt, "graphToPrompt gave nothing"

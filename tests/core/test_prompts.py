@@ -333,3 +333,48 @@ def test_generate_schedule_with_one_segment_is_generate(tiny_model):
 def test_schedule_noise_must_cover_the_segments(tiny_model):
     with pytest.raises(ValueError, match="add up to 9"):
         generate_schedule(tiny_model, PromptSchedule((seg(A, 6), seg(B, 3))), latent_noise(12))
+
+
+def test_model_call_count_progress_and_chunk_indexes(tiny_model):
+    from headforcing_core.prompts import count_model_calls
+    from headforcing_core.sampler import Hooks
+    sched = PromptSchedule((seg(A, 7), seg(B, 5, "recache", 4), seg(A, 3, "blend", 2)))
+    runner = WanRunner(tiny_model)
+    sampler = ScheduleSampler(runner, make_policy("head_forcing"), FlowMatchSchedule(), 3)
+    spy = Spy(sampler)
+    sampler.start(1, 8, 8, 15)
+    progress, chunks = [], []
+    sampler.run_schedule(sched, latent_noise(15), torch.Generator().manual_seed(1),
+                         Hooks(progress=lambda d, t: progress.append((d, t)), on_chunk=lambda i, x: chunks.append(i)))
+    n = count_model_calls(sched, 3, 4)
+    assert n == (3 + 2 + 1) * 5 + 2  # chunks × (4 steps + clean pass) + 2 re-run chunks
+    assert len(spy.calls) == n
+    assert [d for d, _ in progress] == list(range(1, n + 1)) and {t for _, t in progress} == {n}
+    assert chunks == list(range(6))  # chunk indexes run on across segments
+
+
+def test_recache_can_be_interrupted(tiny_model):
+    from headforcing_core.errors import Interrupted
+    from headforcing_core.sampler import Hooks
+    runner = WanRunner(tiny_model)
+    sampler = ScheduleSampler(runner, make_policy("full"), FlowMatchSchedule(), 3)
+    sampler.start(1, 8, 8, 6)
+    sampler.run_schedule(PromptSchedule((seg(A, 3),)), latent_noise(3))
+    spy = Spy(sampler)
+    with pytest.raises(Interrupted, match="after 0 of 6 "):  # 1 re-run + 5 calls
+        sampler.run_schedule(PromptSchedule((seg(B, 3, "recache", 3),)), latent_noise(3),
+                             hooks=Hooks(should_stop=lambda: True))
+    assert spy.calls == [] and sampler.next_frame == 3
+
+
+def test_segment_noise_is_the_same_in_one_run_or_one_by_one():
+    from headforcing_core.prompts import segment_noise
+
+    def draw(n):
+        return torch.randn(1, 2, n, 3, 3, generator=torch.Generator().manual_seed(9))
+
+    assert torch.equal(segment_noise(draw, 0, [10]), draw(10))  # one segment: a plain draw
+    whole = segment_noise(draw, 0, [4, 6, 5])
+    parts = [segment_noise(draw, 0, [4]), segment_noise(draw, 4, [6]), segment_noise(draw, 10, [5])]
+    assert torch.equal(whole, torch.cat(parts, dim=2))
+    assert torch.equal(whole[:, :, 4:10], draw(10)[:, :, 4:10])
