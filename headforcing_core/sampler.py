@@ -203,7 +203,8 @@ def generate(backbone: torch.nn.Module, context: torch.Tensor, noise: torch.Tens
              frames_per_block: int = 3, policy: str | CachePolicy = "full",
              generator: torch.Generator | None = None, *, progress: ProgressFn | None = None,
              should_stop: StopFn | None = None, on_chunk: ChunkFn | None = None,
-             attention_backend: str = "auto", dtype: torch.dtype | None = None) -> torch.Tensor:
+             attention_backend: str = "auto", dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None) -> torch.Tensor:
     """Generate a video latent autoregressively, chunk by chunk.
 
     ``backbone``: a Wan2.1-shaped module (ComfyUI's ``WanModel``, the official one,
@@ -211,9 +212,11 @@ def generate(backbone: torch.nn.Module, context: torch.Tensor, noise: torch.Tens
     text-encoder output, L ≤ 512. ``noise``: ``[B, 16, T, H, W]`` initial noise in
     ComfyUI's latent layout. Returns the clean latents in the same layout and dtype.
     ``generator`` drives the re-noising draws. ``policy``: a preset name or a
-    :class:`~headforcing_core.policies.CachePolicy`.
+    :class:`~headforcing_core.policies.CachePolicy`. ``dtype`` / ``device``: where and in
+    what precision to compute (default: the weights'; ComfyUI's casting ops allow weights
+    that live elsewhere, e.g. partially offloaded).
     """
-    runner = WanRunner(backbone, dtype=dtype)
+    runner = WanRunner(backbone, dtype=dtype, device=device)
     validate_inputs(runner, context, noise, frames_per_block)
     pol = as_policy(policy)
     sampler = ARSampler(runner, pol, FlowMatchSchedule(tuple(steps), shift), frames_per_block, attention_backend)

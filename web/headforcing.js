@@ -202,7 +202,7 @@ class HeadMap {
     const p = this.payload;
     if (!p) return;
     const g = this.geometry();
-    this.canvas.style.height = `${g.cssH}px`;
+    if (this.canvas.style.height !== `${g.cssH}px`) this.canvas.style.height = `${g.cssH}px`;
     if (this.canvas.width !== g.W) this.canvas.width = g.W;
     if (this.canvas.height !== g.H) this.canvas.height = g.H;
     const ctx = this.canvas.getContext("2d");
@@ -257,11 +257,14 @@ class HeadMap {
     const cell = this.cellAt(e.clientX, e.clientY);
     this.setHover(cell);
     if (cell) {
+      // element coordinates (the widget is scaled with the canvas zoom)
       const box = this.root.getBoundingClientRect();
       const sx = box.width ? this.root.offsetWidth / box.width : 1;
       const sy = box.height ? this.root.offsetHeight / box.height : 1;
-      this.tooltip.style.left = `${Math.min((e.clientX - box.left) * sx + 10, this.root.offsetWidth - 120)}px`;
-      this.tooltip.style.top = `${(e.clientY - box.top) * sy + 12}px`;
+      const x = (e.clientX - box.left) * sx, y = (e.clientY - box.top) * sy;
+      const w = this.tooltip.offsetWidth, h = this.tooltip.offsetHeight;
+      this.tooltip.style.left = `${Math.max(2, Math.min(x + 12, this.root.offsetWidth - w - 4))}px`;
+      this.tooltip.style.top = `${y + 14 + h < this.root.offsetHeight ? y + 14 : Math.max(2, y - h - 8)}px`;
     }
   }
 
@@ -372,7 +375,8 @@ class SamplerPanel {
       const text = fromGraph || d.prompt || "";
       const label = fromGraph && d.prompt && d.prompt !== fromGraph ? ` (${d.prompt})` : "";
       const seg = d.segments > 1 ? `segment ${d.segment}/${d.segments}${label}: ` : `prompt${label}: `;
-      this.prompt.textContent = seg + (text || "(no text)");
+      // one prompt whose text is nowhere to be found (e.g. a CONDITIONING from another node): no line
+      this.prompt.textContent = d.segments > 1 || text ? seg + (text || "(no text)") : "";
       this.prompt.title = text;
       this.root.dataset.segment = String(d.segment ?? "");
     } else {

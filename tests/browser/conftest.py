@@ -163,8 +163,7 @@ def ui_server(tmp_path_factory):
         "LiteGraph.Canvas.MinFontSizeForLOD": 0,    # full detail (and DOM widgets) at every zoom level
         "Comfy.Workflow.Persist": False,            # no restore of an earlier page's graph racing our loads
     }))
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)  # files are overwritten (another session may share the folder)
     server = host.ComfyServer(base, log_path=ARTIFACTS / "comfyui.log")
     t0 = time.time()
     try:
@@ -258,6 +257,39 @@ class UIPage:
                    c.ds.scale = scale; c.ds.offset[0] = -n.pos[0] + 120; c.ds.offset[1] = -n.pos[1] + 170;
                    c.setDirty(true, true); }""", [node_id, scale])
         self.page.wait_for_timeout(300)
+
+    def fit_view(self, node_ids=None, margin: float = 40, max_scale: float = 1.0) -> None:
+        """Zoom and pan so the given nodes (default: all) fill the canvas."""
+        self.js("""([ids, margin, maxScale]) => {
+            const c = app.canvas, nodes = app.graph._nodes.filter(n => !ids || ids.includes(n.id));
+            const b = nodes.map(n => n.boundingRect);
+            const x0 = Math.min(...b.map(r => r[0])), y0 = Math.min(...b.map(r => r[1]));
+            const x1 = Math.max(...b.map(r => r[0] + r[2])), y1 = Math.max(...b.map(r => r[1] + r[3]));
+            const left = 70 + margin, top = 100 + margin;    // the side bar and the top bar cover the canvas
+            const W = c.canvas.clientWidth - left - margin, H = c.canvas.clientHeight - top - margin;
+            const scale = Math.min(maxScale, W / (x1 - x0), H / (y1 - y0));
+            c.ds.scale = scale;
+            c.ds.offset[0] = (left + (W - (x1 - x0) * scale) / 2) / scale - x0;
+            c.ds.offset[1] = top / scale - y0;
+            c.setDirty(true, true); }""", [node_ids, margin, max_scale])
+        self.page.wait_for_timeout(400)
+
+    def node_clip(self, node_ids, pad: float = 12) -> dict:
+        """The screen rectangle around some nodes (for a cropped screenshot)."""
+        x, y, w, h = self.js("""([ids, pad]) => {
+            const c = app.canvas, r = c.canvas.getBoundingClientRect(), s = c.ds.scale, o = c.ds.offset;
+            const b = app.graph._nodes.filter(n => ids.includes(n.id)).map(n => n.boundingRect);
+            const x0 = Math.min(...b.map(q => q[0])), y0 = Math.min(...b.map(q => q[1]));
+            const x1 = Math.max(...b.map(q => q[0] + q[2])), y1 = Math.max(...b.map(q => q[1] + q[3]));
+            return [r.left + (x0 + o[0]) * s - pad, r.top + (y0 + o[1]) * s - pad,
+                    (x1 - x0) * s + 2 * pad, (y1 - y0) * s + 2 * pad]; }""", [list(node_ids), pad])
+        return {"x": max(0, x), "y": max(0, y), "width": w, "height": h}
+
+    def shot_nodes(self, node_ids, name: str) -> Path:
+        (ARTIFACTS / "docs").mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / "docs" / f"{name}.png"
+        self.page.screenshot(path=str(path), clip=self.node_clip(node_ids))
+        return path
 
     def close_dialogs(self) -> None:
         for _ in range(3):

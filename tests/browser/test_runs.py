@@ -143,6 +143,7 @@ def test_long_video_runs_from_ui_with_live_panel(ui):
     entry = _run_from_ui(ui, f"() => app.graph.getNodeById({sid}).headforcingPanel.root.dataset.kind === 'done'")
     seconds = time.time() - t0
     ui.shot("run_long_video_panel")
+    ui.shot_nodes([sid], "node_sampler_panel")
 
     videos = ui.server.outputs(entry, ".mp4")
     assert videos and all(v.exists() and v.stat().st_size > 0 for v in videos), entry.get("outputs")
@@ -274,13 +275,32 @@ def test_head_map_shows_planted_head_types(ui):
         assert f"pyramid_forcing: {other[layer][head]}" in info, info
         assert "labels only" in info
     ui.shot("head_map_planted")
-    box = ui.js(f"""() => {{ const n = app.graph.getNodeById({lid}); const c = app.canvas;
-        const [x, y] = c.ds.convertOffsetToCanvas ? c.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - 30])
-                                                  : [n.pos[0], n.pos[1]];
-        const r = c.canvas.getBoundingClientRect();
-        return [r.left + x - 10, r.top + y - 10, n.size[0] * c.ds.scale + 20, (n.size[1] + 40) * c.ds.scale + 20]; }}""")
-    ui.page.screenshot(path=str(ARTIFACTS / "node_head_map.png"),
-                       clip={"x": max(0, box[0]), "y": max(0, box[1]), "width": box[2], "height": box[3]})
+    ui.shot_nodes([lid], "node_head_map")
+
+
+def test_head_map_of_the_shipped_preset(ui):
+    """Pyramid Forcing's published labels of Self Forcing (30 layers x 12 heads), cell by cell."""
+    from headforcing_core.policies import pyramid_forcing_preset_labels
+
+    preset = "preset: pyramid_forcing_self_forcing_1p3b"
+    lid = _add_profile_loader(ui, preset)
+    ui.js("(id) => app.graph.getNodeById(id).setSize([520, app.graph.getNodeById(id).size[1]])", lid)
+    _run_from_ui(ui, f"() => app.graph.getNodeById({lid}).headforcingHeadMap.root.dataset.layers === '30'",
+                 timeout_ms=60_000)
+    ui.focus_node(lid, scale=1.0)
+    hm = f"app.graph.getNodeById({lid}).headforcingHeadMap"
+    assert ui.js(f"() => {hm}.root.dataset.taxonomy") == "pyramid_forcing"
+    want = pyramid_forcing_preset_labels().types
+    for layer in range(30):
+        for head in range(12):
+            cell = ui.js(CELL_JS, [lid, layer, head])
+            assert tuple(cell["rgb"]) == PALETTE[want[layer][head]], (layer, head, want[layer][head], cell["rgb"])
+    cell = ui.js(CELL_JS, [lid, 12, 5])
+    ui.page.mouse.move(*cell["client"])
+    ui.page.wait_for_function(f"() => {hm}.root.dataset.hoverLayer === '12'", timeout=5000)
+    info = ui.js(f"() => {hm}.info.innerText")
+    assert f"layer 12, head 5: {want[12][5]}" in info and "head_forcing:" in info, info
+    ui.shot_nodes([lid], "node_head_map_pyramid_preset")
 
 
 def test_profile_then_generate_head_map_has_statistics(ui):
@@ -329,6 +349,7 @@ def test_policy_estimate_follows_widgets(ui):
     assert f"KV cache {want['kv_bytes'] / 2**30:.2f} GiB" in text, text
     assert f"{want['kv_bytes'] / 2**30:.2f} GiB" in want["summary"], "the panel's figure is the summary's"
     ui.shot("policy_estimate_head_forcing")
+    ui.shot_nodes([pid], "node_policy_estimate")
 
     # change widgets the way the UI does (value + callback): the figure follows
     for name, value in [("preset", "pyramid_forcing"), ("width", 1280), ("preset", "full")]:

@@ -126,6 +126,5 @@ def test_workflow_loads_in_browser(ui, path):
     assert prompt, "graphToPrompt gave nothing"
     for node_id, node in prompt.items():
         assert node["class_type"] in ui.server.object_info(node["class_type"])
-    ui.js("() => { app.canvas.ds.scale = 0.55; app.canvas.ds.offset = [40, 80]; app.canvas.setDirty(true, true); }")
-    ui.page.wait_for_timeout(400)
+    ui.fit_view()
     ui.shot(f"workflow_{path.stem}")

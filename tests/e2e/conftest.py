@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -179,7 +180,7 @@ class E2EClient(host.ComfyClient):
                             run.error = f"websocket closed: {msg!r}"
                             return run
 
-        run = asyncio.run(go())
+        run = _run_in_own_loop(go)
         if run.error is None:
             try:
                 run.entry = self.wait(run.prompt_id, timeout=60)
@@ -188,6 +189,25 @@ class E2EClient(host.ComfyClient):
         if run.error and raise_on_error:
             raise ComfyError(run.error)
         return run
+
+
+def _run_in_own_loop(coro_fn):
+    """asyncio.run(coro_fn()) in a fresh thread: the calling thread may already run an event loop
+    (e.g. a session-scoped Playwright sync browser keeps one alive in the main thread)."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = asyncio.run(coro_fn())
+        except BaseException as e:  # re-raised in the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="comfy-ws", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 # --------------------------------------------------------------------------------------
