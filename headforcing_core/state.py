@@ -281,13 +281,14 @@ def capture_state(sampler: ScheduleSampler, generator: torch.Generator | None, *
 
 def restore_sampler(state: ARState, backbone: torch.nn.Module, new_frames: int, *,
                     generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
-                    attention_backend: str = "auto") -> tuple[ScheduleSampler, torch.Generator | None]:
+                    attention_backend: str = "auto", device: torch.device | str | None = None
+                    ) -> tuple[ScheduleSampler, torch.Generator | None]:
     """A sampler continuing ``state`` with room for ``new_frames`` more frames, and the re-noise generator.
 
     The cache is *copied* into fresh device buffers (the state is not touched). Without
     ``generator`` the state's saved RNG state is restored into a new generator.
     """
-    runner = WanRunner(backbone, dtype=dtype)
+    runner = WanRunner(backbone, dtype=dtype, device=device)
     state.check_model(runner.spec)
     meta = state.meta
     sampler = ScheduleSampler(runner, state.policy, FlowMatchSchedule(state.steps, state.shift),
@@ -346,14 +347,16 @@ def generate_schedule(backbone: torch.nn.Module, schedule: PromptSchedule | torc
                       frames_per_block: int = 3, policy: str | CachePolicy = "full",
                       generator: torch.Generator | None = None, *, hooks: Hooks | None = None,
                       progress=None, should_stop=None, on_chunk=None, attention_backend: str = "auto",
-                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ARState]:
+                      dtype: torch.dtype | None = None,
+                      device: torch.device | str | None = None) -> tuple[torch.Tensor, ARState]:
     """Generate a multi-prompt video and return ``(latents, ARState)``.
 
     ``schedule``: a :class:`PromptSchedule` (or one conditioning tensor: a single segment
     covering the noise). ``noise``: ``[B, C, total, H, W]`` for all segments. With one
-    segment this is exactly :func:`headforcing_core.generate` (plus the state).
+    segment this is exactly :func:`headforcing_core.generate` (plus the state). ``dtype`` /
+    ``device``: where and in what precision to compute, as for ``generate``.
     """
-    runner = WanRunner(backbone, dtype=dtype)
+    runner = WanRunner(backbone, dtype=dtype, device=device)
     sched = as_schedule(schedule, noise.shape[2] if noise.ndim == 5 else None).resolve(frames_per_block)
     for seg in sched:
         validate_inputs(runner, seg.context, noise, frames_per_block)
@@ -375,7 +378,8 @@ def generate_schedule(backbone: torch.nn.Module, schedule: PromptSchedule | torc
 def continue_generation(backbone: torch.nn.Module, state: ARState, schedule: PromptSchedule | torch.Tensor,
                         noise: torch.Tensor, *, generator: torch.Generator | None = None, hooks: Hooks | None = None,
                         progress=None, should_stop=None, on_chunk=None, attention_backend: str = "auto",
-                        dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ARState]:
+                        dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> tuple[torch.Tensor, ARState]:
     """Extend the video of ``state`` by the segments of ``schedule``; returns ``(new latents, new state)``.
 
     ``noise`` covers the new frames only. The first segment's transition applies against
@@ -392,7 +396,7 @@ def continue_generation(backbone: torch.nn.Module, state: ARState, schedule: Pro
         raise HeadForcingError(f"the noise has {noise.shape[2]} latent frames but the schedule's segments add up to "
                                f"{sched.total_frames}")
     sampler, gen = restore_sampler(state, backbone, sched.total_frames, generator=generator, dtype=dtype,
-                                   attention_backend=attention_backend)
+                                   attention_backend=attention_backend, device=device)
     for seg in sched:
         check_context(sampler.runner.spec, seg.context, state.batch)
     first = sampler.next_frame

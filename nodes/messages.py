@@ -190,9 +190,12 @@ def send_progress(node_id: str | None, payload: dict, *, event: str = EVENT_PROG
         if srv is None:
             return False
         prompt_id, ctx_node = executing_node()
+        node = node_id if node_id is not None else ctx_node
+        if node is None:  # not inside a node's execution: nobody to address
+            return False
         data = dict(payload)
         data.setdefault("v", PAYLOAD_VERSION)
-        data["node"] = str(node_id if node_id is not None else ctx_node)
+        data["node"] = str(node)
         data.setdefault("prompt_id", prompt_id or getattr(srv, "last_prompt_id", None))
         srv.send_sync(event, data, getattr(srv, "client_id", None))
         return True

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import torch
