@@ -163,8 +163,8 @@ class MiddleTier:
     def entries(self, chunk_start: int) -> list[Entry]:
         raise NotImplementedError
 
-    def on_prompt_switch(self) -> None:
-        """Called when the prompt changes; only episodic memory reacts."""
+    def on_prompt_switch(self, first_frame: int | None = None) -> None:
+        """Called when the prompt changes at ``first_frame``; only episodic memory reacts."""
 
     def fifos(self) -> list[FifoTier]:
         """Tiers whose entries are kept frames or blocks (not episodes)."""
@@ -259,10 +259,13 @@ class EpisodicTier(MiddleTier):
         # each episode: dict(slot, count, time, frames, sig) in time order
         self.episodes: list[dict] = []
         self.free = list(range(self.store.capacity - 1, -1, -1))
-        self.force_new = False
+        # first frames generated under a new prompt: evicting one of them opens a new episode,
+        # so an episode never spans a prompt switch (frames still in the recent ring when the
+        # prompt changes belong to the old prompt's episode)
+        self.switch_frames: list[int] = []
 
-    def on_prompt_switch(self):
-        self.force_new = True
+    def on_prompt_switch(self, first_frame: int | None = None):
+        self.switch_frames.append(-1 if first_frame is None else int(first_frame))
 
     @staticmethod
     def _signature(k: torch.Tensor) -> torch.Tensor:
@@ -277,13 +280,14 @@ class EpisodicTier(MiddleTier):
         pv = pool_tokens(v, *self.grid, self.rule.pool)
         sig = self._signature(pk)
         last = self.episodes[-1] if self.episodes else None
-        if last is not None and not self.force_new and self._cos(sig, last["sig"]) >= self.rule.similarity:
+        crosses_switch = any(b <= frame for b in self.switch_frames)
+        if last is not None and not crosses_switch and self._cos(sig, last["sig"]) >= self.rule.similarity:
             self._fold(last, pk, pv, 1, float(frame), (frame,), sig)
         else:
             slot = self.free.pop()
             self.store.write(slot, pk, pv)
             self.episodes.append(dict(slot=slot, count=1, time=float(frame), frames=(frame,), sig=sig))
-        self.force_new = False
+        self.switch_frames = [b for b in self.switch_frames if b > frame]
         if len(self.episodes) > self.rule.cap:
             self._merge_most_similar_neighbours()
 
@@ -319,7 +323,7 @@ class EpisodicTier(MiddleTier):
         sig_dim = self.store.k.shape[3] * self.store.k.shape[4]
         tensors[prefix + ".sig"] = (torch.stack([ep["sig"].detach().to("cpu", torch.float32) for ep in self.episodes])
                                     if self.episodes else torch.zeros(0, sig_dim))
-        return {"capacity": self.store.capacity, "free": list(self.free), "force_new": self.force_new,
+        return {"capacity": self.store.capacity, "free": list(self.free), "switch_frames": list(self.switch_frames),
                 "episodes": [{"slot": ep["slot"], "count": ep["count"], "time": ep["time"],
                               "frames": list(ep["frames"])} for ep in self.episodes]}
 
@@ -336,7 +340,7 @@ class EpisodicTier(MiddleTier):
                               frames=_frames(e["frames"]), sig=sigs[i].to(device, torch.float32, copy=True))
                          for i, e in enumerate(eps)]
         self.free = free
-        self.force_new = bool(meta["force_new"])
+        self.switch_frames = [int(b) for b in meta.get("switch_frames", [])]
 
 
 class GroupCache:
@@ -398,9 +402,9 @@ class GroupCache:
         out += self.recent.entries()
         return out
 
-    def on_prompt_switch(self) -> None:
+    def on_prompt_switch(self, first_frame: int | None = None) -> None:
         if self.middle is not None:
-            self.middle.on_prompt_switch()
+            self.middle.on_prompt_switch(first_frame)
 
     def replace_frame(self, frame: int, k: torch.Tensor, v: torch.Tensor) -> int:
         """Overwrite the raw K/V (``[B, tokens, Hg, D]``) of every entry that keeps ``frame`` as a whole
@@ -500,10 +504,11 @@ class HeadwiseKVCache:
     def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk_start: int, frames: int) -> None:
         self.layers[layer].commit(k, v, chunk_start, frames)
 
-    def on_prompt_switch(self) -> None:
+    def on_prompt_switch(self, first_frame: int | None = None) -> None:
+        """The prompt changes from ``first_frame`` on (None: from the next frame to leave a recent window)."""
         for layer in self.layers:
             for g in layer.groups:
-                g.on_prompt_switch()
+                g.on_prompt_switch(first_frame)
 
     def replace(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk_start: int, frames: int) -> int:
         """Overwrite a chunk's frames (raw ``[B, frames·tokens, heads, D]`` K/V) where they are kept whole."""

@@ -109,7 +109,7 @@ class ARSampler:
         if text.batch not in (1, self.batch or text.batch):
             raise ShapeError(f"conditioning batch {text.batch} does not match the latent batch {self.batch}")
         if self.text is not None and self.cache is not None:
-            self.cache.on_prompt_switch()
+            self.cache.on_prompt_switch(self.next_frame)
         self.text = text
 
     # ---- sampling -------------------------------------------------------------------------

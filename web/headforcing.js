@@ -213,8 +213,8 @@ class HeadMap {
     ctx.font = `${font}px sans-serif`;
     ctx.fillStyle = "#999";
     ctx.textBaseline = "middle";
-    const stepL = g.cellH >= font ? 1 : Math.ceil(font / g.cellH) * (p.layers > 20 ? 1 : 1);
-    const labelEvery = Math.max(stepL, p.layers > 12 ? 5 : 1);
+    // a layer label every row when rows are tall enough, else every 5th (L0, L5, ...)
+    const labelEvery = g.cellH >= font && p.layers <= 12 ? 1 : Math.max(5, Math.ceil(font / g.cellH));
     for (let l = 0; l < p.layers; l += labelEvery) {
       ctx.fillText(`L${l}`, 1, g.y0 + l * g.cellH + g.cellH / 2);
     }

@@ -192,13 +192,14 @@ def test_prompt_switch_opens_a_new_episode():
     pol, cache = memory_cache()
     for s in range(0, 18, F):
         commit_chunk(cache, s, F, lambda fr: torch.ones(HEAD_DIM))  # one unchanging scene
-    cache.on_prompt_switch()
+    cache.on_prompt_switch(18)  # frames 18… are generated under the new prompt
     for s in range(18, 30, F):
         commit_chunk(cache, s, F, lambda fr: torch.ones(HEAD_DIM))
     frames = [e.frames for e in plan_chunk(cache, pol.rope, pol.window, 30, F).layers[0][0].entries if e.kind == "episode"]
-    # evicted 3..23; the switch is applied to the next evicted frame (frame 12 leaves the ring after it)
+    # evicted 3..23: the old prompt's frames stay in one episode, the new prompt's open another,
+    # although the content never changed
     assert len(frames) == 2
-    assert frames[0] == tuple(range(3, 12)) and frames[1] == tuple(range(12, 24))
+    assert frames[0] == tuple(range(3, 18)) and frames[1] == tuple(range(18, 24))
 
 
 def test_full_memory_merges_most_similar_neighbours():

@@ -317,8 +317,8 @@ def test_memory_heads_open_an_episode_at_each_switch(tiny_model, transition, k):
     switched, _, _ = run_spied(tiny_model, PromptSchedule((seg(A, 12), seg(B, 12, transition, k))), noise,
                                memory_policy())
     for eps in episodes(switched):
-        # the switch at frame 12 applies to the next frame leaving the recent ring (frame 6)
-        assert eps == [(3, 4, 5), tuple(range(6, 18))]
+        # the switch at frame 12: the old prompt's frames 3..11 form one episode, the new prompt's another
+        assert eps == [tuple(range(3, 12)), tuple(range(12, 18))]
 
 
 def test_generate_schedule_with_one_segment_is_generate(tiny_model):
