@@ -11,14 +11,17 @@ from .backbone import BackboneSpec, WanRunner, inspect_backbone
 from .errors import (CheckpointError, HeadForcingError, Interrupted, MemoryBudgetError, ModelFamilyError,
                      PolicyError, ProfileError, ShapeError, StateError)
 from .policies import CachePolicy, HeadLabels, RetentionRule, make_policy
+from .prompts import PromptSchedule, PromptSegment, parse_schedule_text
 from .sampler import ARSampler, Hooks, generate
+from .state import ARState, continue_generation, generate_schedule, load_state, save_state
 from .schedule import FlowMatchSchedule
 from .wan_model import WanBackbone, WanConfig, random_backbone
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "generate", "ARSampler", "Hooks", "FlowMatchSchedule", "WanRunner", "BackboneSpec", "inspect_backbone",
+    "generate", "generate_schedule", "continue_generation", "PromptSchedule", "PromptSegment",
+    "parse_schedule_text", "ARState", "save_state", "load_state", "ARSampler", "Hooks", "FlowMatchSchedule", "WanRunner", "BackboneSpec", "inspect_backbone",
     "WanBackbone", "WanConfig", "random_backbone", "CachePolicy", "HeadLabels", "RetentionRule", "make_policy",
     "HeadForcingError", "ModelFamilyError", "ShapeError", "PolicyError", "ProfileError", "CheckpointError",
     "MemoryBudgetError", "StateError", "Interrupted",

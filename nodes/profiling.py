@@ -134,9 +134,9 @@ def render_heat_map(labels: HeadLabels, subtitle: str = "") -> torch.Tensor:
 
 def _outputs(cls, profile: HeadProfile, text: str) -> io.NodeOutput:
     image = render_heat_map(profile.labels, profile.name or profile.source)
-    # + the interactive head map the web extension draws in the node (nodes/messages.py)
-    return io.NodeOutput(profile, image, text, ui={**ui.PreviewImage(image, cls=cls).as_dict(),
-                                                   **head_map_ui(profile)})
+    # the node shows the interactive head map the web extension draws (nodes/messages.py); the
+    # static heat map is the IMAGE output, for PreviewImage / SaveImage
+    return io.NodeOutput(profile, image, text, ui=head_map_ui(profile))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,8 +236,9 @@ class HeadForcingProfileHeads(io.ComfyNode):
                              tooltip="Calibration video width in pixels (multiple of 16)."),
                 io.Int.Input("height", default=480, min=16, max=16384, step=16,
                              tooltip="Calibration video height in pixels (multiple of 16)."),
-                io.Int.Input("seed", default=0, min=0, max=bridge.MAX_SEED,
-                             tooltip="Seed of the calibration noise and of the sampled query tokens."),
+                io.Int.Input("seed", default=0, min=0, max=bridge.MAX_SEED, control_after_generate=False,
+                             tooltip="Seed of the calibration noise and of the sampled query tokens (fixed, so "
+                                     "re-running the graph does not re-profile)."),
                 io.Int.Input("query_samples", default=64, min=1, max=4096,
                              tooltip="Query tokens sampled per chunk (split over its frames) whose attention is "
                                      "measured. More: steadier statistics, a little slower."),
