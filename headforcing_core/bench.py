@@ -192,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     for seconds in args.seconds:
         frames = latent_frames_for(seconds)
         per_policy = {}
-        base = None
         for name in args.policy:
             est = estimate_run(spec, name, latent_frames=frames, latent_height=args.height // 8,
                                latent_width=args.width // 8, frames_per_block=args.frames_per_block,

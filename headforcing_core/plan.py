@@ -115,10 +115,7 @@ class PlannedAttention:
         problems = []
         roped_q: dict[int, torch.Tensor] = {}
         for g in groups:
-            if g.all_heads:
-                qg, kg, vg = q, k, v
-            else:
-                qg, kg, vg = q[:, :, g.heads], k[:, :, g.heads], v[:, :, g.heads]
+            kg, vg = (k, v) if g.all_heads else (k[:, :, g.heads], v[:, :, g.heads])
             # groups with the same query positions share one rotation of q
             rid = id(g.query_rotary)
             if rid not in roped_q:

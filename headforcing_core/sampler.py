@@ -216,14 +216,26 @@ def generate(backbone: torch.nn.Module, context: torch.Tensor, noise: torch.Tens
     what precision to compute (default: the weights'; ComfyUI's casting ops allow weights
     that live elsewhere, e.g. partially offloaded).
     """
-    runner = WanRunner(backbone, dtype=dtype, device=device)
-    validate_inputs(runner, context, noise, frames_per_block)
-    pol = as_policy(policy)
-    sampler = ARSampler(runner, pol, FlowMatchSchedule(tuple(steps), shift), frames_per_block, attention_backend)
-    if pol.preset == "full" and noise.shape[2] > pol.window:
-        log.warning("headforcing: the 'full' policy beyond %d latent frames leaves the trained RoPE range; "
-                    "use a bounded policy for long videos", pol.window)
+    sampler = build_sampler(backbone, policy, steps=steps, shift=shift, frames_per_block=frames_per_block,
+                            attention_backend=attention_backend, dtype=dtype, device=device,
+                            latent_frames=noise.shape[2] if noise.ndim == 5 else 0)
+    validate_inputs(sampler.runner, context, noise, frames_per_block)
     b, _, t, h, w = noise.shape
     sampler.start(b, h, w, t)
     sampler.set_prompt(context)
     return sampler.sample(noise, generator, Hooks(progress, should_stop, on_chunk))
+
+
+def build_sampler(backbone: torch.nn.Module, policy: str | CachePolicy, *, steps: tuple[float, ...],
+                  shift: float, frames_per_block: int, attention_backend: str = "auto",
+                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  latent_frames: int = 0, sampler_cls: type[ARSampler] | None = None) -> ARSampler:
+    """Runner, schedule and policy checked and put together (the cache is allocated by ``start``)."""
+    runner = WanRunner(backbone, dtype=dtype, device=device)
+    pol = as_policy(policy)
+    sampler = (sampler_cls or ARSampler)(runner, pol, FlowMatchSchedule(tuple(steps), shift), frames_per_block,
+                                         attention_backend)
+    if pol.preset == "full" and latent_frames > pol.window:
+        log.warning("headforcing: the 'full' policy beyond %d latent frames leaves the trained RoPE range; "
+                    "use a bounded policy for long videos", pol.window)
+    return sampler

@@ -50,7 +50,7 @@ from .backbone import BackboneSpec, WanRunner
 from .errors import HeadForcingError, ShapeError, StateError
 from .policies import CachePolicy, Cyclic, Episodic, HeadLabels, Merge, RetentionRule, Stride
 from .prompts import PromptSchedule, ScheduleSampler, as_schedule
-from .sampler import Hooks, as_policy, validate_inputs
+from .sampler import Hooks, build_sampler, validate_inputs
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 
 log = logging.getLogger("headforcing")
@@ -356,18 +356,15 @@ def generate_schedule(backbone: torch.nn.Module, schedule: PromptSchedule | torc
     segment this is exactly :func:`headforcing_core.generate` (plus the state). ``dtype`` /
     ``device``: where and in what precision to compute, as for ``generate``.
     """
-    runner = WanRunner(backbone, dtype=dtype, device=device)
+    sampler = build_sampler(backbone, policy, steps=steps, shift=shift, frames_per_block=frames_per_block,
+                            attention_backend=attention_backend, dtype=dtype, device=device,
+                            latent_frames=noise.shape[2] if noise.ndim == 5 else 0, sampler_cls=ScheduleSampler)
     sched = as_schedule(schedule, noise.shape[2] if noise.ndim == 5 else None).resolve(frames_per_block)
     for seg in sched:
-        validate_inputs(runner, seg.context, noise, frames_per_block)
+        validate_inputs(sampler.runner, seg.context, noise, frames_per_block)
     if noise.shape[2] != sched.total_frames:
         raise HeadForcingError(f"the noise has {noise.shape[2]} latent frames but the schedule's segments add up to "
                                f"{sched.total_frames}")
-    pol = as_policy(policy)
-    sampler = ScheduleSampler(runner, pol, FlowMatchSchedule(tuple(steps), shift), frames_per_block, attention_backend)
-    if pol.preset == "full" and noise.shape[2] > pol.window:
-        log.warning("headforcing: the 'full' policy beyond %d latent frames leaves the trained RoPE range; "
-                    "use a bounded policy for long videos", pol.window)
     b, _, t, h, w = noise.shape
     sampler.start(b, h, w, t)
     out = sampler.run_schedule(sched, noise, generator, _hooks(progress, should_stop, on_chunk, hooks))
