@@ -81,7 +81,7 @@ REAL_MODELS = {
 TINY_WAN_NAME = "hf_tiny_wan_t2v.safetensors"
 TINY_VAE_NAME = "hf_tiny_wan_vae.safetensors"
 # The tiny demo's size: the base-dim-8 VAE decode dominates its time (PyTorch's CPU conv3d takes
-# its slow path at 8-32 channels), about 1-2 s per latent frame at this size on 2 cores.
+# its slow path at 8-32 channels), about 0.2 s per latent frame at this size on 2 idle cores.
 TINY_DEMO_SIZE = (128, 80)
 DEMO_WORKFLOW_CANDIDATES = [
     "workflows/api/long_video.json",
