@@ -62,7 +62,8 @@ def test_estimate_with_a_profile_uses_its_labels(ui_server):
     hm = entry["outputs"]["1"]["headforcing_head_map"][0]
     assert hm["layers"] == 6 and hm["heads"] == 4 and hm["taxonomy"] == "head_forcing"
     assert [[hm["types"][c] for c in row] for row in hm["labels"]] == planted_types("head_forcing")
-    assert entry["outputs"]["1"]["images"], "the heat-map PNG preview is still there"
+    # the node shows only the interactive map; the static heat map is its IMAGE output
+    assert "images" not in entry["outputs"]["1"]
 
 
 @pytest.mark.parametrize("query, fragment", [
