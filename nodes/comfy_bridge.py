@@ -336,6 +336,23 @@ class ComfyHooks:
         self.pbar.update_absolute(self.done, self.total, preview)
 
 
+def run_interruptible(fn, hooks: "ComfyHooks"):
+    """Run a core call whose hooks watch ComfyUI's interrupt flag, and end the node the way
+    ComfyUI expects when it is set: the core's ``should_stop`` hook (before every model call)
+    raises :class:`Interrupted`, ComfyUI's progress hook (after every call) raises its own
+    ``InterruptProcessingException``; both leave the server ready for the next prompt."""
+    import comfy.model_management as mm
+
+    try:
+        return fn()
+    except (Interrupted, mm.InterruptProcessingException) as e:
+        log.info("headforcing: interrupted after %d of %d model calls", hooks.done, hooks.total)
+        if isinstance(e, mm.InterruptProcessingException):
+            raise
+        mm.throw_exception_if_processing_interrupted()  # clears the flag and raises
+        raise mm.InterruptProcessingException() from None
+
+
 def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy_preset: str, width: int,
                    height: int, length: int, length_unit: str, seed: int, steps: str, shift: float,
                    frames_per_block: int, prompt_schedule=None) -> tuple[dict, str, object]:
@@ -386,19 +403,10 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
                                            dtype=dtype).kv_bytes,
         kv_budget_bytes=estimate.kv_bytes, width=req.width, height=req.height)
     t0 = time.perf_counter()
-    try:
-        latents, state = generate_schedule(module, schedule, noise.to(device), steps=req.steps, shift=req.shift,
-                                           frames_per_block=req.frames_per_block, policy=policy,
-                                           generator=renoise_generator(req.seed), progress=hooks.progress,
-                                           should_stop=hooks.should_stop, on_chunk=hooks.on_chunk, dtype=dtype)
-    except (Interrupted, mm.InterruptProcessingException) as e:
-        # the core's should_stop hook (before every model call) or ComfyUI's progress hook
-        # (after every call) saw the interrupt flag: end the node the way ComfyUI expects
-        log.info("headforcing: interrupted after %d of %d model calls", hooks.done, hooks.total)
-        if isinstance(e, mm.InterruptProcessingException):
-            raise
-        mm.throw_exception_if_processing_interrupted()  # clears the flag and raises
-        raise mm.InterruptProcessingException() from None
+    latents, state = run_interruptible(lambda: generate_schedule(
+        module, schedule, noise.to(device), steps=req.steps, shift=req.shift, frames_per_block=req.frames_per_block,
+        policy=policy, generator=renoise_generator(req.seed), progress=hooks.progress,
+        should_stop=hooks.should_stop, on_chunk=hooks.on_chunk, dtype=dtype), hooks)
     seconds = time.perf_counter() - t0
     samples = model.model.process_latent_out(latents.float()).to(mm.intermediate_device())
     report = _report(req, policy, estimate, hooks.chunk_seconds, seconds, dtype, device)

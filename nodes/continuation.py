@@ -25,7 +25,7 @@ import time
 import torch
 from comfy_api.latest import io, ui
 
-from headforcing_core.errors import Interrupted, StateError
+from headforcing_core.errors import StateError
 from headforcing_core.memory import GiB, check_fits, estimate_run
 from headforcing_core.policies import describe
 from headforcing_core.prompts import (PromptSchedule, count_model_calls, segment_noise)
@@ -80,19 +80,6 @@ def schedule_report(schedule: PromptSchedule, start_frame: int = 0) -> str:
         lines.append(f"  {i + 1}. latent frames {pos}-{pos + seg.frames - 1}: {seg.describe()}")
         pos += seg.frames
     return "\n".join(lines)
-
-
-def _interruptible(fn, hooks):
-    import comfy.model_management as mm
-
-    try:
-        return fn()
-    except (Interrupted, mm.InterruptProcessingException) as e:
-        log.info("headforcing: interrupted after %d of %d model calls", hooks.done, hooks.total)
-        if isinstance(e, mm.InterruptProcessingException):
-            raise
-        mm.throw_exception_if_processing_interrupted()  # clears the flag and raises
-        raise mm.InterruptProcessingException() from None
 
 
 def check_state(value) -> ARState:
@@ -150,7 +137,7 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
                                            frames_per_block=fpb, batch=state.batch, dtype=dtype).kv_bytes,
         kv_budget_bytes=estimate.kv_bytes, width=width, height=height)
     t0 = time.perf_counter()
-    latents, new_state = _interruptible(lambda: continue_generation(
+    latents, new_state = bridge.run_interruptible(lambda: continue_generation(
         module, state, schedule, noise.to(device), hooks=Hooks(hooks.progress, hooks.should_stop, hooks.on_chunk),
         dtype=dtype), hooks)
     seconds = time.perf_counter() - t0

@@ -22,7 +22,7 @@ import torch
 import folder_paths
 from comfy_api.latest import io, ui
 
-from headforcing_core.errors import HeadForcingError, Interrupted, ProfileError
+from headforcing_core.errors import HeadForcingError, ProfileError
 from headforcing_core.policies import TRAINING_WINDOW, HeadLabels
 from headforcing_core.profiling import (CLASSIFIED_TAXONOMIES, FOLDER_NAME, HeadForcingThresholds, HeadProfile,
                                         PyramidThresholds, classify_profile, is_preset, preset_names,
@@ -280,16 +280,12 @@ class HeadForcingProfileHeads(io.ComfyNode):
         mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
         chunks = -(-latent_frames // frames_per_block)
         hooks = bridge.ComfyHooks(model, len(prompts) * chunks * (len(step_values) + 1))
-        try:
-            profile = profile_heads(module, [p.to(model.load_device) for p in prompts], frames=latent_frames,
-                                    latent_height=lh, latent_width=lw, seed=seed, query_samples=query_samples,
-                                    frames_per_block=frames_per_block, steps=step_values, shift=shift,
-                                    hooks=hooks, dtype=dtype, taxonomy=taxonomy,
-                                    source=f"profiled in ComfyUI: {len(prompts)} prompt(s), {latent_frames} latent "
-                                           f"frames at {width}x{height}, seed {seed}")
-        except Interrupted:
-            mm.throw_exception_if_processing_interrupted()
-            raise mm.InterruptProcessingException() from None
+        profile = bridge.run_interruptible(lambda: profile_heads(
+            module, [p.to(model.load_device) for p in prompts], frames=latent_frames, latent_height=lh,
+            latent_width=lw, seed=seed, query_samples=query_samples, frames_per_block=frames_per_block,
+            steps=step_values, shift=shift, hooks=hooks, dtype=dtype, taxonomy=taxonomy,
+            source=f"profiled in ComfyUI: {len(prompts)} prompt(s), {latent_frames} latent frames at "
+                   f"{width}x{height}, seed {seed}"), hooks)
         return _outputs(cls, profile, profile.describe())
 
 

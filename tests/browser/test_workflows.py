@@ -10,7 +10,6 @@ import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 

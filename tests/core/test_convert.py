@@ -1,7 +1,6 @@
 """Self Forcing .pt → flat safetensors, read safely."""
 
 import os
-import pickle
 
 import pytest
 import torch

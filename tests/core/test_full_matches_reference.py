@@ -46,7 +46,6 @@ def test_batch_of_two_with_shared_prompt(tiny_model):
 
 def test_reference_is_sensitive_to_the_mask(tiny_model):
     """Guard: the comparison can fail — a non-causal run differs from the AR result."""
-    from . import dense_reference as dr
     ctx, noise = text_context(), latent_noise(6)
     ours = generate(tiny_model, ctx, noise, generator=torch.Generator().manual_seed(7))
     ref = dense_generate(tiny_model, ctx, noise, STEPS, 5.0, 6, torch.Generator().manual_seed(7))  # one big chunk

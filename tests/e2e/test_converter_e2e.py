@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
