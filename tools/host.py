@@ -638,6 +638,22 @@ def find_real_models(base: Path) -> dict | None:
     return chosen
 
 
+@contextlib.contextmanager
+def test_server(base: Path, artifacts: Path, extra_args: list | None = None):
+    """Serve ``base`` for a test session: yields ``(server, startup_seconds)``; on exit stops the
+    server and copies what it saved to ``artifacts/output``. Start-up failures raise ComfyError."""
+    server = ComfyServer(base, log_path=artifacts / "comfyui.log", extra_args=list(extra_args or []))
+    t0 = time.time()
+    server.start(timeout=300)
+    try:
+        yield server, time.time() - t0
+    finally:
+        server.stop()
+        out = Path(base) / "output"
+        if out.exists():
+            shutil.copytree(out, artifacts / "output", dirs_exist_ok=True)
+
+
 def write_tiny_models(base: Path) -> dict:
     """Write the tiny random models (in the venv's python: it has torch)."""
     wan = base / "models" / "diffusion_models" / TINY_WAN_NAME

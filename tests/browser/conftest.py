@@ -25,6 +25,7 @@ Without the host, Chromium or Playwright the tests skip with the reason; under
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -164,21 +165,14 @@ def ui_server(tmp_path_factory):
         "Comfy.Workflow.Persist": False,            # no restore of an earlier page's graph racing our loads
     }))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)  # files are overwritten (another session may share the folder)
-    server = host.ComfyServer(base, log_path=ARTIFACTS / "comfyui.log")
-    t0 = time.time()
-    try:
-        server.start(timeout=300)
-    except ComfyError as e:
-        pytest.fail(str(e), pytrace=False)
-    client = UIServer(server, base, models)
-    client.startup_seconds = time.time() - t0
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            server, startup = stack.enter_context(host.test_server(base, ARTIFACTS))
+        except ComfyError as e:
+            pytest.fail(str(e), pytrace=False)
+        client = UIServer(server, base, models)
+        client.startup_seconds = startup
         yield client
-    finally:
-        server.stop()
-        out = base / "output"
-        if out.exists():
-            shutil.copytree(out, ARTIFACTS / "output", dirs_exist_ok=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Artifacts (server log, saved videos) go to ``$HF_TEST_ARTIFACTS/e2e`` (default t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -291,22 +292,14 @@ def comfy(tmp_path_factory):
 
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    server = host.ComfyServer(base, log_path=ARTIFACTS / "comfyui.log",
-                              extra_args=["--preview-method", "auto"])
-    t0 = time.time()
-    try:
-        server.start(timeout=300)
-    except ComfyError as e:
-        pytest.fail(str(e), pytrace=False)
-    client = E2EClient(server, base, models)
-    client.startup_seconds = time.time() - t0
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            server, startup = stack.enter_context(host.test_server(base, ARTIFACTS, extra_args=["--preview-method", "auto"]))
+        except ComfyError as e:
+            pytest.fail(str(e), pytrace=False)
+        client = E2EClient(server, base, models)
+        client.startup_seconds = startup
         yield client
-    finally:
-        server.stop()
-        out = base / "output"
-        if out.exists():
-            shutil.copytree(out, ARTIFACTS / "output", dirs_exist_ok=True)
 
 
 @pytest.fixture
