@@ -58,6 +58,32 @@ def write_tiny_wan(path, seed: int = 0, dtype: torch.dtype = torch.float32) -> P
     return path
 
 
+# LongLive's PEFT LoRA targets: every nn.Linear of every attention block
+LONGLIVE_LORA_MODULES = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                         "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+
+def tiny_peft_lora(base_sd: dict[str, torch.Tensor], rank: int = 8, seed: int = 0, std: float = 0.1,
+                   modules=LONGLIVE_LORA_MODULES, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
+    """Random LoRA weights for every block of ``base_sd`` with PEFT's saved names
+    (``get_peft_model_state_dict``: ``<prefix>blocks.{i}.{m}.lora_A.weight`` [rank, in] and
+    ``….lora_B.weight`` [out, rank]; no alpha in the file), as LongLive's ``lora.pt`` holds them.
+    Unlike PEFT's init (B = 0) both factors are random, so the LoRA changes the model; ``std``
+    sets the size of ``B @ A`` relative to the weight it adapts."""
+    g = torch.Generator().manual_seed(seed)
+    layers = 1 + max(int(k.split(".")[1]) for k in base_sd if k.startswith("blocks."))
+    out = {}
+    for i in range(layers):
+        for m in modules:
+            w = base_sd[f"blocks.{i}.{m}.weight"]
+            n_out, n_in = w.shape
+            a = torch.randn(rank, n_in, generator=g) / math.sqrt(n_in)
+            b = torch.randn(n_out, rank, generator=g) * std / math.sqrt(rank)
+            out[f"{prefix}blocks.{i}.{m}.lora_A.weight"] = a.to(w.dtype)
+            out[f"{prefix}blocks.{i}.{m}.lora_B.weight"] = b.to(w.dtype)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Wan 2.1 VAE (causal 3-D conv autoencoder), keys and shapes from the architecture
 # --------------------------------------------------------------------------------------
