@@ -412,8 +412,19 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     report = _report(req, policy, estimate, hooks.chunk_seconds, seconds, dtype, device)
     extra = schedule_report(schedule)
     report += ("\n" + extra if extra else "") + f"\nAR_STATE: {state.nbytes / 2**20:.1f} MiB in CPU memory"
+    report += "".join("\n" + line for line in model_patch_lines(model))
     log.info("headforcing: %s", report.replace("\n", " | "))
     return {"samples": samples}, report, state
+
+
+def model_patch_lines(model) -> list[str]:
+    """The MODEL's patches for the report: the LoRA / weight patches applied, and every patch the
+    sampler does not apply (nodes/model_patches.py), each also logged as a warning."""
+    from .model_patches import patch_report, unhonoured_patches
+
+    for note in unhonoured_patches(model):
+        log.warning("headforcing: model patch not applied: %s", note)
+    return patch_report(model)
 
 
 def _report(req: SamplerRequest, policy: CachePolicy, estimate, chunk_seconds: list[float], seconds: float,

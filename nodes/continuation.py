@@ -153,6 +153,7 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
         "in CPU memory",
         f"time: {seconds:.2f} s on {device} in {str(dtype).replace('torch.', '')}",
         *notes,
+        *bridge.model_patch_lines(model),
     ]
     report = "\n".join(line for line in lines if line)
     log.info("headforcing: %s", report.replace("\n", " | "))
