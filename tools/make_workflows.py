@@ -22,13 +22,12 @@ Files written (the others in workflows/ belong to other parts of the pack):
 * ``workflows/headforcing_profile_then_generate.json`` — profile the model's heads on three
   calibration prompts, save the profile, and generate with ``head_forcing`` using its labels.
 
-Models are referenced by their standard names (``tools/host.py`` ``REAL_MODELS``). Standard
-library only.
+Models are referenced by their standard names (``REAL_MODELS`` in ``tools/comfyhost/paths.py``).
+Standard library only.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import uuid
@@ -58,10 +57,12 @@ NAMESPACE = uuid.UUID("5f1e9a2c-7d4b-4e0f-9c35-6a8b1d2e3f40")  # stable workflow
 
 
 def _host():
-    spec = importlib.util.spec_from_file_location("hf_host_tool_mw", REPO / "tools" / "host.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The host library (``tools/comfyhost/``, the code behind ``tools/host.py``)."""
+    tools = str(REPO / "tools")
+    if tools not in sys.path:  # run as a script it is there; loaded by file path (tests) it may not be
+        sys.path.insert(0, tools)
+    import comfyhost
+    return comfyhost
 
 
 # ------------------------------------------------------------------------------------------
@@ -423,7 +424,7 @@ def fetch_object_info(url: str) -> dict:
 
 
 def object_info_from_host() -> dict:
-    """Start the built host's ComfyUI (tools/host.py) in a scratch base directory and read /object_info."""
+    """Start the built host's ComfyUI (tools/comfyhost) in a scratch base directory and read /object_info."""
     import tempfile
     host = _host()
     if not host.VENV_PY.exists():

@@ -2,7 +2,7 @@
 
 Fixtures
 --------
-``ui_server`` (session): a ComfyUI server started with ``tools/host.py``'s ``ComfyServer`` in a
+``ui_server`` (session): a ComfyUI server started with ``tools/comfyhost``'s ``ComfyServer`` in a
   temporary base directory holding the tiny random Wan2.1 model and Wan VAE (the e2e models),
   the test-only ``HFTest*`` nodes, a *planted* head profile ``hf_planted_heads.safetensors`` in
   ``models/headforcing`` (known labels, see :data:`PLANTED`), and frontend settings that skip
@@ -78,7 +78,7 @@ def _load(name: str, path: Path):
     return mod
 
 
-host = _load("hf_host_tool", REPO / "tools" / "host.py")
+from tools import comfyhost as host  # noqa: E402  (the host library behind tools/host.py)
 ComfyError = host.ComfyError
 
 

@@ -53,7 +53,7 @@ def _load(name: str, path: Path):
     return mod
 
 
-host = _load("hf_host_tool", REPO / "tools" / "host.py")
+from tools import comfyhost as host  # noqa: E402  (the host library behind tools/host.py)
 ComfyError = host.ComfyError
 
 # Standard workflow pieces (one place; the sampler's input names live here).
