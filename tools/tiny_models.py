@@ -125,6 +125,24 @@ def _resample(sd, name, dim, mode):
             _conv3d(sd, f"{name}.time_conv", dim, dim * 2, (3, 1, 1))
 
 
+def _levels(sd, prefix, dims, blocks, resample, temporal, halved=()):
+    """The encoder's downsamples / the decoder's upsamples: ``blocks`` residual blocks per level
+    (dims[level] -> dims[level + 1]), then a ``resample`` (3d where ``temporal[level]``, else 2d)
+    after every level but the last, numbered on as ``prefix.<i>``. At the levels in ``halved`` the
+    input has half the channels (the previous upsample halved them)."""
+    i = 0
+    for level, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        if level in halved:
+            cin = cin // 2
+        for _ in range(blocks):
+            _res_block(sd, f"{prefix}.{i}", cin, cout)
+            cin = cout
+            i += 1
+        if level != len(dims) - 2:
+            _resample(sd, f"{prefix}.{i}", cout, f"{resample}3d" if temporal[level] else f"{resample}2d")
+            i += 1
+
+
 def wan_vae_shapes(dim: int = TINY_VAE_DIM, z_dim: int = WAN_VAE_Z_DIM,
                    dim_mult=(1, 2, 4, 4), num_res_blocks: int = 2,
                    temporal_down=(False, True, True)) -> dict[str, tuple]:
@@ -133,15 +151,7 @@ def wan_vae_shapes(dim: int = TINY_VAE_DIM, z_dim: int = WAN_VAE_Z_DIM,
     # encoder: conv1, downsamples, middle, head -> 2*z_dim channels (mean, log-var)
     dims = [dim * u for u in (1, *dim_mult)]
     _conv3d(sd, "encoder.conv1", 3, dims[0], (3, 3, 3))
-    i = 0
-    for level, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-        for _ in range(num_res_blocks):
-            _res_block(sd, f"encoder.downsamples.{i}", cin, cout)
-            cin = cout
-            i += 1
-        if level != len(dim_mult) - 1:
-            _resample(sd, f"encoder.downsamples.{i}", cout, "downsample3d" if temporal_down[level] else "downsample2d")
-            i += 1
+    _levels(sd, "encoder.downsamples", dims, num_res_blocks, "downsample", temporal_down)
     top = dims[-1]
     _res_block(sd, "encoder.middle.0", top, top)
     _attn_block(sd, "encoder.middle.1", top)
@@ -157,17 +167,7 @@ def wan_vae_shapes(dim: int = TINY_VAE_DIM, z_dim: int = WAN_VAE_Z_DIM,
     _res_block(sd, "decoder.middle.0", ddims[0], ddims[0])
     _attn_block(sd, "decoder.middle.1", ddims[0])
     _res_block(sd, "decoder.middle.2", ddims[0], ddims[0])
-    i = 0
-    for level, (cin, cout) in enumerate(zip(ddims[:-1], ddims[1:])):
-        if level in (1, 2, 3):
-            cin = cin // 2  # the previous upsample halved the channels
-        for _ in range(num_res_blocks + 1):
-            _res_block(sd, f"decoder.upsamples.{i}", cin, cout)
-            cin = cout
-            i += 1
-        if level != len(dim_mult) - 1:
-            _resample(sd, f"decoder.upsamples.{i}", cout, "upsample3d" if temporal_up[level] else "upsample2d")
-            i += 1
+    _levels(sd, "decoder.upsamples", ddims, num_res_blocks + 1, "upsample", temporal_up, halved=(1, 2, 3))
     sd["decoder.head.0.gamma"] = (ddims[-1], 1, 1, 1)
     _conv3d(sd, "decoder.head.2", ddims[-1], 3, (3, 3, 3))
     return sd
