@@ -1,21 +1,23 @@
-"""Attention backends for head groups with different retained key sets.
+"""Attention backends for one layer's planned sequences.
 
-A layer's heads are split into *groups*: heads whose policy keeps the same
-entries at the same positions. Each group is one dense problem (queries of the
-group's heads against that group's keys). Backends take the list of groups of a
-layer and return each group's output:
+The plan (:mod:`headforcing_core.plan`) folds a layer's heads — and, when key sets differ
+by query frame, its query frames — into *sequences*: queries ``q [B, NS, Tq, D]`` against
+keys ``k``/``v`` ``[B, NS, L, D]`` where sequence ``i`` attends its first ``lengths[i]``
+keys (the rest is padding). A :class:`LayerProblem` carries that plus the host-known
+*runs* (consecutive sequences of one length) and, where lengths are only known on the
+device (episodic memory), a boolean key mask. Backends:
 
-* ``reference``   — per head, explicit softmax in float32/float64. For tests.
-* ``grouped``     — one ``scaled_dot_product_attention`` call per group (the
-                    common case: a few groups per layer, exact, no special kernel).
-* ``padded``      — every head of every group in one SDPA call, keys padded to
-                    the longest group and masked (a portable ragged path).
-* ``flash_varlen``— flash-attn's ``flash_attn_varlen_func`` with (batch, head)
-                    folded into the sequence axis, so every head has its own key
-                    length. Only on CUDA with fp16/bf16 and flash-attn installed.
+* ``reference``    — per sequence, explicit softmax in float32/float64. For tests.
+* ``padded``       — one ``scaled_dot_product_attention`` call for the whole layer, padding
+                     masked (portable; the fewest launches).
+* ``grouped``      — one SDPA call per run of equal key length, each on its exact keys
+                     (no padding computed; a mask only where lengths live on the device).
+* ``flash_varlen`` — flash-attn's ``flash_attn_varlen_func``: every sequence packed back to
+                     back on the device (no host sync) and one call per layer. CUDA,
+                     fp16/bf16, flash-attn installed.
 
-``select_backend("auto", …)`` picks ``flash_varlen`` when it can run, else
-``grouped``, and logs its choice once.
+``select_backend("auto", …)`` picks ``flash_varlen`` when it can run, ``grouped`` on other
+CUDA devices and ``padded`` on the CPU, and logs its choice once.
 """
 
 from __future__ import annotations
@@ -31,60 +33,66 @@ import torch.nn.functional as F
 log = logging.getLogger("headforcing")
 
 
+@dataclass(frozen=True)
+class Run:
+    """Sequences ``[first, end)`` of a layer that all attend keys ``[start, start + length)`` (``masked``:
+    lengths vary on the device; ``length`` is then their upper bound)."""
+
+    first: int
+    end: int
+    length: int
+    masked: bool = False
+    start: int = 0
+
+
 @dataclass
-class GroupProblem:
-    """One dense attention problem: ``q [B, S, Hg, D]`` against ``k, v [B, L, Hg, D]`` (RoPE applied)."""
+class LayerProblem:
+    """One layer's attention: ``q [B, NS, Tq, D]``, ``k``/``v`` ``[B, NS, L, D]`` (RoPE applied; the
+    sequence axis may be split in two, ``[B, H, J, …]``, when each head has one sequence per query frame).
+
+    ``mask``: an additive bias broadcastable to ``[B, NS, Tq, L]`` (0 = attend, -inf = padding) or None
+    when every sequence attends all ``L`` keys; ``lengths``: ``[B or 1, NS]`` keys per sequence (device) — the same
+    information as ``mask`` for backends that pack; ``runs``: the host-known grouping (grouped
+    order only).
+    """
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    mask: torch.Tensor | None
+    lengths: torch.Tensor | None
+    runs: tuple[Run, ...]
+    starts: torch.Tensor | None = None  # [B or 1, NS] first key of each sequence (None: 0)
 
 
-Backend = Callable[[list[GroupProblem]], list[torch.Tensor]]
+Backend = Callable[[LayerProblem], torch.Tensor]
 
 
-def reference_attention(groups: list[GroupProblem]) -> list[torch.Tensor]:
+def reference_attention(p: LayerProblem) -> torch.Tensor:
+    compute = torch.float64 if p.q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(p.q.shape[-1])
+    logits = torch.einsum("...qd,...kd->...qk", p.q.to(compute), p.k.to(compute)) * scale
+    if p.mask is not None:
+        logits = logits + p.mask.to(compute)
+    w = torch.softmax(logits, dim=-1)
+    return torch.einsum("...qk,...kd->...qd", w, p.v.to(compute)).to(p.q.dtype)
+
+
+def padded_attention(p: LayerProblem) -> torch.Tensor:
+    return F.scaled_dot_product_attention(p.q, p.k, p.v, attn_mask=p.mask)
+
+
+def grouped_attention(p: LayerProblem) -> torch.Tensor:
+    if len(p.runs) == 1 and not p.runs[0].masked:
+        r = p.runs[0]
+        keys = slice(r.start, r.start + r.length)
+        return F.scaled_dot_product_attention(p.q, p.k[:, :, keys], p.v[:, :, keys])
     outs = []
-    for g in groups:
-        compute = torch.float64 if g.q.dtype == torch.float64 else torch.float32
-        scale = 1.0 / math.sqrt(g.q.shape[-1])
-        heads = []
-        for h in range(g.q.shape[2]):
-            q = g.q[:, :, h].to(compute)
-            k = g.k[:, :, h].to(compute)
-            v = g.v[:, :, h].to(compute)
-            w = torch.softmax(q @ k.transpose(1, 2) * scale, dim=-1)
-            heads.append(w @ v)
-        outs.append(torch.stack(heads, dim=2).to(g.q.dtype))
-    return outs
-
-
-def grouped_attention(groups: list[GroupProblem]) -> list[torch.Tensor]:
-    outs = []
-    for g in groups:
-        o = F.scaled_dot_product_attention(g.q.transpose(1, 2), g.k.transpose(1, 2), g.v.transpose(1, 2))
-        outs.append(o.transpose(1, 2))
-    return outs
-
-
-def padded_attention(groups: list[GroupProblem]) -> list[torch.Tensor]:
-    if len(groups) == 1:
-        return grouped_attention(groups)
-    b, s, _, d = groups[0].q.shape
-    lmax = max(g.k.shape[1] for g in groups)
-    qs, ks, vs, masks = [], [], [], []
-    for g in groups:
-        hg, length = g.q.shape[2], g.k.shape[1]
-        qs.append(g.q.transpose(1, 2))
-        pad = (0, 0, 0, lmax - length)
-        ks.append(F.pad(g.k.transpose(1, 2), pad))
-        vs.append(F.pad(g.v.transpose(1, 2), pad))
-        m = torch.zeros(hg, 1, lmax, dtype=torch.bool, device=g.q.device)
-        m[..., :length] = True
-        masks.append(m)
-    out = F.scaled_dot_product_attention(torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1),
-                                         attn_mask=torch.cat(masks, 0).unsqueeze(0))
-    return [o.transpose(1, 2) for o in out.split([g.q.shape[2] for g in groups], dim=1)]
+    for r in p.runs:
+        sl, keys = slice(r.first, r.end), slice(r.start, r.start + r.length)
+        mask = p.mask[:, sl, :, keys] if (r.masked and p.mask is not None) else None
+        outs.append(F.scaled_dot_product_attention(p.q[:, sl], p.k[:, sl, keys], p.v[:, sl, keys], attn_mask=mask))
+    return torch.cat(outs, dim=1)
 
 
 def _flash_varlen_fn():
@@ -99,38 +107,38 @@ def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_varlen_fn() is not None
 
 
-def flash_varlen_attention(groups: list[GroupProblem]) -> list[torch.Tensor]:
+def flash_varlen_attention(p: LayerProblem) -> torch.Tensor:
+    """Pack every sequence's valid keys back to back (positions computed on the device) and make one
+    varlen call with (batch, sequence) folded into the varlen batch."""
     fn = _flash_varlen_fn()
     if fn is None:
         raise RuntimeError("flash-attn is not importable; use the 'grouped' or 'padded' backend")
-    b, s, _, d = groups[0].q.shape
-    dev = groups[0].q.device
-    q_parts, k_parts, v_parts, k_lens = [], [], [], []
-    for g in groups:
-        hg, length = g.q.shape[2], g.k.shape[1]
-        # fold (batch, head) into independent sequences with one head each
-        q_parts.append(g.q.permute(0, 2, 1, 3).reshape(b * hg * s, 1, d))
-        k_parts.append(g.k.permute(0, 2, 1, 3).reshape(b * hg * length, 1, d))
-        v_parts.append(g.v.permute(0, 2, 1, 3).reshape(b * hg * length, 1, d))
-        k_lens += [length] * (b * hg)
-    n_seq = len(k_lens)
-    cu_q = torch.arange(0, (n_seq + 1) * s, s, dtype=torch.int32, device=dev)
+    b, ns, tq, d = p.q.shape
+    L = p.k.shape[2]
+    dev = p.q.device
+    lengths = (p.lengths if p.lengths is not None else torch.full((1, ns), L, device=dev)).expand(b, ns)
+    starts = (p.starts if p.starts is not None else torch.zeros((1, ns), dtype=torch.int64, device=dev)).expand(b, ns)
+    lengths = lengths.reshape(-1).to(torch.int32)
+    starts = starts.reshape(-1)
+    n_seq = b * ns
     cu_k = torch.zeros(n_seq + 1, dtype=torch.int32, device=dev)
-    cu_k[1:] = torch.tensor(k_lens, dtype=torch.int32, device=dev).cumsum(0)
-    out = fn(torch.cat(q_parts), torch.cat(k_parts), torch.cat(v_parts), cu_q, cu_k, s, max(k_lens))
-    outs, offset = [], 0
-    for g in groups:
-        hg = g.q.shape[2]
-        n = b * hg * s
-        outs.append(out[offset:offset + n].reshape(b, hg, s, d).permute(0, 2, 1, 3))
-        offset += n
-    return outs
+    cu_k[1:] = torch.cumsum(lengths, 0)
+    pos = torch.arange(L, device=dev)
+    rel = pos.unsqueeze(0) - starts.unsqueeze(1)  # key index within its sequence's window
+    valid = (rel >= 0) & (rel < lengths.unsqueeze(1))  # [n_seq, L]
+    dump = n_seq * L  # padding keys go past every real sequence: ignored by cu_seqlens
+    dest = torch.where(valid, cu_k[:-1].unsqueeze(1).long() + rel, dump + pos)
+    k_flat = p.k.new_zeros(dump + L, 1, d).index_copy_(0, dest.reshape(-1), p.k.reshape(-1, 1, d))
+    v_flat = p.v.new_zeros(dump + L, 1, d).index_copy_(0, dest.reshape(-1), p.v.reshape(-1, 1, d))
+    cu_q = torch.arange(0, (n_seq + 1) * tq, tq, dtype=torch.int32, device=dev)
+    out = fn(p.q.reshape(-1, 1, d), k_flat, v_flat, cu_q, cu_k, tq, L)
+    return out.reshape(b, ns, tq, d)
 
 
 BACKENDS: dict[str, Backend] = {
     "reference": reference_attention,
-    "grouped": grouped_attention,
     "padded": padded_attention,
+    "grouped": grouped_attention,
     "flash_varlen": flash_varlen_attention,
 }
 
@@ -140,7 +148,10 @@ _announced: set[str] = set()
 def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Backend]:
     """Resolve ``name`` (``auto`` or a key of :data:`BACKENDS`) and log the choice once."""
     if name == "auto":
-        name = "flash_varlen" if flash_varlen_available(device, dtype) else "grouped"
+        if flash_varlen_available(device, dtype):
+            name = "flash_varlen"
+        else:
+            name = "grouped" if device.type == "cuda" else "padded"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
     if name == "flash_varlen" and not flash_varlen_available(device, dtype):

@@ -1,526 +1,423 @@
-"""The head-wise KV cache: per layer, per head group, preallocated tiers of entries.
+"""The head-wise KV cache: one store per head *type*, spanning every layer.
 
-Within a layer, heads of the same type follow the same frame-index rule, so they
-form one *group* that keeps the same entries: a group stores raw (pre-RoPE) K
-and V for its heads in preallocated slot buffers, one per tier:
+Every head of a type keeps the same frames (the rules depend on frame indices; see
+:mod:`headforcing_core.retention`), so a type's heads — across all layers — share one
+bookkeeping (a :class:`~headforcing_core.retention.Tracker` and a page table) and one set
+of preallocated buffers, indexed by ``(layer, head)`` pairs in layer order:
 
-* ``sink``    — the first frames, kept for good;
-* ``recent``  — a ring of the last frames of history;
-* ``middle``  — what a middle rule keeps of frames leaving the recent ring
-                (strided frames, phase-matched frames, merged pooled blocks, or
-                episodic memory);
-* ``all``     — for unbounded policies, every frame (capacity = video length).
+* :class:`FramePool` — whole frames, raw (pre-RoPE) K and V ``[B, N, pages, tokens, D]``;
+  a page per held frame (sinks, recent, strided / cyclic frames are the same page when
+  they are the same frame). For policies whose keys never move (``absolute`` RoPE, one
+  type, no middle) the pool holds keys rotated at their absolute time and *is* what
+  attention reads: the chunk's own pages are written in place by every model call.
+* :class:`BlockPool` — Pyramid Forcing's merged blocks (pooled tokens) and the running sum
+  of the block being filled.
+* :class:`EpisodicMemory` — Head Forcing's memory heads: pooled episodes with their
+  bookkeeping *on the device*; every decision (join the newest episode, open one, merge the
+  two most similar neighbours) is taken per batch row and per layer with tensor ops, so a
+  commit never synchronises with the host and batch rows are independent.
 
-Committing a chunk writes its frames into slots (evicting through the rules);
-it never copies the whole cache. Noisy denoising calls only read. Memory is the
-sum of the tier capacities, fixed by the policy, not by the video length.
-
-Snapshots (AR_STATE, continuation): ``HeadwiseKVCache.state_dict()`` returns every
-tier's slot buffers (CPU copies) and the bookkeeping that says which slot holds
-which frames; ``load_state_dict()`` copies them into a freshly allocated cache of
-the same policy (the unbounded ``all`` tier may be larger: it grows on continue).
-``replace()`` overwrites the stored K/V of frames kept as whole frames (recache).
+Memory is the sum of these capacities, fixed by the policy, not by the video length
+(except ``full``'s all-frames pool). Committing a chunk writes its frames into pages; it
+never copies the whole cache.
 """
 
 from __future__ import annotations
 
-import math
-from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .errors import StateError
-from .policies import Cyclic, Episodic, Merge, RetentionRule, Stride
+from .policies import Merge, PyramidRule, RetentionRule, Rule
+from .retention import Commit, Tracker, make_tracker
 from .rope import pool_tokens, pooled_grid
 
 
-@dataclass
-class Entry:
-    """One retained item of a group: a whole frame or a pooled summary."""
+class FramePool:
+    """Whole frames of one head type: ``k``/``v`` ``[B, N, pages, tokens, D]`` and the page of each frame."""
 
-    k: torch.Tensor  # [B, tokens, Hg, D], raw (pre-RoPE)
-    v: torch.Tensor
-    time: float  # absolute frame time (mean time for merged entries)
-    pool: int = 1  # 1: full frame; p: p×p spatially pooled
-    sink: bool = False
-    frames: tuple[int, ...] = ()  # absolute frame indices summarised by this entry
-    kind: str = "recent"
-
-
-class SlotStore:
-    """``capacity`` preallocated slots of ``[B, tokens, Hg, D]`` for K and V."""
-
-    def __init__(self, capacity: int, batch: int, tokens: int, heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (batch, capacity, tokens, heads, head_dim)
+    def __init__(self, capacity: int, batch: int, heads: int, tokens: int, head_dim: int, dtype, device):
+        shape = (batch, heads, capacity, tokens, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.capacity = capacity
+        self.page_of: dict[int, int] = {}
+        self.free: list[int] = list(range(capacity))
 
-    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[:, slot].copy_(k)
-        self.v[:, slot].copy_(v)
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
 
-    def view(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[:, slot], self.v[:, slot]
+    def reserve(self, frames: list[int]) -> list[int]:
+        """Pages for new frames, lowest free first (so pages fill in order while the video is short)."""
+        if len(self.free) < len(frames):
+            raise RuntimeError(f"frame pool full: {len(self.free)} free pages for {len(frames)} frames")
+        self.free.sort()
+        pages = [self.free.pop(0) for _ in frames]
+        for f, p in zip(frames, pages):
+            self.page_of[f] = p
+        return pages
+
+    def release(self, keep: set[int]) -> None:
+        for f in [f for f in self.page_of if f not in keep]:
+            self.free.append(self.page_of.pop(f))
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
-    def export(self, prefix: str, tensors: dict) -> None:
-        """CPU copies of both buffers (all slots) under ``prefix.k`` / ``prefix.v``."""
-        tensors[prefix + ".k"] = self.k.detach().to("cpu", copy=True).contiguous()
-        tensors[prefix + ".v"] = self.v.detach().to("cpu", copy=True).contiguous()
-
-    def restore(self, prefix: str, tensors: dict) -> int:
-        """Copy saved buffers into the first slots; the saved capacity may be smaller (growth)."""
-        k, v = _tensor(tensors, prefix + ".k"), _tensor(tensors, prefix + ".v")
-        n = k.shape[1] if k.ndim == 5 else -1
-        if k.shape != v.shape or n < 0 or n > self.capacity or k.shape[0] != self.k.shape[0] \
-                or k.shape[2:] != self.k.shape[2:]:
-            raise StateError(f"saved cache buffer {prefix} has shape {tuple(k.shape)}, which does not fit this "
-                             f"run's buffer {tuple(self.k.shape)} (another batch, size or policy?)")
-        self.k[:, :n].copy_(k)
-        self.v[:, :n].copy_(v)
-        return n
+        return 2 * self.k.numel() * self.k.element_size()
 
 
-def _tensor(tensors: dict, name: str) -> torch.Tensor:
-    if name not in tensors:
-        raise StateError(f"the saved cache lacks tensor {name!r}: the AR_STATE is incomplete or corrupt")
-    return tensors[name]
+class BlockPool:
+    """Merged blocks of one head type (pooled tokens) and the running sum of the block being filled."""
+
+    def __init__(self, capacity: int, batch: int, heads: int, tokens: int, head_dim: int, dtype, device):
+        shape = (batch, heads, capacity, tokens, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        acc = (batch, heads, tokens, head_dim)
+        self.acc_k = torch.zeros(acc, dtype=torch.float32 if dtype != torch.float64 else dtype, device=device)
+        self.acc_v = torch.zeros_like(self.acc_k)
+        self.acc_frames = 0
+        self.page_of: dict[int, int] = {}
+        self.free: list[int] = list(range(capacity))
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * (self.k.numel() * self.k.element_size() + self.acc_k.numel() * self.acc_k.element_size())
 
 
-def _frames(raw) -> tuple[int, ...]:
-    return tuple(int(f) for f in raw)
+class EpisodicMemory:
+    """Pooled episodes of one head type with device-side bookkeeping per (batch row, layer).
 
+    ``k``/``v`` ``[B, N, slots, tokens, D]``; ``sig`` ``[B, N, slots, D]`` (float32 running mean of
+    each head's mean key); per ``[B, layers, slots]``: ``valid``, ``first`` / ``last`` frame,
+    ``count``. Episodes are contiguous runs of evicted frames, so ``(first, last)`` says which
+    frames an episode holds and its time is their mean.
+    """
 
-class FifoTier:
-    """Up to ``capacity`` entries in arrival order over a slot ring."""
+    def __init__(self, rule, batch: int, heads: int, layer_of_head: list[int], layers: int, tokens: int,
+                 head_dim: int, dtype, device):
+        self.cap, self.pool, self.similarity = rule.cap, rule.pool, float(rule.similarity)
+        slots = rule.cap + 1  # headroom: a new episode opens before the two most similar ones merge
+        self.k = torch.zeros(batch, heads, slots, tokens, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.sig = torch.zeros(batch, heads, slots, head_dim, dtype=torch.float32, device=device)
+        self.valid = torch.zeros(batch, layers, slots, dtype=torch.bool, device=device)
+        self.first = torch.zeros(batch, layers, slots, dtype=torch.int64, device=device)
+        self.last = torch.zeros_like(self.first)
+        self.count = torch.zeros(batch, layers, slots, dtype=torch.float64, device=device)
+        self.layer_of_head = torch.tensor(layer_of_head, dtype=torch.int64, device=device)
+        self.layers = layers
 
-    def __init__(self, store: SlotStore, kind: str, pool: int = 1):
-        self.store = store
-        self.kind = kind
-        self.pool = pool
-        self.items: deque[tuple[int, float, tuple[int, ...]]] = deque()  # (slot, time, frames)
-        self.free = list(range(store.capacity - 1, -1, -1))
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
 
-    def __len__(self) -> int:
-        return len(self.items)
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sig))
 
-    def full(self) -> bool:
-        return len(self.items) >= self.store.capacity
+    # ---- helpers over (batch, layer) ------------------------------------------------------
+    def _per_layer(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``[B, N, ...]`` over the heads of each layer → ``[B, layers, ...]``."""
+        out = x.new_zeros((x.shape[0], self.layers) + tuple(x.shape[2:]))
+        return out.index_add_(1, self.layer_of_head, x)
 
-    def pop_oldest(self) -> tuple[int, float, tuple[int, ...]]:
-        item = self.items.popleft()
-        self.free.append(item[0])
-        return item
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Broadcast ``[B, layers, ...]`` to ``[B, N, ...]``."""
+        return x.index_select(1, self.layer_of_head)
 
-    def push(self, k: torch.Tensor, v: torch.Tensor, time: float, frames: tuple[int, ...]) -> None:
-        """Append; drops the oldest entry when full (call :meth:`pop_oldest` first to keep it)."""
-        if self.store.capacity == 0:
-            return
-        if self.full():
-            self.pop_oldest()
-        slot = self.free.pop()
-        self.store.write(slot, k, v)
-        self.items.append((slot, time, frames))
+    def _cosine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity per (row, layer) of the concatenated per-head vectors ``[B, N, ..., D]``."""
+        dot = self._per_layer((a * b).sum(-1))
+        na = self._per_layer((a * a).sum(-1))
+        nb = self._per_layer((b * b).sum(-1))
+        return dot / torch.clamp(torch.sqrt(na * nb), min=1e-12)
 
-    def entries(self, sink: bool = False) -> list[Entry]:
+    def _gather_slots(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """``x[b, n, slot[b, layer(n)]]`` for ``x`` ``[B, N, slots, ...]`` and ``slot`` ``[B, layers]``."""
+        idx = self._heads(slot)
+        idx = idx.view(idx.shape + (1,) * (x.dim() - 2)).expand((-1, -1, 1) + tuple(x.shape[3:]))
+        return x.gather(2, idx).squeeze(2)
+
+    def _scatter_slots(self, x: torch.Tensor, slot: torch.Tensor, value: torch.Tensor) -> None:
+        idx = self._heads(slot)
+        idx = idx.view(idx.shape + (1,) * (x.dim() - 2)).expand((-1, -1, 1) + tuple(x.shape[3:]))
+        x.scatter_(2, idx, value.unsqueeze(2).to(x.dtype))
+
+    def time_order(self) -> torch.Tensor:
+        """Slots of every (row, layer) sorted by time, valid episodes first: ``[B, layers, slots]``."""
+        big = torch.iinfo(torch.int64).max
+        return torch.argsort(torch.where(self.valid, self.first, big), dim=-1, stable=True)
+
+    def times(self) -> torch.Tensor:
+        """Each slot's time (the mean of its frames), ``[B, layers, slots]`` float64."""
+        return (self.first + self.last).to(torch.float64) / 2
+
+    # ---- one evicted frame ---------------------------------------------------------------
+    def accept(self, k: torch.Tensor, v: torch.Tensor, frame: int, opens: bool, grid: tuple[int, int]) -> None:
+        """Fold one evicted frame (``[B, N, tokens, D]`` raw K/V) into every (row, layer)'s memory."""
+        pk = pool_tokens(k, *grid, self.pool)
+        pv = pool_tokens(v, *grid, self.pool)
+        sig = pk.float().mean(dim=2)  # [B, N, D]: each head's mean key of this frame
+        n_valid = self.valid.sum(-1)  # [B, L]
+        order = self.time_order()
+        newest = order.gather(-1, torch.clamp(n_valid - 1, min=0).unsqueeze(-1)).squeeze(-1)
+        similar = self._cosine(sig, self._gather_slots(self.sig, newest)) >= self.similarity
+        join = (n_valid > 0) & similar if not opens else torch.zeros_like(similar)
+        free = torch.argmax((~self.valid).to(torch.int8), dim=-1)
+        target = torch.where(join, newest, free)
+        count = self.count.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        w_old = torch.where(join, count / (count + 1), torch.zeros_like(count))  # [B, L] float64
+        self._fold(target, pk, pv, sig, w_old)
+        first = torch.where(join, self.first.gather(-1, target.unsqueeze(-1)).squeeze(-1),
+                            torch.full_like(target, frame))
+        self._set(target, first=first, last=torch.full_like(target, frame), count=count * join + 1)
+        self._merge_when_full()
+
+    def _fold(self, target, k, v, sig, w_old) -> None:
+        """Running mean of the target slots with (k, v, sig) at weight ``1 - w_old``."""
+        w_h = self._heads(w_old)  # [B, N]
+        for store, new in ((self.k, k), (self.v, v), (self.sig, sig)):
+            old = self._gather_slots(store, target)
+            w = w_h.view(w_h.shape + (1,) * (old.dim() - 2)).to(torch.float32 if store.dtype != torch.float64
+                                                                  else torch.float64)
+            mixed = old.to(w.dtype) * w + new.to(w.dtype) * (1 - w)
+            self._scatter_slots(store, target, mixed)
+
+    def _set(self, slot, *, first, last, count) -> None:
+        i = slot.unsqueeze(-1)
+        self.first.scatter_(-1, i, first.unsqueeze(-1))
+        self.last.scatter_(-1, i, last.unsqueeze(-1))
+        self.count.scatter_(-1, i, count.unsqueeze(-1).to(self.count.dtype))
+        self.valid.scatter_(-1, i, torch.ones_like(i, dtype=torch.bool))
+
+    def _merge_when_full(self) -> None:
+        """Where a (row, layer) holds more than ``cap`` episodes, merge its two most similar neighbours."""
+        need = self.valid.sum(-1) > self.cap  # [B, L]
+        order = self.time_order()
+        sig_sorted = self.sig.gather(2, self._heads(order)[..., None].expand(-1, -1, -1, self.sig.shape[-1]))
+        sims = self._cosine(sig_sorted[:, :, :-1], sig_sorted[:, :, 1:])  # [B, L, slots-1]
+        pair_ok = torch.arange(self.slots - 1, device=sims.device) + 1 < self.valid.sum(-1, keepdim=True)
+        best = torch.argmax(torch.where(pair_ok, sims, torch.full_like(sims, -torch.inf)), dim=-1)
+        a = order.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+        b = order.gather(-1, (best + 1).unsqueeze(-1)).squeeze(-1)
+        ca = self.count.gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        cb = self.count.gather(-1, b.unsqueeze(-1)).squeeze(-1)
+        w_old = torch.where(need, ca / (ca + cb), torch.ones_like(ca))  # rows that need no merge keep a as it is
+        self._fold(a, self._gather_slots(self.k, b), self._gather_slots(self.v, b), self._gather_slots(self.sig, b),
+                   w_old)
+        first = self.first.gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        last_b = self.last.gather(-1, b.unsqueeze(-1)).squeeze(-1)
+        last_a = self.last.gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        self._set(a, first=first, last=torch.where(need, last_b, last_a), count=torch.where(need, ca + cb, ca))
+        keep_b = self.valid.gather(-1, b.unsqueeze(-1)) & ~need.unsqueeze(-1)
+        self.valid.scatter_(-1, b.unsqueeze(-1), keep_b)
+
+    def episodes(self, batch_row: int = 0) -> list[list[tuple[int, ...]]]:
+        """Per layer (with heads of this type): the frames of each episode in time order (host; for tests)."""
+        valid, first, last = (t[batch_row].cpu() for t in (self.valid, self.first, self.last))
         out = []
-        for slot, time, frames in self.items:
-            k, v = self.store.view(slot)
-            out.append(Entry(k, v, time, self.pool, sink, frames, self.kind))
+        for layer in range(self.layers):
+            eps = sorted((int(first[layer, s]), int(last[layer, s])) for s in range(self.slots) if valid[layer, s])
+            out.append([tuple(range(a, b + 1)) for a, b in eps])
         return out
 
-    def state(self, prefix: str, tensors: dict) -> dict:
-        self.store.export(prefix, tensors)
-        return {"capacity": self.store.capacity, "free": list(self.free),
-                "items": [[slot, time, list(frames)] for slot, time, frames in self.items]}
 
-    def load_state(self, prefix: str, tensors: dict, meta: dict) -> None:
-        old = int(meta["capacity"])
-        if self.store.restore(prefix, tensors) != old:
-            raise StateError(f"saved cache tier {prefix}: buffer and bookkeeping disagree (corrupt AR_STATE)")
-        items = deque((int(s), float(t), _frames(fr)) for s, t, fr in meta["items"])
-        free = [int(s) for s in meta["free"]]
-        if sorted([i[0] for i in items] + free) != list(range(old)):
-            raise StateError(f"saved cache tier {prefix}: inconsistent slot map (corrupt AR_STATE)")
-        self.items = items
-        # slots added by growth are used after the saved free ones (the list pops from the end)
-        self.free = list(range(self.store.capacity - 1, old - 1, -1)) + free
+@dataclass
+class TypeStore:
+    """Everything one head type keeps: its tracker, its heads, its buffers."""
 
-
-class MiddleTier:
-    """Base class: receives frames leaving the recent ring."""
-
-    def accept(self, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
-        raise NotImplementedError
-
-    def entries(self, chunk_start: int) -> list[Entry]:
-        raise NotImplementedError
-
-    def on_prompt_switch(self, first_frame: int | None = None) -> None:
-        """Called when the prompt changes at ``first_frame``; only episodic memory reacts."""
-
-    def fifos(self) -> list[FifoTier]:
-        """Tiers whose entries are kept frames or blocks (not episodes)."""
-        return [self.fifo] if hasattr(self, "fifo") else []
-
-    def state(self, prefix: str, tensors: dict) -> dict:
-        return {"fifo": self.fifo.state(prefix + ".fifo", tensors)}
-
-    def load_state(self, prefix: str, tensors: dict, meta: dict) -> None:
-        self.fifo.load_state(prefix + ".fifo", tensors, meta["fifo"])
-
-    stores: list[SlotStore]
-
-
-class StrideTier(MiddleTier):
-    def __init__(self, rule: Stride, make_store):
-        self.rule = rule
-        self.fifo = FifoTier(make_store(rule.cap, 1), "stride")
-        self.stores = [self.fifo.store]
-
-    def accept(self, k, v, frame):
-        if frame % self.rule.every == 0:
-            self.fifo.push(k, v, float(frame), (frame,))
-
-    def entries(self, chunk_start):
-        return self.fifo.entries()
-
-
-class CyclicTier(MiddleTier):
-    def __init__(self, rule: Cyclic, make_store, frames_per_block: int):
-        self.rule = rule
-        self.phase_step = math.gcd(frames_per_block, rule.period)  # phases a chunk can start on
-        self.fifo = FifoTier(make_store(rule.cap, 1), "cyclic")
-        self.stores = [self.fifo.store]
-
-    def accept(self, k, v, frame):
-        if frame % self.phase_step == 0:
-            self.fifo.push(k, v, float(frame), (frame,))
-
-    def entries(self, chunk_start):
-        phase = chunk_start % self.rule.period
-        return [e for e in self.fifo.entries() if int(e.time) % self.rule.period == phase]
-
-
-class MergeTier(MiddleTier):
-    """Blocks of ``block`` evicted frames, pooled and averaged into one entry each."""
-
-    def __init__(self, rule: Merge, make_store):
-        self.rule = rule
-        self.fifo = FifoTier(make_store(rule.cap, rule.pool), "merged", pool=rule.pool)
-        self.acc = make_store(1, rule.pool)  # running sum of the block being filled
-        self.acc_frames: list[int] = []
-        self.stores = [self.fifo.store, self.acc]
-
-    def accept(self, k, v, frame):
-        pk, pv = self._pool(k), self._pool(v)
-        if not self.acc_frames:
-            self.acc.write(0, pk, pv)
-        else:
-            self.acc.k[:, 0].add_(pk)
-            self.acc.v[:, 0].add_(pv)
-        self.acc_frames.append(frame)
-        if len(self.acc_frames) == self.rule.block:
-            n = len(self.acc_frames)
-            k_mean, v_mean = self.acc.k[:, 0] / n, self.acc.v[:, 0] / n
-            self.fifo.push(k_mean, v_mean, sum(self.acc_frames) / n, tuple(self.acc_frames))
-            self.acc_frames = []
-
-    def _pool(self, x):
-        return pool_tokens(x, *self.grid, self.rule.pool)
-
-    def state(self, prefix, tensors):
-        self.acc.export(prefix + ".acc", tensors)
-        return {"fifo": self.fifo.state(prefix + ".fifo", tensors), "acc_frames": list(self.acc_frames)}
-
-    def load_state(self, prefix, tensors, meta):
-        self.fifo.load_state(prefix + ".fifo", tensors, meta["fifo"])
-        self.acc.restore(prefix + ".acc", tensors)
-        self.acc_frames = list(_frames(meta["acc_frames"]))
-
-    def entries(self, chunk_start):
-        return self.fifo.entries()
-
-
-class EpisodicTier(MiddleTier):
-    """Hierarchical episodic memory for memory heads (see :class:`~headforcing_core.policies.Episodic`)."""
-
-    def __init__(self, rule: Episodic, make_store):
-        self.rule = rule
-        self.store = make_store(rule.cap + 1, rule.pool)  # +1: headroom before a merge
-        self.stores = [self.store]
-        # each episode: dict(slot, count, time, frames, sig) in time order
-        self.episodes: list[dict] = []
-        self.free = list(range(self.store.capacity - 1, -1, -1))
-        # first frames generated under a new prompt: evicting one of them opens a new episode,
-        # so an episode never spans a prompt switch (frames still in the recent ring when the
-        # prompt changes belong to the old prompt's episode)
-        self.switch_frames: list[int] = []
-
-    def on_prompt_switch(self, first_frame: int | None = None):
-        self.switch_frames.append(-1 if first_frame is None else int(first_frame))
-
-    @staticmethod
-    def _signature(k: torch.Tensor) -> torch.Tensor:
-        return k.float().mean(dim=(0, 1)).flatten()  # mean key over batch and tokens, all heads
-
-    @staticmethod
-    def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(F.cosine_similarity(a, b, dim=0))
-
-    def accept(self, k, v, frame):
-        pk = pool_tokens(k, *self.grid, self.rule.pool)
-        pv = pool_tokens(v, *self.grid, self.rule.pool)
-        sig = self._signature(pk)
-        last = self.episodes[-1] if self.episodes else None
-        crosses_switch = any(b <= frame for b in self.switch_frames)
-        if last is not None and not crosses_switch and self._cos(sig, last["sig"]) >= self.rule.similarity:
-            self._fold(last, pk, pv, 1, float(frame), (frame,), sig)
-        else:
-            slot = self.free.pop()
-            self.store.write(slot, pk, pv)
-            self.episodes.append(dict(slot=slot, count=1, time=float(frame), frames=(frame,), sig=sig))
-        self.switch_frames = [b for b in self.switch_frames if b > frame]
-        if len(self.episodes) > self.rule.cap:
-            self._merge_most_similar_neighbours()
-
-    def _fold(self, ep: dict, k, v, count: int, time: float, frames: tuple[int, ...], sig) -> None:
-        """Running mean of ``ep`` with ``count`` more frames summarised by (k, v)."""
-        total = ep["count"] + count
-        w_old, w_new = ep["count"] / total, count / total
-        ek, ev = self.store.view(ep["slot"])
-        ek.mul_(w_old).add_(k.to(ek.dtype), alpha=w_new)
-        ev.mul_(w_old).add_(v.to(ev.dtype), alpha=w_new)
-        ep["time"] = ep["time"] * w_old + time * w_new
-        ep["sig"] = ep["sig"] * w_old + sig * w_new
-        ep["count"] = total
-        ep["frames"] = ep["frames"] + frames
-
-    def _merge_most_similar_neighbours(self) -> None:
-        sims = [self._cos(a["sig"], b["sig"]) for a, b in zip(self.episodes, self.episodes[1:])]
-        i = max(range(len(sims)), key=lambda j: sims[j])
-        a, b = self.episodes[i], self.episodes.pop(i + 1)
-        bk, bv = self.store.view(b["slot"])
-        self._fold(a, bk, bv, b["count"], b["time"], b["frames"], b["sig"])
-        self.free.append(b["slot"])
-
-    def entries(self, chunk_start):
-        out = []
-        for ep in self.episodes:
-            k, v = self.store.view(ep["slot"])
-            out.append(Entry(k, v, ep["time"], self.rule.pool, False, ep["frames"], "episode"))
-        return out
-
-    def state(self, prefix, tensors):
-        self.store.export(prefix, tensors)
-        sig_dim = self.store.k.shape[3] * self.store.k.shape[4]
-        tensors[prefix + ".sig"] = (torch.stack([ep["sig"].detach().to("cpu", torch.float32) for ep in self.episodes])
-                                    if self.episodes else torch.zeros(0, sig_dim))
-        return {"capacity": self.store.capacity, "free": list(self.free), "switch_frames": list(self.switch_frames),
-                "episodes": [{"slot": ep["slot"], "count": ep["count"], "time": ep["time"],
-                              "frames": list(ep["frames"])} for ep in self.episodes]}
-
-    def load_state(self, prefix, tensors, meta):
-        if self.store.restore(prefix, tensors) != self.store.capacity or int(meta["capacity"]) != self.store.capacity:
-            raise StateError(f"saved episodic memory {prefix} has another capacity than this policy's")
-        sigs = _tensor(tensors, prefix + ".sig")
-        eps = meta["episodes"]
-        free = [int(s) for s in meta["free"]]
-        if sigs.shape[0] != len(eps) or sorted([int(e["slot"]) for e in eps] + free) != list(range(self.store.capacity)):
-            raise StateError(f"saved episodic memory {prefix}: inconsistent episodes (corrupt AR_STATE)")
-        device = self.store.k.device
-        self.episodes = [dict(slot=int(e["slot"]), count=int(e["count"]), time=float(e["time"]),
-                              frames=_frames(e["frames"]), sig=sigs[i].to(device, torch.float32, copy=True))
-                         for i, e in enumerate(eps)]
-        self.free = free
-        self.switch_frames = [int(b) for b in meta.get("switch_frames", [])]
-
-
-class GroupCache:
-    """Retained history of one head group of one layer."""
-
-    def __init__(self, head_type: str, heads: list[int], rule: RetentionRule, *, batch: int, grid: tuple[int, int],
-                 head_dim: int, frames_per_block: int, total_frames: int, dtype: torch.dtype,
-                 device: torch.device):
-        self.head_type = head_type
-        self.heads = heads
-        self.rule = rule
-        self.grid = grid
-        gh, gw = grid
-
-        def make_store(capacity: int, pool: int) -> SlotStore:
-            ph, pw = pooled_grid(gh, gw, pool)
-            return SlotStore(capacity, batch, ph * pw, len(heads), head_dim, dtype, device)
-
-        hist = rule.history_frames(frames_per_block)
-        self.sink = FifoTier(make_store(rule.sink if hist is not None else 0, 1), "sink")
-        if hist is None:  # unbounded: every frame
-            self.recent = FifoTier(make_store(total_frames, 1), "all")
-        else:
-            self.recent = FifoTier(make_store(hist, 1), "recent")
-        m = rule.middle
-        self.middle: MiddleTier | None
-        if isinstance(m, Stride):
-            self.middle = StrideTier(m, make_store)
-        elif isinstance(m, Cyclic):
-            self.middle = CyclicTier(m, make_store, frames_per_block)
-        elif isinstance(m, Merge):
-            self.middle = MergeTier(m, make_store)
-        elif isinstance(m, Episodic):
-            self.middle = EpisodicTier(m, make_store)
-        else:
-            self.middle = None
-        if self.middle is not None:
-            self.middle.grid = grid  # type: ignore[attr-defined]
-        self.bounded = hist is not None
-
-    def commit_frame(self, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
-        """Store one frame's raw K/V (``[B, tokens, Hg, D]``), evicting through the rules."""
-        if self.bounded and frame < self.rule.sink:
-            self.sink.push(k, v, float(frame), (frame,))
-            return
-        if self.recent.store.capacity and self.recent.full():
-            slot, _, frames = self.recent.items[0]
-            if self.middle is not None:
-                ok, ov = self.recent.store.view(slot)
-                self.middle.accept(ok, ov, frames[0])
-            self.recent.pop_oldest()
-        self.recent.push(k, v, float(frame), (frame,))
-
-    def entries(self, chunk_start: int) -> list[Entry]:
-        """What the chunk starting at ``chunk_start`` attends to, besides itself, in time order."""
-        out = self.sink.entries(sink=True)
-        if self.middle is not None:
-            out += self.middle.entries(chunk_start)
-        out += self.recent.entries()
-        return out
-
-    def on_prompt_switch(self, first_frame: int | None = None) -> None:
-        if self.middle is not None:
-            self.middle.on_prompt_switch(first_frame)
-
-    def replace_frame(self, frame: int, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Overwrite the raw K/V (``[B, tokens, Hg, D]``) of every entry that keeps ``frame`` as a whole
-        frame (sink, recent / all, strided or phase-kept copies). Pooled or merged summaries that
-        include the frame, and the episodic memory, are left as they are. Returns how many
-        entries were replaced (0 when the frame is no longer retained whole)."""
-        tiers = [self.sink, self.recent] + (self.middle.fifos() if self.middle is not None else [])
-        n = 0
-        for tier in tiers:
-            if tier.pool != 1:
-                continue
-            for slot, _, frames in tier.items:
-                if frames == (frame,):
-                    tier.store.write(slot, k, v)
-                    n += 1
-        return n
-
-    def state(self, prefix: str, tensors: dict) -> dict:
-        meta = {"head_type": self.head_type, "heads": list(self.heads),
-                "middle_kind": type(self.middle).__name__ if self.middle is not None else None,
-                "sink": self.sink.state(prefix + ".sink", tensors),
-                "recent": self.recent.state(prefix + ".recent", tensors)}
-        if self.middle is not None:
-            meta["middle"] = self.middle.state(prefix + ".middle", tensors)
-        return meta
-
-    def load_state(self, prefix: str, tensors: dict, meta: dict) -> None:
-        kind = type(self.middle).__name__ if self.middle is not None else None
-        if (meta["head_type"], list(meta["heads"]), meta["middle_kind"]) != (self.head_type, list(self.heads), kind):
-            raise StateError(
-                f"saved cache group {prefix} is {meta['head_type']!r} heads {meta['heads']} ({meta['middle_kind']}) "
-                f"but this policy makes {self.head_type!r} heads {self.heads} ({kind}): the AR_STATE was made "
-                "with another policy or head labels")
-        self.sink.load_state(prefix + ".sink", tensors, meta["sink"])
-        self.recent.load_state(prefix + ".recent", tensors, meta["recent"])
-        if self.middle is not None:
-            self.middle.load_state(prefix + ".middle", tensors, meta["middle"])
-
-    def stores(self) -> list[SlotStore]:
-        return [self.sink.store, self.recent.store] + (self.middle.stores if self.middle else [])
+    head_type: str
+    rule: Rule
+    tracker: Tracker
+    heads: list[tuple[int, int]]  # (layer, head) in layer order
+    frames: FramePool
+    blocks: BlockPool | None
+    episodes: EpisodicMemory | None
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.stores())
-
-
-class LayerCache:
-    """The groups of one layer. Heads of one type form one group."""
-
-    def __init__(self, head_types: tuple[str, ...], rules: dict[str, RetentionRule], **kw):
-        by_type: dict[str, list[int]] = {}
-        for h, t in enumerate(head_types):
-            by_type.setdefault(t, []).append(h)
-        self.num_heads = len(head_types)
-        self.groups = [GroupCache(t, heads, rules[t], **kw) for t, heads in by_type.items()]
-
-    def commit(self, k: torch.Tensor, v: torch.Tensor, chunk_start: int, frames: int) -> None:
-        """Commit a chunk's raw ``[B, frames·tokens, heads, D]`` K/V."""
-        for g in self.groups:
-            gk = k if len(g.heads) == self.num_heads else k[:, :, g.heads]
-            gv = v if len(g.heads) == self.num_heads else v[:, :, g.heads]
-            gk = gk.unflatten(1, (frames, -1))
-            gv = gv.unflatten(1, (frames, -1))
-            for j in range(frames):
-                g.commit_frame(gk[:, j], gv[:, j], chunk_start + j)
-
-    def replace(self, k: torch.Tensor, v: torch.Tensor, chunk_start: int, frames: int) -> int:
-        """Like :meth:`commit`, but overwrite the frames where they are kept whole; returns entries replaced."""
-        n = 0
-        for g in self.groups:
-            gk = (k if len(g.heads) == self.num_heads else k[:, :, g.heads]).unflatten(1, (frames, -1))
-            gv = (v if len(g.heads) == self.num_heads else v[:, :, g.heads]).unflatten(1, (frames, -1))
-            for j in range(frames):
-                n += g.replace_frame(chunk_start + j, gk[:, j], gv[:, j])
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return sum(g.nbytes for g in self.groups)
+        return self.frames.nbytes + (self.blocks.nbytes if self.blocks else 0) + (
+            self.episodes.nbytes if self.episodes else 0)
 
 
 class HeadwiseKVCache:
-    """Per-layer, per-head-group KV cache driven by a policy's head types and rules."""
+    """Per-type stores for a policy's head types over all layers.
 
-    def __init__(self, head_types: tuple[tuple[str, ...], ...], rules: dict[str, RetentionRule], *, batch: int,
+    ``prerotated``: the frame pool holds keys rotated at their absolute time and is read
+    in place by attention (see the module docstring); otherwise it holds raw keys and the
+    plan gathers and rotates what each chunk attends.
+    """
+
+    def __init__(self, head_types: tuple[tuple[str, ...], ...], rules: dict[str, Rule], *, batch: int,
                  grid: tuple[int, int], head_dim: int, frames_per_block: int, total_frames: int,
-                 dtype: torch.dtype, device: torch.device):
-        kw = dict(batch=batch, grid=grid, head_dim=head_dim, frames_per_block=frames_per_block,
-                  total_frames=total_frames, dtype=dtype, device=device)
-        self.layers = [LayerCache(row, rules, **kw) for row in head_types]
-        self.total_frames = total_frames
+                 dtype: torch.dtype, device: torch.device, prerotated: bool = False):
+        self.num_layers = len(head_types)
+        self.num_heads = len(head_types[0])
+        self.head_types = head_types
         self.grid = grid
+        self.tokens = grid[0] * grid[1]
         self.head_dim = head_dim
         self.frames_per_block = frames_per_block
-        self.committed_frames = 0
+        self.total_frames = total_frames
+        self.batch = batch
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.prerotated = prerotated
+        order = [t for t in rules if any(t in row for row in head_types)]
+        self.types: list[TypeStore] = []
+        for t in order:
+            self.types.append(self._make_store(t, rules[t], total_frames))
+        # where each (layer, head) lives: (type index, index among that type's heads)
+        self.slot_of: dict[tuple[int, int], tuple[int, int]] = {}
+        for ti, ts in enumerate(self.types):
+            for n, lh in enumerate(ts.heads):
+                self.slot_of[lh] = (ti, n)
 
-    def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk_start: int, frames: int) -> None:
-        self.layers[layer].commit(k, v, chunk_start, frames)
+    def _make_store(self, head_type: str, rule: Rule, total_frames: int) -> TypeStore:
+        heads = [(li, hi) for li, row in enumerate(self.head_types) for hi, t in enumerate(row) if t == head_type]
+        tracker = make_tracker(rule, self.frames_per_block)
+        n = len(heads)
+        gh, gw = self.grid
+        frames = FramePool(tracker.frame_capacity(self.frames_per_block, total_frames), self.batch, n, self.tokens,
+                           self.head_dim, self.dtype, self.device)
+        blocks = episodes = None
+        if isinstance(rule, PyramidRule) and isinstance(rule.middle, Merge):
+            ph, pw = pooled_grid(gh, gw, rule.middle.patch)
+            blocks = BlockPool(tracker.block_capacity(), self.batch, n, ph * pw, self.head_dim, self.dtype,
+                               self.device)
+        if isinstance(rule, RetentionRule) and rule.middle is not None:
+            ph, pw = pooled_grid(gh, gw, rule.middle.pool)
+            layers = sorted({li for li, _ in heads})
+            slot = {li: i for i, li in enumerate(layers)}
+            episodes = EpisodicMemory(rule.middle, self.batch, n, [slot[li] for li, _ in heads], len(layers),
+                                      ph * pw, self.head_dim, self.dtype, self.device)
+            episodes.layer_ids = layers  # type: ignore[attr-defined]
+        return TypeStore(head_type, rule, tracker, heads, frames, blocks, episodes)
 
-    def on_prompt_switch(self, first_frame: int | None = None) -> None:
-        """The prompt changes from ``first_frame`` on (None: from the next frame to leave a recent window)."""
-        for layer in self.layers:
-            for g in layer.groups:
-                g.on_prompt_switch(first_frame)
+    # ---- bookkeeping ----------------------------------------------------------------------
+    def reserve(self, start: int, frames: int) -> list[list[int]]:
+        """Pages for the chunk's frames in every type's pool (before its model calls)."""
+        return [ts.frames.reserve(list(range(start, start + frames))) for ts in self.types]
 
-    def replace(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk_start: int, frames: int) -> int:
-        """Overwrite a chunk's frames (raw ``[B, frames·tokens, heads, D]`` K/V) where they are kept whole."""
-        return self.layers[layer].replace(k, v, chunk_start, frames)
+    def on_prompt_switch(self, first_frame: int) -> None:
+        for ts in self.types:
+            ts.tracker.on_prompt_switch(first_frame)
+
+    # ---- committing ------------------------------------------------------------------------
+    def commit(self, start: int, frames: int, staged_k: torch.Tensor | None, staged_v: torch.Tensor | None) -> None:
+        """After the clean pass: write its raw K/V (``staged``: ``[layers, B, frames·tokens, heads, D]``, or
+        None when the pool was written in place), then let every type's rule update its stores."""
+        for ti, ts in enumerate(self.types):
+            effects: Commit = ts.tracker.commit(start, frames)
+            pages = [ts.frames.page_of[f] for f in effects.new_frames]
+            if staged_k is not None:
+                self._write_frames(ts, pages, staged_k, staged_v, frames)
+            if ts.blocks is not None and effects.merge_frames:
+                self._merge(ts, effects, pages)
+            if ts.episodes is not None:
+                for frame, opens in effects.to_episodes:
+                    p = ts.frames.page_of[frame]
+                    ts.episodes.accept(ts.frames.k[:, :, p], ts.frames.v[:, :, p], frame, opens, self.grid)
+            ts.frames.release(effects.keep_frames)
+
+    def _type_heads(self, ts: TypeStore, x: torch.Tensor) -> torch.Tensor:
+        """``[layers, B, S, heads, D]`` → ``[B, N, S, D]`` for the (layer, head) pairs of ``ts``."""
+        idx = getattr(ts, "_flat_heads", None)
+        if idx is None:
+            idx = torch.tensor([li * self.num_heads + hi for li, hi in ts.heads], device=x.device)
+            ts._flat_heads = idx  # type: ignore[attr-defined]
+        flat = x.permute(1, 0, 3, 2, 4).reshape(x.shape[1], -1, x.shape[2], x.shape[4])
+        return flat.index_select(1, idx)
+
+    def _write_frames(self, ts: TypeStore, pages: list[int], k: torch.Tensor, v: torch.Tensor, frames: int) -> None:
+        page_idx = torch.tensor(pages, device=self.device)
+        for store, x in ((ts.frames.k, k), (ts.frames.v, v)):
+            src = self._type_heads(ts, x).unflatten(2, (frames, self.tokens))
+            store.index_copy_(2, page_idx, src.to(store.dtype))
+
+    def _merge(self, ts: TypeStore, effects: Commit, pages: list[int]) -> None:
+        """Accumulate the committed frames into their aligned blocks; store completed blocks."""
+        bp, rule = ts.blocks, ts.rule.middle
+        n = rule.block_frames
+        for frame, page in zip(effects.merge_frames, pages):
+            pk = pool_tokens(ts.frames.k[:, :, page], *self.grid, rule.patch)
+            pv = pool_tokens(ts.frames.v[:, :, page], *self.grid, rule.patch)
+            if bp.acc_frames == 0:
+                bp.acc_k.copy_(pk)
+                bp.acc_v.copy_(pv)
+            else:
+                bp.acc_k.add_(pk)
+                bp.acc_v.add_(pv)
+            bp.acc_frames += 1
+            if bp.acc_frames == n:
+                block = frame // n
+                for b in [b for b in bp.page_of if b not in effects.keep_blocks]:
+                    bp.free.append(bp.page_of.pop(b))
+                bp.free.sort()
+                page_b = bp.free.pop(0)
+                bp.page_of[block] = page_b
+                bp.k[:, :, page_b].copy_(bp.acc_k / n)
+                bp.v[:, :, page_b].copy_(bp.acc_v / n)
+                bp.acc_frames = 0
+        for b in [b for b in bp.page_of if b not in effects.keep_blocks]:
+            bp.free.append(bp.page_of.pop(b))
+
+    def replace_frames(self, start: int, frames: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Overwrite the stored K/V of frames ``start…`` wherever they are held whole (recache).
+
+        ``k``/``v``: ``[layers, B, frames·tokens, heads, D]`` as the pool stores them (raw, or rotated
+        for a prerotated pool). Returns how many (layer, head group, frame) entries were replaced."""
+        n = 0
+        for ts in self.types:
+            held = [(j, ts.frames.page_of[start + j]) for j in range(frames) if start + j in ts.frames.page_of]
+            if not held:
+                continue
+            page_idx = torch.tensor([p for _, p in held], device=self.device)
+            sel = torch.tensor([j for j, _ in held], device=self.device)
+            for store, x in ((ts.frames.k, k), (ts.frames.v, v)):
+                src = self._type_heads(ts, x).unflatten(2, (frames, self.tokens)).index_select(2, sel)
+                store.index_copy_(2, page_idx, src.to(store.dtype))
+            n += len(held) * len({li for li, _ in ts.heads})
+        return n
+
+    # ---- sizes and snapshots ---------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return sum(ts.nbytes for ts in self.types)
+
+    def store(self, head_type: str) -> TypeStore:
+        for ts in self.types:
+            if ts.head_type == head_type:
+                return ts
+        raise KeyError(head_type)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(CPU copies of every tier's buffers, JSON-able bookkeeping). Independent of this cache."""
+        """(CPU copies of every buffer, JSON-able bookkeeping). Independent of this cache."""
         tensors: dict[str, torch.Tensor] = {}
-        layers = [[g.state(f"cache.l{li}.g{gi}", tensors) for gi, g in enumerate(layer.groups)]
-                  for li, layer in enumerate(self.layers)]
+
+        def put(name, t):
+            tensors[name] = t.detach().to("cpu", copy=True).contiguous()
+
+        types = []
+        for ti, ts in enumerate(self.types):
+            p = f"cache.{ts.head_type}"
+            put(p + ".frames.k", ts.frames.k)
+            put(p + ".frames.v", ts.frames.v)
+            meta = {"head_type": ts.head_type, "heads": [list(h) for h in ts.heads], "tracker": ts.tracker.state(),
+                    "frame_pages": {str(f): p_ for f, p_ in ts.frames.page_of.items()}}
+            if ts.blocks is not None:
+                for name in ("k", "v", "acc_k", "acc_v"):
+                    put(f"{p}.blocks.{name}", getattr(ts.blocks, name))
+                meta["block_pages"] = {str(b): p_ for b, p_ in ts.blocks.page_of.items()}
+                meta["acc_frames"] = ts.blocks.acc_frames
+            if ts.episodes is not None:
+                for name in ("k", "v", "sig", "valid", "first", "last", "count"):
+                    put(f"{p}.episodes.{name}", getattr(ts.episodes, name))
+            types.append(meta)
         meta = {"grid": list(self.grid), "head_dim": self.head_dim, "frames_per_block": self.frames_per_block,
-                "total_frames": self.total_frames, "committed_frames": self.committed_frames, "layers": layers}
+                "total_frames": self.total_frames, "prerotated": self.prerotated, "types": types}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -528,19 +425,46 @@ class HeadwiseKVCache:
         if list(meta["grid"]) != list(self.grid) or int(meta["head_dim"]) != self.head_dim:
             raise StateError(f"the saved cache is for a {tuple(meta['grid'])} token grid with {meta['head_dim']}-wide "
                              f"heads; this run has {self.grid} and {self.head_dim}")
-        if len(meta["layers"]) != len(self.layers) or any(
-                len(m) != len(layer.groups) for m, layer in zip(meta["layers"], self.layers)):
-            raise StateError("the saved cache has another number of layers or head groups than this policy makes")
-        for li, (layer, groups) in enumerate(zip(self.layers, meta["layers"])):
-            for gi, (g, gm) in enumerate(zip(layer.groups, groups)):
-                g.load_state(f"cache.l{li}.g{gi}", tensors, gm)
-        self.committed_frames = int(meta.get("committed_frames", 0))
+        if bool(meta.get("prerotated", False)) != self.prerotated:
+            raise StateError("the saved cache stores keys another way than this policy does (another policy?)")
+        saved = meta["types"]
+        if [m["head_type"] for m in saved] != [ts.head_type for ts in self.types]:
+            raise StateError("the saved cache has other head types than this policy makes: the AR_STATE was made "
+                             "with another policy or head labels")
+        for ts, m in zip(self.types, saved):
+            if [tuple(h) for h in m["heads"]] != ts.heads:
+                raise StateError(f"the saved cache's {ts.head_type!r} heads differ from this policy's head labels")
+            p = f"cache.{ts.head_type}"
+            _copy_in(ts.frames.k, tensors, p + ".frames.k", grow=True)
+            _copy_in(ts.frames.v, tensors, p + ".frames.v", grow=True)
+            pages = {int(f): int(pg) for f, pg in m["frame_pages"].items()}
+            cap = ts.frames.capacity
+            if any(not 0 <= pg < cap for pg in pages.values()) or len(set(pages.values())) != len(pages):
+                raise StateError(f"saved cache {ts.head_type!r}: inconsistent page table (corrupt AR_STATE)")
+            ts.frames.page_of = pages
+            ts.frames.free = sorted(set(range(cap)) - set(pages.values()))
+            ts.tracker.load_state(m["tracker"])
+            if ts.blocks is not None:
+                for name in ("k", "v", "acc_k", "acc_v"):
+                    _copy_in(getattr(ts.blocks, name), tensors, f"{p}.blocks.{name}")
+                ts.blocks.page_of = {int(b): int(pg) for b, pg in m["block_pages"].items()}
+                ts.blocks.free = sorted(set(range(ts.blocks.k.shape[2])) - set(ts.blocks.page_of.values()))
+                ts.blocks.acc_frames = int(m["acc_frames"])
+            if ts.episodes is not None:
+                for name in ("k", "v", "sig", "valid", "first", "last", "count"):
+                    _copy_in(getattr(ts.episodes, name), tensors, f"{p}.episodes.{name}")
 
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
 
-    def chunk_slot_bytes(self, batch: int, frames: int, num_heads: int, dtype: torch.dtype) -> int:
-        gh, gw = self.grid
-        per_layer = batch * frames * gh * gw * num_heads * self.head_dim * 2 * torch.finfo(dtype).bits // 8
-        return per_layer * len(self.layers)
+def _copy_in(dst: torch.Tensor, tensors: dict, name: str, grow: bool = False) -> None:
+    if name not in tensors:
+        raise StateError(f"the saved cache lacks tensor {name!r}: the AR_STATE is incomplete or corrupt")
+    src = tensors[name]
+    fits = src.dim() == dst.dim() and (src.shape == dst.shape or (
+        grow and src.shape[:2] == dst.shape[:2] and src.shape[3:] == dst.shape[3:] and src.shape[2] <= dst.shape[2]))
+    if not fits:
+        raise StateError(f"saved cache buffer {name} has shape {tuple(src.shape)}, which does not fit this run's "
+                         f"{tuple(dst.shape)} (another batch, size or policy?)")
+    if src.shape == dst.shape:
+        dst.copy_(src)
+    else:  # a `full` cache continued with more frames: the saved pages go first
+        dst[:, :, :src.shape[2]].copy_(src)

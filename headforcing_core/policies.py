@@ -4,20 +4,29 @@ A :class:`CachePolicy` is a small immutable object: a retention rule per head
 *type*, a labels matrix saying which type each (layer, head) is, and a RoPE
 re-encoding mode. Named presets build the published configurations::
 
-    make_policy("pyramid_forcing")                     # paper defaults
+    make_policy("pyramid_forcing")                     # Pyramid Forcing's public code, its defaults
     make_policy("head_forcing", labels=my_profile)     # types from a profile
     make_policy("sink_window", sink=3, recent=9)
 
-Retention is expressed per head type as ``sink + middle + recent``: the first
-``sink`` frames, the last ``recent`` frames of history, and a *middle* rule for
-frames that fall out of the recent window (keep every n-th, keep a phase,
-merge into pooled blocks, or fold into episodic memory). The current chunk
-always attends to itself on top of that.
+Two families of rules:
+
+* :class:`RetentionRule` (ours; ``full``, ``self_forcing_window``, ``sink_window``,
+  ``head_forcing``): the first ``sink`` frames, the last ``recent`` frames of history,
+  and optionally an :class:`Episodic` memory of the frames that leave the recent
+  window. The current chunk always attends to itself on top of that.
+* :class:`PyramidRule` (``pyramid_forcing``): Pyramid Forcing's ``AdaptiveKVCache``
+  semantics — sinks captured from the first chunk, a recent window that *counts the
+  current chunk*, and one middle strategy (:class:`Stride`, :class:`Cyclic` or
+  :class:`Merge`) fed with every committed frame and read per query frame. See
+  ``docs/pyramid_forcing.md`` for the rules and their sources.
+
+What a rule keeps, frame by frame, is computed by :mod:`headforcing_core.retention`.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -27,50 +36,25 @@ from .errors import PolicyError
 
 TRAINING_WINDOW = 21  # latent frames Self Forcing / Causal Forcing were trained on
 
-ROPE_MODES = ("absolute", "window_clamp", "compact")
+# RoPE re-encoding modes (headforcing_core.positions):
+#   absolute      every entry at its own frame time (Self Forcing)
+#   window_clamp  Pyramid Forcing: sinks and stride/cyclic entries at the query frame's sink time
+#   window_shift  ours: the visible window renumbered into the last `window` frames
+#   compact       head-wise: retained entries renumbered in order, the chunk right after them
+ROPE_MODES = ("absolute", "window_clamp", "window_shift", "compact")
 
 # ---------------------------------------------------------------------------------------------
-# middle rules
-
-
-@dataclass(frozen=True)
-class Stride:
-    """Keep evicted frames whose index is a multiple of ``every``; the newest ``cap``."""
-
-    every: int = 6
-    cap: int = 4
-
-
-@dataclass(frozen=True)
-class Cyclic:
-    """Phase-matched memory for periodic ("wave") heads.
-
-    Keeps the newest ``cap`` evicted frames whose index is a phase a chunk can
-    start on (a multiple of gcd(frames_per_block, period)); a chunk starting at
-    frame ``s`` attends to those with ``index ≡ s (mod period)``.
-    """
-
-    period: int = 6
-    cap: int = 4
-
-
-@dataclass(frozen=True)
-class Merge:
-    """Average blocks of ``block`` evicted frames, ``pool×pool`` spatially pooled; the newest ``cap`` blocks."""
-
-    block: int = 4
-    pool: int = 2
-    cap: int = 4
+# middle strategies
 
 
 @dataclass(frozen=True)
 class Episodic:
     """Hierarchical episodic memory (Head Forcing's memory heads, our design).
 
-    Evicted frames are pooled ``pool×pool``. A frame whose mean key is at least
-    ``similarity`` cosine-similar to the open episode joins it (running mean);
-    otherwise, or after a prompt switch, it opens a new episode. Past ``cap``
-    episodes the two most similar neighbours merge.
+    Frames leaving the recent window are pooled ``pool×pool``. A frame whose mean key is at
+    least ``similarity`` cosine-similar to the newest episode joins it (running mean);
+    otherwise, or after a prompt switch, it opens a new episode. Past ``cap`` episodes the
+    two most similar neighbours merge. Decisions are taken per batch row and per layer.
     """
 
     cap: int = 8
@@ -78,22 +62,78 @@ class Episodic:
     similarity: float = 0.9
 
 
-MiddleRule = Union[Stride, Cyclic, Merge, Episodic, None]
+@dataclass(frozen=True)
+class Stride:
+    """Pyramid Forcing's strided store (Anchor heads): committed frames whose index is a multiple
+    of ``interval``, the newest ``capacity`` (FIFO, frame 0 included)."""
+
+    interval: int = 6
+    capacity: int = 4
+
+
+@dataclass(frozen=True)
+class Cyclic:
+    """Pyramid Forcing's periodic store (Wave heads): one bucket per phase ``frame mod period``,
+    each keeping its newest ``bucket_capacity`` frames; a query frame reads its own phase's bucket."""
+
+    period: int = 6
+    bucket_capacity: int = 4
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Pyramid Forcing's merged store (Veil heads): blocks of ``patch²`` frames aligned to absolute
+    frame indices, each the mean of its ``patch×patch`` spatial windows over those frames; the
+    newest ``capacity`` completed blocks."""
+
+    patch: int = 2
+    capacity: int = 4
+
+    @property
+    def block_frames(self) -> int:
+        return self.patch * self.patch
+
+
+PyramidMiddle = Union[Stride, Cyclic, Merge]
+MIDDLE_KINDS = {"Episodic": Episodic, "Stride": Stride, "Cyclic": Cyclic, "Merge": Merge}
+
+
+def _positive(where: str, obj, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value < 1:
+            raise PolicyError(f"{where}: {type(obj).__name__.lower()} {name.replace('_', ' ')} must be a whole "
+                              f"number ≥ 1, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# retention rules
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """Tokens one head stores and attends (per query) at steady state."""
+
+    stored: float
+    attended: float
 
 
 @dataclass(frozen=True)
 class RetentionRule:
-    """What one head type keeps: ``sink`` first frames + ``middle`` + ``recent`` last frames.
+    """What one head type keeps (our family): ``sink`` first frames + ``recent`` last frames
+    (+ an :class:`Episodic` memory of frames leaving the recent window).
 
-    ``recent=None`` keeps every frame (no eviction). With ``window=True`` the
-    recent count includes the current chunk (Self Forcing's rolling window of
-    21 frames = 18 history + 3 current).
+    ``recent=None`` keeps every frame (no eviction). With ``window=True`` the recent count
+    includes the current chunk (Self Forcing's rolling window of 21 frames = 18 history + 3
+    current).
     """
 
     sink: int = 0
     recent: int | None = None
-    middle: MiddleRule = None
+    middle: Episodic | None = None
     window: bool = False
+
+    family = "retention"
 
     def history_frames(self, frames_per_block: int) -> int | None:
         """Recent history frames kept besides the current chunk (None: all)."""
@@ -103,64 +143,162 @@ class RetentionRule:
 
     def validate(self, head_type: str, frames_per_block: int) -> None:
         where = f"head type {head_type!r}"
-        if self.sink < 0:
-            raise PolicyError(f"{where}: sink frames must be ≥ 0, got {self.sink}")
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise PolicyError(f"{where}: sink frames must be a whole number ≥ 0, got {self.sink!r}")
         if self.recent is not None:
-            hist = self.history_frames(frames_per_block)
+            if not isinstance(self.recent, int):
+                raise PolicyError(f"{where}: recent frames must be a whole number, got {self.recent!r}")
             if self.window and self.recent <= frames_per_block:
                 raise PolicyError(
                     f"{where}: a window of {self.recent} frames is below one chunk of {frames_per_block} frames "
-                    f"plus history; use at least {frames_per_block + 1}"
-                )
-            if hist is not None and hist < 1:
+                    f"plus history; use at least {frames_per_block + 1}")
+            if self.history_frames(frames_per_block) < 1:
                 raise PolicyError(
                     f"{where}: the policy keeps no recent frames; at least 1 is needed so motion carries "
-                    "over from one chunk to the next"
-                )
+                    "over from one chunk to the next")
         elif self.middle is not None:
             raise PolicyError(f"{where}: a middle rule needs a bounded recent window (recent frames)")
-        m = self.middle
-        for name in ("every", "cap", "period", "block", "pool"):
-            value = getattr(m, name, None)
-            if value is not None and value < 1:
-                raise PolicyError(f"{where}: {type(m).__name__}.{name} must be ≥ 1, got {value}")
-        if isinstance(m, Episodic) and not (-1.0 <= m.similarity <= 1.0):
-            raise PolicyError(f"{where}: episodic similarity must lie in [-1, 1], got {m.similarity}")
+        if self.middle is not None:
+            if not isinstance(self.middle, Episodic):
+                raise PolicyError(f"{where}: {type(self.middle).__name__} is a Pyramid Forcing middle; use "
+                                  "PyramidRule for it (our rules take an Episodic memory)")
+            _positive(where, self.middle, ("cap", "pool"))
+            if not (-1.0 <= float(self.middle.similarity) <= 1.0):
+                raise PolicyError(f"{where}: episodic similarity must lie in [-1, 1], got {self.middle.similarity}")
 
-    def budget(self, frames_per_block: int, total_frames: int, tokens_of) -> "TokenBudget":
-        """Tokens this rule stores and attends per head at steady state.
-
-        ``stored`` includes the current chunk's slot and every preallocated tier
-        (it mirrors the cache's capacities); ``attended`` is what a query of the
-        current chunk sees. ``tokens_of(pool)`` is the token count of one frame
-        pooled ``pool×pool`` (``tokens_of(1)``: a whole frame).
-        """
+    def budget(self, frames_per_block: int, total_frames: int, tokens_of) -> TokenBudget:
+        """Tokens stored and attended per head at steady state (``tokens_of(pool)``: one frame's tokens)."""
         full = tokens_of(1)
         hist = self.history_frames(frames_per_block)
         if hist is None:
             return TokenBudget(total_frames * full, total_frames * full)
         stored = attended = (self.sink + hist + frames_per_block) * full
-        m = self.middle
-        if isinstance(m, Stride):
-            stored += m.cap * full
-            attended += m.cap * full
-        elif isinstance(m, Cyclic):
-            stored += m.cap * full
-            # a chunk sees the stored frames of its own phase: a share of the reachable phases
-            attended += m.cap * full * math.gcd(frames_per_block, m.period) // m.period
-        elif isinstance(m, Merge):
-            stored += (m.cap + 1) * tokens_of(m.pool)  # +1: the block being filled (not attended)
-            attended += m.cap * tokens_of(m.pool)
-        elif isinstance(m, Episodic):
-            stored += (m.cap + 1) * tokens_of(m.pool)  # +1: headroom before two episodes merge
-            attended += m.cap * tokens_of(m.pool)
+        if self.middle is not None:
+            stored += (self.middle.cap + 1) * tokens_of(self.middle.pool)  # +1: headroom before a merge
+            attended += self.middle.cap * tokens_of(self.middle.pool)
         return TokenBudget(stored, attended)
+
+    def describe(self) -> str:
+        bits = [f"sink {self.sink}"] if self.sink else []
+        if self.middle is not None:
+            m = self.middle
+            bits.append(f"episodic memory ({m.cap} episodes, {m.pool}×{m.pool} pooled, similarity {m.similarity:g})")
+        bits.append("all frames" if self.recent is None else
+                    (f"window {self.recent} (incl. the chunk)" if self.window else f"recent {self.recent}"))
+        return " + ".join(bits)
 
 
 @dataclass(frozen=True)
-class TokenBudget:
-    stored: int
-    attended: int
+class PyramidRule:
+    """Pyramid Forcing's per-head cache (``AdaptiveKVCache`` with its frame-level policy).
+
+    * ``sink_frames``: the first frames of the video, captured from the first chunk only
+      (``min(sink_frames, first chunk length)`` frames).
+    * ``recent_frames``: the newest frames *including the current chunk* (4 with 3-frame
+      chunks: one history frame plus the chunk).
+    * ``middle``: a :class:`Stride`, :class:`Cyclic` or :class:`Merge` store fed with every
+      committed frame on the clean pass; an entry is attended by query frame ``t`` only when
+      it is newer than the sinks (``> 0``) and older than ``t - recent_frames + 1``.
+    * ``stable_stride``: Pyramid Forcing's legacy stable-head store policy
+      (``pyramidkv_stable_policy_enabled`` on strided heads): the recent store also keeps its
+      entries at store positions ``0, interval, …`` below the recent cut — in practice the
+      first non-sink frame, forever (frame 3 with 3-frame chunks).
+    """
+
+    sink_frames: int
+    recent_frames: int
+    middle: PyramidMiddle
+    stable_stride: bool = False
+
+    family = "pyramid"
+
+    def validate(self, head_type: str, frames_per_block: int) -> None:
+        where = f"head type {head_type!r}"
+        if not isinstance(self.sink_frames, int) or self.sink_frames < 0:
+            raise PolicyError(f"{where}: sink frames must be a whole number ≥ 0, got {self.sink_frames!r}")
+        if not isinstance(self.recent_frames, int) or self.recent_frames <= frames_per_block:
+            raise PolicyError(
+                f"{where}: Pyramid Forcing's recent window counts the current chunk, so it must be above one "
+                f"chunk of {frames_per_block} frames (at least {frames_per_block + 1}); got {self.recent_frames!r}")
+        m = self.middle
+        if isinstance(m, Stride):
+            _positive(where, m, ("interval", "capacity"))
+        elif isinstance(m, Cyclic):
+            _positive(where, m, ("period", "bucket_capacity"))
+        elif isinstance(m, Merge):
+            _positive(where, m, ("patch", "capacity"))
+        else:
+            raise PolicyError(f"{where}: a Pyramid Forcing head needs a Stride, Cyclic or Merge middle, got "
+                              f"{type(m).__name__}")
+        if self.stable_stride and not isinstance(m, Stride):
+            raise PolicyError(f"{where}: the stable-stride store policy applies to strided (Anchor) heads only")
+
+    def check_grid(self, head_type: str, grid: tuple[int, int]) -> None:
+        """A merge patch must divide the token grid (Pyramid Forcing pools whole windows)."""
+        if isinstance(self.middle, Merge):
+            p = self.middle.patch
+            if grid[0] % p or grid[1] % p:
+                raise PolicyError(
+                    f"head type {head_type!r}: the merge patch {p} does not divide the {grid[0]}×{grid[1]} token "
+                    f"grid of this video; use a width and height whose latent patch grid is a multiple of {p} "
+                    f"(multiples of {16 * p} pixels) or another merge patch")
+
+    def budget(self, frames_per_block: int, total_frames: int, tokens_of) -> TokenBudget:
+        """Steady-state tokens per head: stored (distinct frames and blocks) and attended per query
+        frame, averaged over the query frames of a chunk and the four noisy passes plus the clean pass."""
+        from .retention import pyramid_steady_budget  # the rule's frame logic lives there
+
+        stored_frames, stored_pooled, attended_frames, attended_pooled = pyramid_steady_budget(
+            self, frames_per_block)
+        pool = self.middle.patch if isinstance(self.middle, Merge) else 1
+        full, pooled = tokens_of(1), tokens_of(pool)
+        return TokenBudget(stored_frames * full + stored_pooled * pooled,
+                           attended_frames * full + attended_pooled * pooled)
+
+    def describe(self) -> str:
+        m = self.middle
+        if isinstance(m, Stride):
+            mid = f"stride (every {m.interval}th frame, newest {m.capacity})"
+        elif isinstance(m, Cyclic):
+            mid = f"cyclic (period {m.period}, {m.bucket_capacity} per phase)"
+        else:
+            mid = f"merge ({m.block_frames}-frame blocks, {m.patch}×{m.patch} pooled, newest {m.capacity})"
+        return (f"sink {self.sink_frames} + {mid} + recent {self.recent_frames} (incl. the chunk)"
+                + (" + first recent frame kept (stable-stride store)" if self.stable_stride else ""))
+
+
+Rule = Union[RetentionRule, PyramidRule]
+
+
+def rule_to_dict(rule: Rule) -> dict:
+    """The serialised form of a rule (AR_STATE files, profiles)."""
+    d = {"family": rule.family}
+    for f in dataclasses.fields(rule):
+        value = getattr(rule, f.name)
+        if dataclasses.is_dataclass(value):
+            value = {"kind": type(value).__name__, **dataclasses.asdict(value)}
+        d[f.name] = value
+    return d
+
+
+def rule_from_dict(d: Mapping) -> Rule:
+    d = dict(d)
+    family = d.pop("family", "retention")
+    cls = {"retention": RetentionRule, "pyramid": PyramidRule}.get(family)
+    if cls is None:
+        raise PolicyError(f"unknown retention rule family {family!r}")
+    m = d.get("middle")
+    if m is not None:
+        m = dict(m)
+        kind = MIDDLE_KINDS.get(m.pop("kind", None))
+        if kind is None:
+            raise PolicyError(f"unknown middle strategy in {d!r}")
+        d["middle"] = kind(**m)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise PolicyError(f"unknown retention rule field(s) {', '.join(sorted(unknown))}")
+    return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +339,7 @@ class HeadLabels:
                 if t not in allowed:
                     raise PolicyError(
                         f"unknown head label {t!r} at layer {li}, head {hi} for taxonomy {self.taxonomy} "
-                        f"(expected one of {', '.join(sorted(allowed))})"
-                    )
+                        f"(expected one of {', '.join(sorted(allowed))})")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -213,8 +350,7 @@ class HeadLabels:
             raise PolicyError(
                 f"head labels are for a {self.shape[0]}-layer × {self.shape[1]}-head model but this model has "
                 f"{num_layers} layers × {num_heads} heads; profile this model (Profile Heads) or pick a preset "
-                "that fits it"
-            )
+                "that fits it")
 
     def counts(self) -> dict[str, int]:
         out = {t: 0 for t in TAXONOMIES[self.taxonomy]}
@@ -240,8 +376,7 @@ class HeadLabels:
                 key = str(c).strip()
                 if key not in codes:
                     raise PolicyError(
-                        f"unknown head label {key!r} at layer {li}, head {hi} (expected one of {', '.join(codes)})"
-                    )
+                        f"unknown head label {key!r} at layer {li}, head {hi} (expected one of {', '.join(codes)})")
                 names.append(codes[key])
             out.append(tuple(names))
         return cls(taxonomy, tuple(out), source)
@@ -249,8 +384,7 @@ class HeadLabels:
 
 PYRAMID_PRESET_SOURCE = (
     "Pyramid Forcing (IF-LAB-PKU/Pyramid-Forcing, configs/head_configs/best_labels.csv, Apache-2.0): "
-    "Self Forcing / Wan2.1-T2V-1.3B"
-)
+    "Self Forcing / Wan2.1-T2V-1.3B")
 
 
 def pyramid_forcing_preset_labels() -> HeadLabels:
@@ -267,25 +401,37 @@ def pyramid_forcing_preset_labels() -> HeadLabels:
 
 @dataclass(frozen=True)
 class CachePolicy:
-    """A head-aware KV-cache policy: rules per head type, labels, RoPE mode."""
+    """A head-aware KV-cache policy: rules per head type, labels, RoPE mode.
+
+    ``window``: the frame range ``window_shift`` and ``compact`` renumber into (21, the
+    training window). ``clamp_min`` / ``clamp_max``: ``window_clamp``'s sink-time clamp
+    (Pyramid Forcing's ``sink_time_clamp_min`` / ``_max``: the sink time of query frame ``t``
+    is ``max(0, t - clamp(t, clamp_min, clamp_max))``).
+    """
 
     preset: str
-    rules: tuple[tuple[str, RetentionRule], ...]
+    rules: tuple[tuple[str, Rule], ...]
     rope: str = "absolute"
     labels: HeadLabels | None = None
     window: int = TRAINING_WINDOW
+    clamp_min: int = 18
+    clamp_max: int = 21
     note: str = field(default="", compare=False)
 
     def __post_init__(self):
         if self.rope not in ROPE_MODES:
             raise PolicyError(f"unknown RoPE mode {self.rope!r}; choose one of {', '.join(ROPE_MODES)}")
-        if self.window < 2:
-            raise PolicyError(f"the RoPE window must be at least 2 frames, got {self.window}")
+        if not isinstance(self.window, int) or self.window < 2:
+            raise PolicyError(f"the RoPE window must be at least 2 frames, got {self.window!r}")
+        if not (isinstance(self.clamp_min, int) and isinstance(self.clamp_max, int)
+                and 0 <= self.clamp_min <= self.clamp_max):
+            raise PolicyError(f"window_clamp needs 0 ≤ clamp min ≤ clamp max, got {self.clamp_min!r} and "
+                              f"{self.clamp_max!r}")
         if not self.rules:
             raise PolicyError("a policy needs at least one retention rule")
 
     @property
-    def rule_map(self) -> dict[str, RetentionRule]:
+    def rule_map(self) -> dict[str, Rule]:
         return dict(self.rules)
 
     @property
@@ -294,10 +440,7 @@ class CachePolicy:
         for tax, types in TAXONOMIES.items():
             if names == set(types):
                 return tax
-        return "uniform" if names == {"all"} else "custom"
-
-    def is_bounded(self) -> bool:
-        return all(r.recent is not None for _, r in self.rules)
+        return "custom"
 
     def head_types(self, num_layers: int, num_heads: int) -> tuple[tuple[str, ...], ...]:
         """The type of every (layer, head), checked against the model shape."""
@@ -314,17 +457,75 @@ class CachePolicy:
 
     def validate(self, frames_per_block: int) -> None:
         for t, r in self.rules:
+            if not isinstance(r, (RetentionRule, PyramidRule)):
+                raise PolicyError(f"head type {t!r}: {type(r).__name__} is not a retention rule")
             r.validate(t, frames_per_block)
+
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        for t, r in self.rules:
+            if isinstance(r, PyramidRule):
+                r.check_grid(t, grid)
 
     def with_labels(self, labels: HeadLabels) -> "CachePolicy":
         return replace(self, labels=labels, note="")
 
+    def describe(self) -> str:
+        rope = self.rope + (f" {self.clamp_min}–{self.clamp_max}" if self.rope == "window_clamp" else "")
+        return f"{self.preset} [{rope} RoPE] — " + "; ".join(f"{t}: {r.describe()}" for t, r in self.rules)
 
-def _rules(**kw: RetentionRule) -> tuple[tuple[str, RetentionRule], ...]:
-    return tuple(kw.items())
+
+def describe(policy: CachePolicy) -> str:
+    return policy.describe()
 
 
-PRESETS = ("full", "self_forcing_window", "sink_window", "pyramid_forcing", "head_forcing")
+# ---------------------------------------------------------------------------------------------
+# presets: a table of data
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration: rules per head type, the RoPE mode, the taxonomy its labels come from,
+    and which of the shared ``sink`` / ``recent`` widgets each rule takes."""
+
+    rules: tuple[tuple[str, Rule, tuple[str, ...]], ...]
+    rope: str
+    taxonomy: str = "uniform"
+    summary: str = ""
+
+
+PRESET_TABLE: dict[str, Preset] = {
+    "full": Preset((("all", RetentionRule(), ()),), "absolute",
+                   summary="keep everything at absolute positions (Self Forcing; ≤ 21 frames)"),
+    "self_forcing_window": Preset((("all", RetentionRule(recent=TRAINING_WINDOW, window=True), ("recent",)),),
+                                  "absolute", summary="the last 21 frames incl. the chunk, absolute positions"),
+    "sink_window": Preset((("all", RetentionRule(sink=3, recent=9), ("sink", "recent")),), "window_shift",
+                          summary="3 sink + 9 recent frames for every head, renumbered into the last 21"),
+    "longlive": Preset((("all", RetentionRule(sink=3, recent=6), ("sink", "recent")),), "absolute",
+                       summary="LongLive's interactive window: 3 sink frames + 12 frames incl. the chunk, "
+                               "absolute positions"),
+    "pyramid_forcing": Preset((("anchor", PyramidRule(3, 4, Stride(6, 4), stable_stride=True), ("sink", "recent")),
+                               ("wave", PyramidRule(1, 4, Cyclic(6, 4)), ("recent",)),
+                               ("veil", PyramidRule(3, 4, Merge(2, 4)), ("sink", "recent"))),
+                              "window_clamp", "pyramid_forcing",
+                              summary="Pyramid Forcing's AdaptiveKVCache with its default config"),
+    "head_forcing": Preset((("local", RetentionRule(recent=2), ()),
+                            ("anchor", RetentionRule(sink=3, recent=2), ("sink",)),
+                            ("memory", RetentionRule(sink=3, recent=6, middle=Episodic(8, 2, 0.9)), ("sink", "recent"))),
+                           "compact", "head_forcing",
+                           summary="Local / Anchor / Memory heads (our defaults), head-wise compact RoPE"),
+}
+PRESETS = tuple(PRESET_TABLE)
+
+
+def _override(rule: Rule, takes: tuple[str, ...], sink: int | None, recent: int | None) -> Rule:
+    """Apply the shared sink / recent widgets to the rules of a preset that take them."""
+    names = ("sink_frames", "recent_frames") if isinstance(rule, PyramidRule) else ("sink", "recent")
+    changes = {}
+    if sink is not None and "sink" in takes:
+        changes[names[0]] = sink
+    if recent is not None and "recent" in takes:
+        changes[names[1]] = recent
+    return replace(rule, **changes) if changes else rule
 
 
 def default_labels(preset: str, num_layers: int, num_heads: int) -> tuple[HeadLabels, str]:
@@ -352,51 +553,32 @@ def default_labels(preset: str, num_layers: int, num_heads: int) -> tuple[HeadLa
 
 def make_policy(preset: str = "full", *, labels: HeadLabels | None = None, rope: str | None = None,
                 sink: int | None = None, recent: int | None = None, window: int = TRAINING_WINDOW,
-                rules: Mapping[str, RetentionRule] | None = None) -> CachePolicy:
-    """Build a named preset, optionally overriding its rules, labels and RoPE mode.
+                rules: Mapping[str, Rule] | None = None, clamp_min: int = 18,
+                clamp_max: int = 21) -> CachePolicy:
+    """Build a named preset (:data:`PRESET_TABLE`), optionally overriding rules, labels and RoPE mode.
 
-    * ``full`` — keep everything at absolute positions (Self Forcing; ≤ 21 frames).
-    * ``self_forcing_window`` — the last ``window`` frames incl. the current chunk, absolute positions.
-    * ``sink_window`` — ``sink`` first + ``recent`` last frames for every head (LongLive style).
-    * ``pyramid_forcing`` — Anchor / Wave / Veil rules of the paper, ``window_clamp`` RoPE.
-    * ``head_forcing`` — Local / Anchor / Memory rules (our defaults), head-wise ``compact`` RoPE.
-
-    ``labels`` may be left out for the typed presets: :func:`resolve_labels` picks
-    the defaults for the model's shape at sampling time.
+    ``sink`` / ``recent`` override the preset's sink and recent counts where it has them
+    (``self_forcing_window``: ``recent`` is its window incl. the chunk; ``pyramid_forcing``:
+    ``sink`` applies to the 3-sink Anchor / Veil heads, ``recent`` to every type);
+    ``rules`` replaces whole rules by head type. ``labels`` may be left out for the typed
+    presets: :func:`resolve_labels` picks the defaults for the model's shape at sampling time.
     """
-    if preset == "full":
-        r = _rules(all=RetentionRule())
-        default_rope = "absolute"
-    elif preset == "self_forcing_window":
-        r = _rules(all=RetentionRule(recent=recent if recent is not None else window, window=True))
-        default_rope = "absolute"
-    elif preset == "sink_window":
-        r = _rules(all=RetentionRule(sink=3 if sink is None else sink, recent=9 if recent is None else recent))
-        default_rope = "window_clamp"
-    elif preset == "pyramid_forcing":
-        rec = 4 if recent is None else recent
-        r = _rules(anchor=RetentionRule(sink=3 if sink is None else sink, recent=rec, middle=Stride(6, 4)),
-                   wave=RetentionRule(sink=1, recent=rec, middle=Cyclic(6, 4)),
-                   veil=RetentionRule(sink=3 if sink is None else sink, recent=rec, middle=Merge(4, 2, 4)))
-        default_rope = "window_clamp"
-    elif preset == "head_forcing":
-        s = 3 if sink is None else sink
-        r = _rules(local=RetentionRule(recent=2),
-                   anchor=RetentionRule(sink=s, recent=2),
-                   memory=RetentionRule(sink=s, recent=6 if recent is None else recent, middle=Episodic(8, 2, 0.9)))
-        default_rope = "compact"
-    else:
+    spec = PRESET_TABLE.get(preset)
+    if spec is None:
         raise PolicyError(f"unknown policy preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset == "self_forcing_window" and recent is None:
+        recent = window  # its window is the RoPE window
+    r = tuple((t, _override(rule, takes, sink, recent)) for t, rule, takes in spec.rules)
     if rules:
         merged = dict(r)
         merged.update(rules)
         r = tuple(merged.items())
-    if labels is not None and labels.taxonomy not in (preset, "uniform") and preset in ("pyramid_forcing", "head_forcing"):
+    if labels is not None and spec.taxonomy != "uniform" and labels.taxonomy not in (spec.taxonomy, "uniform"):
         raise PolicyError(
             f"labels of the {labels.taxonomy} taxonomy cannot drive the {preset} policy; classify the "
-            f"profile in the {preset} taxonomy (Classify Heads)"
-        )
-    return CachePolicy(preset=preset, rules=r, rope=rope or default_rope, labels=labels, window=window)
+            f"profile in the {preset} taxonomy (Classify Heads)")
+    return CachePolicy(preset=preset, rules=r, rope=rope or spec.rope, labels=labels, window=window,
+                       clamp_min=clamp_min, clamp_max=clamp_max)
 
 
 def resolve_labels(policy: CachePolicy, num_layers: int, num_heads: int) -> CachePolicy:
@@ -407,26 +589,3 @@ def resolve_labels(policy: CachePolicy, num_layers: int, num_heads: int) -> Cach
         raise PolicyError(f"policy {policy.preset!r} needs a labels matrix")
     labels, note = default_labels(policy.preset, num_layers, num_heads)
     return replace(policy, labels=labels, note=note)
-
-
-def describe(policy: CachePolicy) -> str:
-    parts = []
-    for t, r in policy.rules:
-        bits = []
-        if r.sink:
-            bits.append(f"sink {r.sink}")
-        if r.middle is not None:
-            bits.append(type(r.middle).__name__.lower() + "(" + ", ".join(
-                f"{k}={v}" for k, v in vars(r.middle).items()) + ")")
-        bits.append("all frames" if r.recent is None else
-                    (f"window {r.recent}" if r.window else f"recent {r.recent}"))
-        parts.append(f"{t}: " + " + ".join(bits))
-    return f"{policy.preset} [{policy.rope} RoPE] — " + "; ".join(parts)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def gcd(a: int, b: int) -> int:
-    return math.gcd(a, b)

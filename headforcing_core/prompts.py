@@ -14,10 +14,10 @@ segment before:
     re-run once at timestep 0 under the new prompt, chunk by chunk (chunks of
     ``frames_per_block`` starting at the oldest re-run frame). Each re-run chunk
     attends to the retained history strictly older than itself plus itself, and
-    its fresh raw K/V *replace* the stored K/V of those frames wherever the cache
-    still keeps them as whole frames (sink, recent/all, strided or phase-kept
-    copies, see :meth:`GroupCache.replace_frame`); pooled summaries (merged
-    blocks, episodic memory) keep what they had. The re-run makes no new frames.
+    its fresh K/V *replace* the stored K/V of those frames wherever the cache
+    still keeps them as whole frames (sinks, recent, strided or cyclic frames, see
+    :meth:`HeadwiseKVCache.replace_frames`); pooled summaries (merged blocks,
+    episodic memory) keep what they had. The re-run makes no new frames.
 ``blend``
     The two prompts are interpolated over the first ``transition_frames`` latent
     frames of the segment. We blend the per-layer **cross-attention keys and
@@ -50,7 +50,7 @@ import torch
 
 from .backbone import TextContext
 from .errors import HeadForcingError, ShapeError
-from .plan import PlannedAttention, plan_chunk
+from .plan import ChunkAttention, plan_chunk
 from .policies import TRAINING_WINDOW
 from .sampler import ARSampler, Hooks, chunk_bounds
 
@@ -337,35 +337,6 @@ def blend_text(old: TextContext, new: TextContext, alpha: float) -> TextContext:
                        [(1 - a) * vo + a * vn for vo, vn in zip(old.values, new.values)])
 
 
-class _Before:
-    """Read-only view of a cache (or layer / group) that hides entries holding any frame ≥ ``before``."""
-
-    def __init__(self, inner, before: int):
-        self._inner = inner
-        self._before = before
-        if hasattr(inner, "layers"):
-            self.layers = [_Before(layer, before) for layer in inner.layers]
-        if hasattr(inner, "groups"):
-            self.groups = [_Before(g, before) for g in inner.groups]
-
-    def entries(self, chunk_start: int):
-        return [e for e in self._inner.entries(chunk_start) if all(f < self._before for f in e.frames)]
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-class _Replacer:
-    """Stands in for the cache as the clean pass's commit target: replaces instead of appending."""
-
-    def __init__(self, cache):
-        self.cache = cache
-        self.replaced = 0
-
-    def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk_start: int, frames: int) -> None:
-        self.replaced += self.cache.replace(layer, k, v, chunk_start, frames)
-
-
 @dataclass
 class _SegmentPlan:
     segment: PromptSegment
@@ -533,11 +504,20 @@ class ScheduleSampler(ARSampler):
         start = self.next_frame - n
         latents = self.tail[:, :, -n:]
         b = latents.shape[0]
-        writer = _Replacer(self.cache)
+        cache, pol = self.cache, self.policy
+        replaced = 0
         for s, f in chunk_bounds(start, n, self.frames_per_block):
             done = self._call_model_checked(hooks, done, total)
-            plan = plan_chunk(_Before(self.cache, s), self.policy.rope, self.policy.window, s, f)
-            self.runner.forward(latents[:, :, s - start:s - start + f], torch.zeros(b, f), self.text,
-                                PlannedAttention(plan, self.backend, writer, self.observer))
+            keys = {ts.head_type: ts.tracker.history_keys(s, f) for ts in cache.types}
+            plan = plan_chunk(cache, pol.rope, pol.window, pol.clamp_min, pol.clamp_max, s, f, keys=keys,
+                              episodes_before=s, gather_prerotated=True)
+            self.last_plan = plan
+            stage = self._stage(f)
+            self.runner.forward(latents[:, :, s - start:s - start + f], torch.zeros(b, f, device=self.runner.device),
+                                self.text, ChunkAttention(plan, cache, self.backend, "clean", stage, self.observer))
+            k, v = stage
+            if cache.prerotated:  # the pool keeps keys rotated at their own (absolute) frames
+                k = plan.rotation.apply(k)
+            replaced += cache.replace_frames(s, f, k, v)
             self._report(hooks, done, total)
-        return done, writer.replaced
+        return done, replaced

@@ -26,8 +26,8 @@ from .attention import select_backend
 from .backbone import TextContext, WanRunner
 from .cache import HeadwiseKVCache
 from .errors import Interrupted, ShapeError
-from .plan import ChunkPlan, Observer, PlannedAttention, plan_chunk
-from .policies import CachePolicy, make_policy, resolve_labels
+from .plan import ChunkAttention, ChunkPlan, Observer, plan_chunk
+from .policies import CachePolicy, RetentionRule, make_policy, resolve_labels
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 
 log = logging.getLogger("headforcing")
@@ -82,7 +82,7 @@ class ARSampler:
     latent_hw: tuple[int, int] | None = None
     batch: int = 0
     last_plan: ChunkPlan | None = None
-    observer: Observer | None = None  # sees rotated q/k of every group (head profiling)
+    observer: Observer | None = None  # sees rotated q/k of every layer (head profiling; full cache only)
 
     def __post_init__(self):
         spec = self.runner.spec
@@ -97,10 +97,12 @@ class ARSampler:
     def start(self, batch: int, latent_height: int, latent_width: int, total_frames: int) -> None:
         spec = self.runner.spec
         grid = spec.token_grid(latent_height, latent_width)
+        self.policy.check_grid(grid)
         self.batch, self.latent_hw = batch, (latent_height, latent_width)
         self.cache = HeadwiseKVCache(self.head_types, self.policy.rule_map, batch=batch, grid=grid,
                                      head_dim=spec.head_dim, frames_per_block=self.frames_per_block,
-                                     total_frames=total_frames, dtype=self.runner.dtype, device=self.runner.device)
+                                     total_frames=total_frames, dtype=self.runner.dtype, device=self.runner.device,
+                                     prerotated=keys_stay_in_place(self.policy))
         self.next_frame = 0
 
     def set_prompt(self, context: torch.Tensor) -> None:
@@ -127,7 +129,6 @@ class ARSampler:
         if (h, w) != self.latent_hw or b != self.batch:
             raise ShapeError(f"noise {tuple(noise.shape)} does not match the started size {self.latent_hw}, "
                              f"batch {self.batch}")
-        timesteps = self.schedule.timesteps
         calls_total = calls_total or self.total_model_calls(t)
         source_device = noise.device
         noise = noise.to(self.runner.device)  # the chunk math runs where the model runs
@@ -135,28 +136,47 @@ class ARSampler:
         done = calls_done
         for chunk_index, (start, f) in enumerate(chunk_bounds(self.next_frame, t, self.frames_per_block)):
             local = slice(start - self.next_frame, start - self.next_frame + f)
-            plan = plan_chunk(self.cache, self.policy.rope, self.policy.window, start, f)
-            self.last_plan = plan
-            reader = PlannedAttention(plan, self.backend, observer=self.observer)
-            x = noise[:, :, local]
-            x0 = x
-            for i, t_i in enumerate(timesteps):
-                done = self._call_model_checked(hooks, done, calls_total)
-                flow = self.runner.forward(x, torch.full((b, f), t_i), self.text, reader)
-                x0 = self.schedule.to_x0(x, flow.to(x.dtype), t_i)
-                if i + 1 < len(timesteps):
-                    eps = _draw_noise(x0.shape, generator, x0)
-                    x = self.schedule.renoise(x0, eps, timesteps[i + 1])
-                self._report(hooks, done, calls_total)
-            # clean pass at t = 0: its K/V are what the cache keeps for this chunk
-            done = self._call_model_checked(hooks, done, calls_total)
-            self.runner.forward(x0, torch.zeros(b, f), self.text, PlannedAttention(plan, self.backend, self.cache, self.observer))
-            self._report(hooks, done, calls_total)
+            x0 = self.run_chunk(noise[:, :, local], start, generator, hooks, done, calls_total)
+            done += len(self.schedule.timesteps) + 1
             out[:, :, local] = x0
             if hooks.on_chunk is not None:
                 hooks.on_chunk(chunk_index, x0)
         self.next_frame += t
         return out.to(source_device)
+
+    def run_chunk(self, x: torch.Tensor, start: int, generator: torch.Generator | None, hooks: Hooks,
+                  done: int, total: int) -> torch.Tensor:
+        """Denoise one chunk (noise ``x`` ``[B, C, f, H, W]`` on the model's device) and commit it."""
+        b, f = x.shape[0], x.shape[2]
+        schedule, runner, cache, pol = self.schedule, self.runner, self.cache, self.policy
+        cache.reserve(start, f)
+        plan = plan_chunk(cache, pol.rope, pol.window, pol.clamp_min, pol.clamp_max, start, f)
+        self.last_plan = plan
+        reader = ChunkAttention(plan, cache, self.backend, "noisy", observer=self.observer)
+        x0 = x
+        for i, t_i in enumerate(schedule.timesteps):
+            done = self._call_model_checked(hooks, done, total)
+            timesteps = torch.full((b, f), t_i, device=runner.device)
+            flow = runner.forward(x, timesteps, self.text, reader)
+            x0 = schedule.to_x0(x, flow.to(x.dtype), i)
+            if i + 1 < len(schedule.timesteps):
+                x = schedule.renoise(x0, _draw_noise(x0.shape, generator, x0), i + 1)
+            self._report(hooks, done, total)
+        # clean pass at t = 0: its K/V are what the cache keeps for this chunk
+        done = self._call_model_checked(hooks, done, total)
+        stage = None if plan.prerotated else self._stage(f)
+        runner.forward(x0, torch.zeros(b, f, device=runner.device), self.text,
+                       ChunkAttention(plan, cache, self.backend, "clean", stage, self.observer))
+        cache.commit(start, f, *(stage or (None, None)))
+        self._report(hooks, done, total)
+        return x0
+
+    def _stage(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers receiving the clean pass's raw K/V of every layer (committed after the call)."""
+        spec, cache = self.runner.spec, self.cache
+        shape = (spec.num_layers, self.batch, frames * cache.tokens, spec.num_heads, spec.head_dim)
+        return (torch.empty(shape, dtype=self.runner.dtype, device=self.runner.device),
+                torch.empty(shape, dtype=self.runner.dtype, device=self.runner.device))
 
     @staticmethod
     def _call_model_checked(hooks: Hooks, done: int, total: int) -> int:
@@ -168,6 +188,14 @@ class ARSampler:
     def _report(hooks: Hooks, done: int, total: int) -> None:
         if hooks.progress is not None:
             hooks.progress(done, total)
+
+
+def keys_stay_in_place(policy: CachePolicy) -> bool:
+    """Whether a policy's keys never change position: one head type, our rule without a middle, absolute
+    RoPE. Its pool then stores rotated keys and is read in place (no per-chunk gather)."""
+    rules = list(policy.rule_map.values())
+    return (policy.rope == "absolute" and len(rules) == 1 and isinstance(rules[0], RetentionRule)
+            and rules[0].middle is None)
 
 
 def _draw_noise(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,10 @@ for ``shift = 5``). The model predicts a flow ``v``; ``x0 = x_t - sigma_t·v`` w
 ``sigma_t`` looked up at the nearest table timestep in float64, and the next
 noisy input is ``(1 - sigma_next)·x0 + sigma_next·noise``. The committed "clean
 pass" runs at timestep 0.
+
+Every timestep and sigma a run uses is computed once, as Python floats, when the
+schedule is made: the sampling loop does no table look-ups (and so no host/device
+round trips).
 """
 
 from __future__ import annotations
@@ -34,47 +38,47 @@ class FlowMatchSchedule:
     shift: float = SELF_FORCING_SHIFT
     num_train_timesteps: int = 1000
     warp: bool = True
-    _sigma_table: torch.Tensor = field(init=False, repr=False, compare=False)
-    _t_table: torch.Tensor = field(init=False, repr=False, compare=False)
+    _sigma_table: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _t_table: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    timesteps: tuple[float, ...] = field(init=False, compare=False)
+    sigmas: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         n = self.num_train_timesteps
-        steps = tuple(float(s) for s in self.steps)
+        try:
+            steps = tuple(float(s) for s in self.steps)
+        except (TypeError, ValueError):
+            raise ShapeError(f"denoising steps must be numbers, got {self.steps!r}") from None
         if not steps:
             raise ShapeError("the schedule needs at least one denoising step")
         if any(not (0 < s <= n) for s in steps):
             raise ShapeError(f"denoising steps must lie in (0, {n}], got {list(steps)}")
         if any(b >= a for a, b in zip(steps, steps[1:])):
             raise ShapeError(f"denoising steps must strictly decrease, got {list(steps)}")
-        if self.shift <= 0:
+        if not (self.shift > 0):
             raise ShapeError(f"shift must be positive, got {self.shift}")
         object.__setattr__(self, "steps", steps)
         s = 1.0 - torch.arange(n, dtype=torch.float64) / n
         sigma = self.shift * s / (1.0 + (self.shift - 1.0) * s)
-        object.__setattr__(self, "_sigma_table", sigma)
-        object.__setattr__(self, "_t_table", sigma * n)
-
-    @property
-    def timesteps(self) -> tuple[float, ...]:
-        """The timesteps actually passed to the model, one per denoising step."""
-        if not self.warp:
-            return self.steps
-        n = self.num_train_timesteps
-        return tuple(float(self._t_table[int(round(n - s))]) for s in self.steps)
+        object.__setattr__(self, "_sigma_table", tuple(sigma.tolist()))
+        object.__setattr__(self, "_t_table", tuple((sigma * n).tolist()))
+        ts = tuple(self._t_table[int(round(n - x))] for x in steps) if self.warp else steps
+        object.__setattr__(self, "timesteps", ts)
+        object.__setattr__(self, "sigmas", tuple(self.sigma(t) for t in ts))
 
     def sigma(self, t: float) -> float:
-        """Sigma of the table entry nearest to timestep ``t`` (float64)."""
-        idx = int(torch.argmin((self._t_table - float(t)).abs()))
-        return float(self._sigma_table[idx])
+        """Sigma of the table entry nearest to timestep ``t`` (float64; the first on ties)."""
+        table = self._t_table
+        idx = min(range(len(table)), key=lambda i: abs(table[i] - float(t)))
+        return self._sigma_table[idx]
 
-    def to_x0(self, x_t: torch.Tensor, flow: torch.Tensor, t: float) -> torch.Tensor:
-        """Clean estimate from a flow prediction, computed in float64."""
-        sigma = self.sigma(t)
-        x0 = x_t.to(torch.float64) - sigma * flow.to(torch.float64)
+    def to_x0(self, x_t: torch.Tensor, flow: torch.Tensor, step: int) -> torch.Tensor:
+        """Clean estimate from the flow predicted at denoising step ``step``, computed in float64."""
+        x0 = x_t.to(torch.float64) - self.sigmas[step] * flow.to(torch.float64)
         return x0.to(x_t.dtype)
 
-    def renoise(self, x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
-        """Forward-noise ``x0`` to timestep ``t``: ``(1 - sigma)·x0 + sigma·noise``."""
-        sigma = self.sigma(t)
+    def renoise(self, x0: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
+        """Forward-noise ``x0`` to denoising step ``step``: ``(1 - sigma)·x0 + sigma·noise``."""
+        sigma = self.sigmas[step]
         out = (1.0 - sigma) * x0.to(torch.float64) + sigma * noise.to(torch.float64)
         return out.to(x0.dtype)

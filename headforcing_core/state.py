@@ -48,7 +48,8 @@ import torch
 
 from .backbone import BackboneSpec, WanRunner
 from .errors import HeadForcingError, ShapeError, StateError
-from .policies import CachePolicy, Cyclic, Episodic, HeadLabels, Merge, RetentionRule, Stride
+from .errors import PolicyError
+from .policies import CachePolicy, HeadLabels, rule_from_dict, rule_to_dict
 from .prompts import PromptSchedule, ScheduleSampler, as_schedule
 from .sampler import Hooks, build_sampler, validate_inputs
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
@@ -56,7 +57,7 @@ from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 log = logging.getLogger("headforcing")
 
 STATE_FORMAT = "headforcing.ar_state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-type stores (head-wise cache redesign)
 STATE_META_KEY = "headforcing_state"
 STATE_SUFFIX = ".safetensors"
 
@@ -65,38 +66,25 @@ _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, tor
 # ---------------------------------------------------------------------------------------------
 # policy <-> JSON
 
-_MIDDLES = {"Stride": Stride, "Cyclic": Cyclic, "Merge": Merge, "Episodic": Episodic}
-
-
 def policy_to_dict(policy: CachePolicy) -> dict:
-    rules = []
-    for t, r in policy.rules:
-        m = None if r.middle is None else {"kind": type(r.middle).__name__, **dataclasses.asdict(r.middle)}
-        rules.append([t, {"sink": r.sink, "recent": r.recent, "window": r.window, "middle": m}])
     labels = None if policy.labels is None else {
         "taxonomy": policy.labels.taxonomy, "types": [list(row) for row in policy.labels.types],
         "source": policy.labels.source}
-    return {"preset": policy.preset, "rope": policy.rope, "window": policy.window, "note": policy.note,
-            "rules": rules, "labels": labels}
+    return {"preset": policy.preset, "rope": policy.rope, "window": policy.window, "clamp_min": policy.clamp_min,
+            "clamp_max": policy.clamp_max, "note": policy.note,
+            "rules": [[t, rule_to_dict(r)] for t, r in policy.rules], "labels": labels}
 
 
 def policy_from_dict(d: Mapping) -> CachePolicy:
     try:
-        rules = []
-        for t, r in d["rules"]:
-            m = r.get("middle")
-            middle = None
-            if m is not None:
-                m = dict(m)
-                middle = _MIDDLES[m.pop("kind")](**m)
-            rules.append((str(t), RetentionRule(sink=int(r["sink"]), recent=None if r["recent"] is None else
-                                                int(r["recent"]), middle=middle, window=bool(r["window"]))))
+        rules = tuple((str(t), rule_from_dict(r)) for t, r in d["rules"])
         lab = d.get("labels")
         labels = None if lab is None else HeadLabels(lab["taxonomy"], tuple(tuple(row) for row in lab["types"]),
                                                      lab.get("source", ""))
-        return CachePolicy(preset=str(d["preset"]), rules=tuple(rules), rope=str(d["rope"]), labels=labels,
-                           window=int(d["window"]), note=str(d.get("note", "")))
-    except (KeyError, TypeError, ValueError) as e:
+        return CachePolicy(preset=str(d["preset"]), rules=rules, rope=str(d["rope"]), labels=labels,
+                           window=int(d["window"]), clamp_min=int(d.get("clamp_min", 18)),
+                           clamp_max=int(d.get("clamp_max", 21)), note=str(d.get("note", "")))
+    except (KeyError, TypeError, ValueError, PolicyError) as e:
         raise StateError(f"the AR_STATE's policy record is unreadable ({type(e).__name__}: {e})") from None
 
 
@@ -448,19 +436,11 @@ def save_state(state: ARState, path: str | os.PathLike) -> Path:
 
 def _expected_cache_keys(cache_meta: Mapping) -> list[str]:
     keys = []
-    for li, groups in enumerate(cache_meta["layers"]):
-        for gi, g in enumerate(groups):
-            p = f"cache.l{li}.g{gi}"
-            keys += [p + ".sink.k", p + ".sink.v", p + ".recent.k", p + ".recent.v"]
-            kind = g.get("middle_kind")
-            if kind in ("StrideTier", "CyclicTier"):
-                keys += [p + ".middle.fifo.k", p + ".middle.fifo.v"]
-            elif kind == "MergeTier":
-                keys += [p + ".middle.fifo.k", p + ".middle.fifo.v", p + ".middle.acc.k", p + ".middle.acc.v"]
-            elif kind == "EpisodicTier":
-                keys += [p + ".middle.k", p + ".middle.v", p + ".middle.sig"]
-            elif kind is not None:
-                raise StateError(f"unknown cache tier {kind!r} in the AR_STATE file")
+    for t in cache_meta["types"]:
+        p = f"cache.{t['head_type']}"
+        keys += [p + ".frames.k", p + ".frames.v"]
+        if "block_pages" in t:
+            keys += [f"{p}.blocks.{n}" for n in ("k", "v", "acc_k", "acc_v")]
     return keys
 
 

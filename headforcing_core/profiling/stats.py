@@ -128,7 +128,9 @@ class AttentionCollector:
             qf.append(torch.full((n,), chunk_start + j, dtype=torch.long))
         self._idx, self._qframes = torch.cat(idx), torch.cat(qf)
 
-    def __call__(self, layer: int, group, q: torch.Tensor, k: torch.Tensor) -> None:
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, key_frames: torch.Tensor) -> None:
+        """``q``: rotated queries ``[B, S, H, D]``; ``k``: rotated keys ``[B, H, L, D]``; ``key_frames``:
+        the frame of each key ``[L]`` (-1: a key slot holding no frame)."""
         chunk_start, frames = self.current_chunk()
         key = (self.prompt_index, chunk_start, frames)
         if key != self._key:
@@ -140,34 +142,25 @@ class AttentionCollector:
         b, s, hg, d = q.shape
         if s != frames * tpf:
             raise ProfileError(f"chunk has {s} query tokens, expected {frames}×{tpf}")
-        # key token → absolute frame
-        key_frames, sizes = [], []
-        for e in group.entries:
-            fr = e.frames[0] if len(e.frames) == 1 else int(round(e.time))
-            key_frames.append(fr)
-            sizes.append(e.k.shape[1])
-        key_frames += [chunk_start + j for j in range(frames)]
-        sizes += [tpf] * frames
-        if max(key_frames) >= F or min(key_frames) < 0:
-            raise ProfileError(f"key frame outside the calibration window of {F} frames")
         device = q.device
-        seg = torch.repeat_interleave(torch.tensor(key_frames, dtype=torch.long),
-                                      torch.tensor(sizes, dtype=torch.long)).to(device)
+        seg = key_frames.to(device)
         L = int(seg.numel())
-        if L != k.shape[1]:
-            raise ProfileError(f"group has {k.shape[1]} keys but its entries add up to {L}")
-        tokens = torch.zeros(F, dtype=torch.float64)
-        tokens.index_add_(0, torch.tensor(key_frames), torch.tensor(sizes, dtype=torch.float64))
+        if L != k.shape[2]:
+            raise ProfileError(f"the layer has {k.shape[2]} keys but {L} key frames")
+        kf_cpu = key_frames.cpu()
+        if int(kf_cpu.max()) >= F or int(kf_cpu.min()) < 0:
+            raise ProfileError(f"key frame outside the calibration window of {F} frames")
+        tokens = torch.bincount(kf_cpu, minlength=F).to(torch.float64)
         tokens_dev = tokens.to(device, torch.float32).clamp_min(1.0)
 
         idx = self._idx.to(device)
         qf = self._qframes.to(device)
         n = int(idx.numel())
         qs = q[:, idx].float()  # [B, n, Hg, D]
-        kf = k.float()
+        kf = k.float().transpose(1, 2)  # [B, L, Hg, D]
         scale = d ** -0.5
         step = max(1, self.max_elements // max(1, b * n * L))
-        heads = list(group.heads)
+        heads = list(range(hg))
         for h0 in range(0, hg, step):
             h1 = min(hg, h0 + step)
             logits = torch.einsum("bnhd,blhd->bhnl", qs[:, :, h0:h1], kf[:, :, h0:h1]) * scale  # [B,h,n,L]

@@ -1,58 +1,75 @@
-"""Every attention backend agrees with the per-head reference on random ragged layouts."""
+"""Every attention backend agrees with the per-sequence reference on random ragged layouts."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from headforcing_core.attention import (BACKENDS, GroupProblem, flash_varlen_available, reference_attention,
+from headforcing_core.attention import (BACKENDS, LayerProblem, Run, flash_varlen_available, reference_attention,
                                         select_backend)
 
 
 @st.composite
-def ragged_layouts(draw):
+def layouts(draw):
+    """A layer's sequences: runs of sequences sharing a key window, some with device-side lengths."""
     batch = draw(st.integers(1, 2))
-    queries = draw(st.integers(1, 12))
+    queries = draw(st.integers(1, 9))
     dim = draw(st.sampled_from([8, 16, 64]))
-    groups = draw(st.lists(st.tuples(st.integers(1, 3), st.integers(1, 40)), min_size=1, max_size=5))
+    width = draw(st.integers(4, 40))
+    runs = draw(st.lists(st.tuples(st.integers(1, 3), st.integers(0, 3), st.integers(1, 4), st.booleans()),
+                         min_size=1, max_size=4))  # (sequences, lead, length, device-side lengths)
     seed = draw(st.integers(0, 2**31 - 1))
-    return batch, queries, dim, groups, seed
+    return batch, queries, dim, width, runs, seed
 
 
-def make_problems(batch, queries, dim, groups, seed, dtype=torch.float32, device="cpu"):
+def make_problem(batch, queries, dim, width, runs, seed, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for heads, length in groups:
-        q = torch.randn(batch, queries, heads, dim, generator=g)
-        k = torch.randn(batch, length, heads, dim, generator=g)
-        v = torch.randn(batch, length, heads, dim, generator=g)
-        out.append(GroupProblem(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)))
-    return out
+    ns = sum(n for n, *_ in runs)
+    q = torch.randn(batch, ns, queries, dim, generator=g)
+    k = torch.randn(batch, ns, width, dim, generator=g)
+    v = torch.randn(batch, ns, width, dim, generator=g)
+    starts = torch.zeros(batch, ns, dtype=torch.int64)
+    lengths = torch.zeros(batch, ns, dtype=torch.int64)
+    out_runs, first = [], 0
+    for n, lead, length, masked in runs:
+        lead = min(lead, width - 1)
+        length = max(1, min(width - lead, length * width // 4))
+        starts[:, first:first + n] = lead
+        if masked:  # lengths that differ per batch row and sequence, known on the device only
+            lengths[:, first:first + n] = torch.randint(1, length + 1, (batch, n), generator=g)
+        else:
+            lengths[:, first:first + n] = length
+        out_runs.append(Run(first, first + n, length, masked, lead))
+        first += n
+    pos = torch.arange(width)
+    keep = (pos >= starts[..., None]) & (pos < (starts + lengths)[..., None])
+    mask = torch.where(keep, 0.0, float("-inf")).unsqueeze(-2)
+    cast = lambda t: t.to(device, dtype)  # noqa: E731
+    return LayerProblem(cast(q), cast(k), cast(v), cast(mask), lengths.to(device), tuple(out_runs), starts.to(device))
 
 
 @pytest.mark.parametrize("name", ["grouped", "padded"])
 @settings(max_examples=60, deadline=None)
-@given(layout=ragged_layouts())
+@given(layout=layouts())
 def test_cpu_backends_match_reference(name, layout):
-    problems = make_problems(*layout)
-    ref = reference_attention(problems)
-    got = BACKENDS[name](problems)
-    assert len(got) == len(ref)
-    for a, b in zip(got, ref):
-        assert a.shape == b.shape
-        assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+    p = make_problem(*layout)
+    ref = reference_attention(p)
+    got = BACKENDS[name](p)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=2e-5, rtol=1e-4)
 
 
-def test_reference_is_a_real_softmax():
-    p = make_problems(1, 3, 8, [(2, 5)], 0)[0]
-    p.k[:, 2] = 50 * p.q[:, 0]  # query 0 must attend almost only to key 2
-    out = reference_attention([p])[0]
-    assert torch.allclose(out[:, 0], p.v[:, 2], atol=1e-4)
+def test_reference_is_a_real_softmax_over_the_window():
+    p = make_problem(1, 3, 8, 10, [(1, 2, 4, False)], 0)
+    p.k[0, 0, 4] = 50 * p.q[0, 0, 0]  # query 0 must attend almost only to key 4 (inside [2, 12))
+    p.k[0, 0, 0] = 80 * p.q[0, 0, 0]  # key 0 is in the lead: masked out, it must not win
+    out = reference_attention(p)
+    assert torch.allclose(out[0, 0, 0], p.v[0, 0, 4], atol=1e-4)
 
 
-def test_auto_falls_back_to_grouped_without_flash():
+def test_auto_picks_padded_on_cpu_without_flash():
     name, fn = select_backend("auto", torch.device("cpu"), torch.float32)
-    assert name == "grouped" and fn is BACKENDS["grouped"]
+    assert name == "padded" and fn is BACKENDS["padded"]
     with pytest.raises(ValueError):
         select_backend("flash_varlen", torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError):
@@ -66,11 +83,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["grouped", "padded", "flash_varlen"])
 @settings(max_examples=30, deadline=None)
-@given(layout=ragged_layouts())
+@given(layout=layouts())
 def test_gpu_backends_match_reference_bf16(name, layout):
     if name == "flash_varlen" and not flash_varlen_available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("flash-attn not installed")
-    problems = make_problems(*layout, dtype=torch.bfloat16, device="cuda")
-    ref = reference_attention(problems)
-    for a, b in zip(BACKENDS[name](problems), ref):
-        assert torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    p = make_problem(*layout, dtype=torch.bfloat16, device="cuda")
+    ref = reference_attention(p)
+    got = BACKENDS[name](p)
+    assert torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -5,8 +5,7 @@ import torch
 
 from headforcing_core import generate
 from headforcing_core.backbone import WanRunner
-from headforcing_core.cache import HeadwiseKVCache
-from headforcing_core.plan import PlannedAttention, plan_chunk
+from headforcing_core.plan import ChunkAttention, plan_chunk
 from headforcing_core.policies import Episodic, HeadLabels, RetentionRule, make_policy
 from headforcing_core.prompts import (PromptSchedule, PromptSegment, ScheduleError, ScheduleSampler, blend_text,
                                       blend_weight, parse_schedule_text, seconds_to_latent_frames)
@@ -138,14 +137,16 @@ class Spy:
         self.calls = []
         inner = sampler.runner.forward
 
-        def forward(latents, timesteps, text, attention):
-            target = attention.commit_to
-            kind = "read" if target is None else ("commit" if isinstance(target, HeadwiseKVCache) else "replace")
-            self.calls.append(dict(start=attention.plan.chunk_start, frames=attention.plan.frames,
+        def forward(latents, timesteps, text, attention, *args, **kwargs):
+            plan = attention.plan
+            kind = "read" if attention.pass_ == "noisy" else ("replace" if plan.rerun else "commit")
+            types = [seg.store.head_type for seg in plan.segments if seg.cls == 0]
+            self.calls.append(dict(start=plan.chunk_start, frames=plan.frames,
                                    t=timesteps.flatten().tolist(), kind=kind, keys=[k.clone() for k in text.keys],
                                    values=[v.clone() for v in text.values], latents=latents.clone(),
-                                   history=[[e.frames for e in g.entries] for g in attention.plan.layers[0]]))
-            return inner(latents, timesteps, text, attention)
+                                   history=[[(i,) for src, i, _, _ in plan.listing(t) if src == "frame"]
+                                            for t in types]))
+            return inner(latents, timesteps, text, attention, *args, **kwargs)
 
         sampler.runner.forward = forward
 
@@ -246,28 +247,30 @@ def test_recache_replaces_kv_where_frames_are_kept_whole(tiny_model):
     sched_a = PromptSchedule((seg(A, 6),))
     noise = latent_noise(6)
     sampler, _, out = run_spied(tiny_model, sched_a, noise)
-    before = [[s.k.clone() for s in layer.groups[0].stores()] for layer in sampler.cache.layers]
-    # independent expectation: a fresh cache committing frames 0-2 under A, then 3-5 under B
-    runner = sampler.runner
-    ref = HeadwiseKVCache(sampler.head_types, sampler.policy.rule_map, batch=1, grid=sampler.cache.grid,
-                          head_dim=runner.spec.head_dim, frames_per_block=3, total_frames=6, dtype=runner.dtype,
-                          device=runner.device)
+    pool = sampler.cache.store("all").frames
+    before = pool.k.clone()
+    # independent expectation: a fresh sampler committing frames 0-2 under A, then 3-5 under B
+    ref = ScheduleSampler(sampler.runner, make_policy("full"), FlowMatchSchedule(), 3)
+    ref.start(1, 8, 8, 6)
     for start, text in ((0, ta), (3, tb)):
-        plan = plan_chunk(ref, "absolute", 21, start, 3)
-        runner.forward(out[:, :, start:start + 3], torch.zeros(1, 3), text, PlannedAttention(plan, sampler.backend, ref))
+        ref.cache.reserve(start, 3)
+        plan = plan_chunk(ref.cache, "absolute", 21, 18, 21, start, 3)
+        ref.runner.forward(out[:, :, start:start + 3], torch.zeros(1, 3), text,
+                           ChunkAttention(plan, ref.cache, ref.backend, "clean"))
+        ref.cache.commit(start, 3, None, None)
     sampler.set_prompt(B)
     _, replaced = sampler.recache(3)
-    assert replaced == 3 * len(sampler.cache.layers)
-    for li, layer in enumerate(sampler.cache.layers):
-        tier = layer.groups[0].recent  # `full`: the all-frames tier
-        slots = {fr[0]: slot for slot, _, fr in tier.items}
-        ref_tier = ref.layers[li].groups[0].recent
-        ref_slots = {fr[0]: slot for slot, _, fr in ref_tier.items}
+    assert replaced == 3 * len(sampler.runner.module.blocks)
+    ref_pool = ref.cache.store("all").frames
+    heads = sampler.runner.spec.num_heads
+    for li in range(len(sampler.runner.module.blocks)):
+        rows = slice(li * heads, (li + 1) * heads)
         for f in range(6):
-            got = tier.store.k[:, slots[f]], tier.store.v[:, slots[f]]
-            want = ref_tier.store.k[:, ref_slots[f]], ref_tier.store.v[:, ref_slots[f]]
+            page, ref_page = pool.page_of[f], ref_pool.page_of[f]
+            got = pool.k[:, rows, page], pool.v[:, rows, page]
+            want = ref_pool.k[:, rows, ref_page], ref_pool.v[:, rows, ref_page]
             assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
-            old = before[li][1][:, slots[f]]
+            old = before[:, rows, page]
             if f < 3:
                 assert torch.equal(got[0], old)
             elif li == 0:
@@ -276,26 +279,21 @@ def test_recache_replaces_kv_where_frames_are_kept_whole(tiny_model):
                 assert not torch.allclose(got[0], old, atol=1e-4)  # later layers do
 
 
-def test_replace_frame_touches_only_whole_frame_entries():
-    from headforcing_core.policies import Merge, Stride
+def test_replace_frames_touches_only_whole_frames():
+    from .retention_harness import build, frame_kv, run_to
     pol = make_policy("pyramid_forcing", labels=HeadLabels("pyramid_forcing", (("anchor", "veil"),)))
-    cache = HeadwiseKVCache(pol.head_types(1, 2), pol.rule_map, batch=1, grid=(2, 2), head_dim=4,
-                            frames_per_block=3, total_frames=40, dtype=torch.float64, device=torch.device("cpu"))
-    for f in range(0, 18):
-        k = torch.full((1, 4 * 1, 2, 4), float(f), dtype=torch.float64)
-        cache.commit(0, k, k + 0.5, f, 1)
-    anchor, veil = cache.layers[0].groups
-    assert isinstance(anchor.middle.rule, Stride) and isinstance(veil.middle.rule, Merge)
-    # frame 6: kept whole by the anchor's stride tier, merged (pooled) by the veil
-    new = torch.full((1, 4, 1, 4), -1.0, dtype=torch.float64)
-    assert anchor.replace_frame(6, new, new) == 1
-    assert veil.replace_frame(6, new, new) == 0
-    assert anchor.replace_frame(1, new, new) == 1  # a sink frame
-    assert anchor.replace_frame(16, new, new) == 1  # a recent frame
-    assert anchor.replace_frame(5, new, new) == 0  # evicted, not a multiple of 6
-    kept = {e.frames: e.k for e in anchor.entries(18)}
-    assert (kept[(6,)] == -1).all() and (kept[(1,)] == -1).all() and (kept[(16,)] == -1).all()
-    assert (kept[(12,)] == 12).all() and (kept[(0,)] == 0).all()
+    cache = build(pol, ["anchor", "veil"], total=40, fpb=1)
+    run_to(cache, pol, 18, frames=1)
+    anchor, veil = cache.store("anchor"), cache.store("veil")
+    # frame 6: kept whole by the anchor's stride store, only merged (pooled) by the veil
+    assert 6 in anchor.frames.page_of and 6 not in veil.frames.page_of
+    k, v = frame_kv(cache, 0)
+    assert cache.replace_frames(6, 1, -k - 1, -v - 1) == 1
+    assert cache.replace_frames(16, 1, -k - 1, -v - 1) == 2  # a recent frame of both
+    assert cache.replace_frames(5, 1, -k - 1, -v - 1) == 0  # held by neither
+    page = anchor.frames.page_of[6]
+    assert (anchor.frames.k[:, :, page] == -1).all() and (anchor.frames.v[:, :, page] == -1.5).all()
+    assert (anchor.frames.k[:, :, anchor.frames.page_of[12]] == 12).all()  # others keep theirs
 
 
 def memory_policy(similarity=-1.0):
@@ -305,8 +303,7 @@ def memory_policy(similarity=-1.0):
 
 
 def episodes(sampler):
-    return [[e.frames for e in g.entries(sampler.next_frame) if e.kind == "episode"]
-            for layer in sampler.cache.layers for g in layer.groups]
+    return sampler.cache.store("memory").episodes.episodes(0)
 
 
 @pytest.mark.parametrize("transition,k", [("cut", 0), ("recache", 3), ("blend", 3)])

@@ -1,35 +1,59 @@
-import math
+"""Wan's 3-D RoPE, the chunk / entry rotations, and the re-encoding modes."""
 
+import math
+import random
+
+import pytest
 import torch
 
-from headforcing_core.cache import HeadwiseKVCache
-from headforcing_core.plan import plan_chunk
 from headforcing_core.policies import HeadLabels, make_policy
-from headforcing_core.positions import EntryTime, map_times
-from headforcing_core.rope import Rotary, axis_pairs, spatial_positions
+from headforcing_core.positions import key_times, map_times, sink_time
+from headforcing_core.rope import (ChunkRotation, axis_pairs, rope_reference, rotate_entries, spatial_positions)
 
 from .dense_reference import rope_apply, rope_table
+from .retention_harness import build, commit, plan_at
 
 
 def test_axis_split_of_128_wide_heads():
     assert axis_pairs(128) == (22, 21, 21)  # 44/42/42 channels
 
 
+def _positions(frames, gh, gw):
+    sp = spatial_positions(gh, gw)
+    t = torch.arange(frames, dtype=torch.float64).repeat_interleave(sp.shape[0])
+    return t, sp.repeat(frames, 1)
+
+
 def test_matches_wans_complex_table_at_integer_positions():
     x = torch.randn(1, 2 * 3 * 4, 2, 128, dtype=torch.float64)
-    ours = Rotary.for_entries(128, [0.0, 1.0], 3, 4).apply(x)
+    ours = rope_reference(x, *_positions(2, 3, 4))
     theirs = rope_apply(x, 2, 3, 4, rope_table(128))
     assert torch.allclose(ours, theirs, atol=1e-12)
+
+
+def test_chunk_rotation_and_entry_rotation_agree_with_the_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3 * 12, 2, 128, generator=g, dtype=torch.float64)
+    t, sp = _positions(3, 3, 4)
+    ref = rope_reference(x, t + 40, sp)
+    rot = ChunkRotation(128, (3, 4), [(40.0, 41.0, 42.0), (0.0, 0.0, 0.0)], torch.float64, torch.device("cpu"))
+    assert torch.allclose(rot.apply(x), ref, atol=1e-12)
+    assert torch.allclose(rot.apply_all(x)[:, 1], rope_reference(x, torch.zeros_like(t), sp), atol=1e-12)
+    # entries: [B, H, E, T, D] with one time per entry
+    ent = x.view(1, 3, 12, 2, 128).permute(0, 3, 1, 2, 4)
+    got = rotate_entries(ent, torch.tensor([40.0, 41.0, 42.0], dtype=torch.float64), spatial_positions(3, 4))
+    assert torch.allclose(got.permute(0, 2, 3, 1, 4).reshape(1, 36, 2, 128), ref, atol=1e-12)
 
 
 def test_scores_depend_only_on_relative_time():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 6, 1, 128, generator=g, dtype=torch.float64)
     k = torch.randn(1, 6, 1, 128, generator=g, dtype=torch.float64)
+    sp = spatial_positions(2, 3)
 
     def scores(tq, tk):
-        rq = Rotary.for_entries(128, [tq], 2, 3).apply(q)
-        rk = Rotary.for_entries(128, [tk], 2, 3).apply(k)
+        rq = rope_reference(q, torch.full((6,), tq, dtype=torch.float64), sp)
+        rk = rope_reference(k, torch.full((6,), tk, dtype=torch.float64), sp)
         return torch.einsum("bsnd,btnd->bst", rq, rk)
 
     base = scores(20.0, 3.0)
@@ -38,70 +62,122 @@ def test_scores_depend_only_on_relative_time():
     assert not torch.allclose(scores(20.0, 4.0), base, atol=1e-3)
 
 
-def test_pooled_positions_are_window_centroids():
-    pos = spatial_positions(3, 4, 2)
-    assert pos.tolist() == [[0.5, 0.5], [0.5, 2.5], [2.0, 0.5], [2.0, 2.5]]
+def test_pooled_positions():
+    assert spatial_positions(3, 4, 2).tolist() == [[0.5, 0.5], [0.5, 2.5], [2.0, 0.5], [2.0, 2.5]]  # centroids
+    # Pyramid Forcing's merged tokens sit at the top-left token of their window: (2·py, 2·px)
+    assert spatial_positions(4, 4, 2, "top_left").tolist() == [[0, 0], [0, 2], [2, 0], [2, 2]]
 
 
-def test_keys_are_stored_unroped(tiny_model):
-    from headforcing_core import ARSampler, WanRunner, make_policy
+def test_keys_are_stored_unroped_and_rotated_at_read(tiny_model):
+    """A packed policy's pool holds the clean pass's keys before RoPE; the plan rotates them."""
+    from headforcing_core import ARSampler, WanRunner
     from .conftest import latent_noise, text_context
 
     runner = WanRunner(tiny_model)
-    s = ARSampler(runner, make_policy("full"))
+    s = ARSampler(runner, make_policy("sink_window", sink=1, recent=8))  # window_shift: gathered and rotated
     s.start(1, 8, 8, 6)
     s.set_prompt(text_context())
     raw = {}
     orig = s.cache.commit
 
-    def spy(layer, k, v, start, frames):
-        raw[(layer, start)] = k.clone()
-        orig(layer, k, v, start, frames)
+    def spy(start, frames, k, v):
+        raw[start] = k.clone()  # [layers, B, S, H, D] raw
+        orig(start, frames, k, v)
 
     s.cache.commit = spy
     s.sample(latent_noise(6), torch.Generator().manual_seed(0))
-    stored = s.cache.layers[0].groups[0].recent.entries()
-    # what is stored for frame 1 is the clean pass's key before any rotation
+    store = s.cache.store("all")
     tokens = 16
-    assert torch.equal(stored[1].k, raw[(0, 0)][:, tokens:2 * tokens])
-    rotated = Rotary.for_entries(128, [1.0], 4, 4).apply(stored[1].k)
-    assert not torch.allclose(rotated, stored[1].k)
+    page = store.frames.page_of[1]
+    stored = store.frames.k[:, :2, page]  # layer 0's two heads
+    assert torch.equal(stored, raw[0][0][:, tokens:2 * tokens].transpose(1, 2))
 
 
-def _commit_random(cache, start, frames):
-    for layer in range(len(cache.layers)):
-        k = torch.randn(1, frames * 4, cache.layers[layer].num_heads, 8)
-        cache.commit(layer, k, k, start, frames)
+# ---------------------------------------------------------------------------------------------
+# re-encoding modes
 
 
-def test_positions_stay_in_the_training_window_for_ten_minutes():
-    total = (16 * 600 - 1) // 4 + 1
-    pyr = make_policy("pyramid_forcing", labels=HeadLabels("pyramid_forcing", (("anchor", "wave", "veil"),)))
-    hf = make_policy("head_forcing", labels=HeadLabels("head_forcing", (("local", "anchor", "memory"),)))
-    sw = make_policy("sink_window")
-    for pol, types in ((pyr, ("anchor", "wave", "veil")), (hf, ("local", "anchor", "memory")), (sw, ("all",))):
-        cache = HeadwiseKVCache((types,), pol.rule_map, batch=1, grid=(2, 2), head_dim=8, frames_per_block=3,
-                                total_frames=total, dtype=torch.float32, device=torch.device("cpu"))
-        lo, hi = math.inf, -math.inf
-        for start in range(0, total, 3):
-            plan = plan_chunk(cache, pol.rope, pol.window, start, 3)
-            for gp in plan.layers[0]:
-                times = gp.entry_times + gp.query_times
-                lo, hi = min(lo, *times), max(hi, *times)
-                # the query is always the newest position
-                assert max(gp.entry_times, default=-1) < min(gp.query_times)
-            _commit_random(cache, start, 3)
-        assert lo >= 0 and hi <= 20, (pol.preset, lo, hi)
+def _flags(n_sinks, n, anchor=None):
+    return dict(is_chunk=[False] * n, is_sink=[i < n_sinks for i in range(n)],
+                is_anchor=anchor if anchor is not None else [i < n_sinks for i in range(n)])
 
 
 def test_modes_agree_while_everything_fits():
-    entries = [EntryTime(float(i), sink=i < 3) for i in range(12)]
-    for mode in ("absolute", "window_clamp", "compact"):
-        assert map_times(mode, entries, 12, 3, 21) == ([float(i) for i in range(12)], [12.0, 13.0, 14.0])
+    own = [float(i) for i in range(12)]
+    for mode in ("absolute", "window_clamp", "window_shift", "compact"):
+        kw = _flags(3, 12, [False] * 12) if mode == "window_clamp" else _flags(3, 12)
+        assert key_times(mode, own, **kw, chunk_start=12, frames=3, query_frame=13, window=21, clamp_min=18,
+                         clamp_max=21) == own
 
 
-def test_compact_spreads_when_too_many_entries():
-    entries = [EntryTime(float(i)) for i in range(30)]
-    times, q = map_times("compact", entries, 30, 3, 21)
-    assert times[0] == 0 and times[-1] == 17 and q == [18, 19, 20]
-    assert all(b > a for a, b in zip(times, times[1:]))
+def test_window_clamp_is_pyramid_forcings_sink_time():
+    # map_sink_time(window_clamp): max(0, t - clamp(t, 18, 21))
+    assert [sink_time(t, 18, 21) for t in (0, 17, 18, 21, 22, 30, 100)] == [0, 0, 0, 0, 1, 9, 79]
+    own = [0.0, 1.0, 2.0, 27.0, 6.0]  # sinks 0..2, a recent frame, a strided anchor
+    got = key_times("window_clamp", own, is_chunk=[False] * 5, is_sink=[True, True, True, False, False],
+                    is_anchor=[True, True, True, False, True], chunk_start=30, frames=3, query_frame=31, window=21,
+                    clamp_min=18, clamp_max=21)
+    assert got == [10.0, 10.0, 10.0, 27.0, 10.0]  # sinks and anchors 21 frames behind the query, recent absolute
+
+
+def test_window_shift_renumbers_into_the_last_window():
+    own = [0.0, 1.0, 5.0, 27.0, 28.0, 29.0]
+    got = key_times("window_shift", own, **_flags(2, 6), chunk_start=30, frames=3, query_frame=30, window=21,
+                    clamp_min=18, clamp_max=21)
+    # visible window 12..32: sinks at its start, everything else no earlier than right after the sinks
+    assert got == [12.0, 13.0, 14.0, 27.0, 28.0, 29.0]
+
+
+def test_compact_renumbers_right_before_the_chunk_and_spreads_when_too_many():
+    own = [float(i) * 2 for i in range(5)]
+    got = key_times("compact", own, **_flags(0, 5), chunk_start=100, frames=3, query_frame=100, window=21,
+                    clamp_min=18, clamp_max=21)
+    assert got == [95.0, 96.0, 97.0, 98.0, 99.0]  # ranks 0..4, the chunk at 100
+    own = [float(i) for i in range(30)]
+    got = key_times("compact", own, **_flags(0, 30), chunk_start=30, frames=3, query_frame=30, window=21,
+                    clamp_min=18, clamp_max=21)
+    assert got[0] == 30 - 18 and got[-1] == 30 - 1  # spread over the 18 slots before the chunk
+    assert all(b > a for a, b in zip(got, got[1:]))
+
+
+@pytest.mark.parametrize("mode", ["absolute", "window_clamp", "window_shift", "compact"])
+def test_host_and_device_implementations_agree(mode):
+    rnd = random.Random(mode)
+    for _ in range(200):
+        n = rnd.randint(1, 30)
+        own = sorted(rnd.uniform(0, 80) for _ in range(n))
+        sinks = rnd.randint(0, min(3, n))
+        chunk = [i >= n - rnd.randint(0, 3) for i in range(n)]
+        anchor = [rnd.random() < 0.3 for _ in range(n)]
+        kw = dict(is_chunk=chunk, is_sink=[i < sinks for i in range(n)], is_anchor=anchor)
+        args = dict(chunk_start=rnd.randint(0, 90), frames=rnd.randint(1, 3), query_frame=rnd.randint(0, 95),
+                    window=21, clamp_min=18, clamp_max=21)
+        host = key_times(mode, own, **kw, **args)
+        dev = map_times(mode, torch.tensor(own, dtype=torch.float64),
+                        **{k: torch.tensor(v) for k, v in kw.items()}, valid=None, **args)
+        assert dev.tolist() == pytest.approx(host, abs=1e-9)
+
+
+def test_relative_positions_stay_in_the_training_window_for_ten_minutes():
+    """Every key of head_forcing (compact) and sink_window (window_shift) sits within 20 frames of the
+    query; Pyramid Forcing's sinks and anchors stay 21 behind once t > 21 (window_clamp) — only its
+    recent frames and the first non-sink frame of Anchor heads keep their absolute time."""
+    total = (16 * 600 - 1) // 4 + 1
+    for preset, types in (("head_forcing", ("local", "anchor", "memory")), ("sink_window", ("all",)),
+                          ("pyramid_forcing", ("anchor", "wave", "veil"))):
+        labels = None if types == ("all",) else HeadLabels(preset, (types,))
+        pol = make_policy(preset, labels=labels)
+        cache = build(pol, types, total=total)
+        worst = 0.0
+        for start in range(0, total, 3):
+            plan = plan_at(cache, pol, start)
+            for t in types:
+                for j in range(plan.classes):
+                    q = start + j
+                    for src, idx, role, time in plan.listing(t, j):
+                        if time is None or (preset == "pyramid_forcing" and role == "recent"):
+                            continue
+                        worst = max(worst, q - time)
+            commit(cache, start)
+        limit = 21 if preset == "pyramid_forcing" else 20
+        assert worst <= limit, (preset, worst)

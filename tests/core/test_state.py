@@ -31,6 +31,7 @@ POLICIES = {
     "full": make_policy("full"),
     "self_forcing_window": make_policy("self_forcing_window", recent=9),
     "sink_window": make_policy("sink_window", sink=1, recent=3),
+    "longlive": make_policy("longlive", sink=1, recent=4),
     "pyramid_forcing": make_policy("pyramid_forcing"),
     "head_forcing": make_policy("head_forcing"),
 }
@@ -72,7 +73,7 @@ def test_schedule_equals_run_then_continue(tiny_model, policy, transition, k):
         for name in ct:
             assert torch.allclose(ct[name], wt[name], atol=1e-5), name
     assert [h["transition"] for h in cont_state.history] == ["cut", transition]
-    assert json.loads(cont_state.meta_json)["cache"]["layers"] == json.loads(whole_state.meta_json)["cache"]["layers"] \
+    assert json.loads(cont_state.meta_json)["cache"]["types"] == json.loads(whole_state.meta_json)["cache"]["types"] \
         or policy == "full"
 
 
@@ -101,10 +102,10 @@ def test_continue_same_prompt_equals_one_long_run(tiny_model):
 def test_full_policy_grows_on_continue(tiny_model):
     noise = latent_noise(12)
     _, state = generate_schedule(tiny_model, A, noise[:, :, :6], policy="full", generator=gen())
-    assert state.tensors["cache.l0.g0.recent.k"].shape[1] == 6
+    assert state.tensors["cache.all.frames.k"].shape[2] == 6  # pages
     _, s2 = continue_generation(tiny_model, state, B, noise[:, :, 6:])
-    assert s2.tensors["cache.l0.g0.recent.k"].shape[1] == 12
-    assert state.tensors["cache.l0.g0.recent.k"].shape[1] == 6  # the input state is untouched
+    assert s2.tensors["cache.all.frames.k"].shape[2] == 12
+    assert state.tensors["cache.all.frames.k"].shape[2] == 6  # the input state is untouched
 
 
 def test_states_are_immutable_and_continuations_independent(tiny_model):
@@ -218,7 +219,7 @@ def test_corrupt_files_are_refused(tmp_path, small_state):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     meta = json.loads(small_state.meta_json)
     tensors = dict(small_state.tensors)
-    save_file({k: v for k, v in tensors.items() if k != "cache.l0.g0.sink.k"}, str(tmp_path / "missing.safetensors"),
+    save_file({k: v for k, v in tensors.items() if k != "cache.memory.frames.k"}, str(tmp_path / "missing.safetensors"),
               metadata={"headforcing_state": small_state.meta_json})
     save_file(tensors, str(tmp_path / "version.safetensors"),
               metadata={"headforcing_state": json.dumps({**meta, "version": 99})})
@@ -226,7 +227,7 @@ def test_corrupt_files_are_refused(tmp_path, small_state):
     nan = {**tensors, "tail": torch.full_like(tensors["tail"], float("nan"))}
     save_file(nan, str(tmp_path / "nan.safetensors"), metadata={"headforcing_state": small_state.meta_json})
     cases = {"trunc": "damaged or truncated", "noise": "not a readable", "plain": "not a Head Forcing AR_STATE",
-             "missing": "lacks tensor.*cache.l0.g0.sink.k", "version": "version 99", "json": "not valid JSON",
+             "missing": "lacks tensor.*cache.memory.frames.k", "version": "version 99", "json": "not valid JSON",
              "nan": "NaN", "absent": "not found"}
     for name, match in cases.items():
         with pytest.raises(StateError, match=match):
@@ -236,9 +237,10 @@ def test_corrupt_files_are_refused(tmp_path, small_state):
 
 def test_inconsistent_bookkeeping_is_refused_on_continue(tiny_model, small_state):
     meta = json.loads(small_state.meta_json)
-    meta["cache"]["layers"][0][0]["recent"]["items"].append([0, 1.0, [1]])  # a slot used twice
+    pages = meta["cache"]["types"][0]["frame_pages"]
+    pages["99"] = next(iter(pages.values()))  # a page used twice
     broken = ARState(json.dumps(meta), dict(small_state.tensors))
-    with pytest.raises(StateError, match="inconsistent slot map"):
+    with pytest.raises(StateError, match="inconsistent page table"):
         continue_generation(tiny_model, broken, B, latent_noise(3))
     other_policy = json.loads(small_state.meta_json)
     other_policy["policy"] = json.loads(json.dumps(policy_to_dict(make_policy("full"))))

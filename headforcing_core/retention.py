@@ -1,0 +1,382 @@
+"""What each retention rule keeps and attends, frame by frame (host-side bookkeeping, no tensors).
+
+A :class:`Tracker` follows one head *type* through a run. Every head of that type, in
+every layer, keeps the same frames (the rules depend on frame indices only; the
+episodic memory's content-dependent decisions are taken on the device, see
+:mod:`headforcing_core.cache`), so one tracker serves them all. For each chunk it
+answers two questions:
+
+* :meth:`Tracker.keys` — the *key set* of every query frame of the chunk, for the noisy
+  passes and for the clean pass: which committed frames, merged blocks or episodic
+  memory, and which frames of the chunk itself, each with its own time and the role the
+  RoPE modes need (sink / recent / middle, rotated at the sink time or not);
+* :meth:`Tracker.commit` — what the clean pass's commit changes: frames written, frames
+  and blocks still held afterwards, frames accumulated into merge blocks, frames handed
+  to the episodic memory.
+
+Because these are plain functions of frame indices they are checked, frame by frame,
+against independent restatements of the references in ``tests/core``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from .policies import Cyclic, Merge, PyramidRule, RetentionRule, Rule, Stride
+
+
+@dataclass(frozen=True)
+class Key:
+    """One entry of a key set.
+
+    ``source``: ``"chunk"`` (frame ``index`` of the current chunk, 0-based), ``"frame"`` (a
+    committed frame, absolute ``index``), ``"block"`` (merged block ``index``) or
+    ``"episodes"`` (the head's whole episodic memory; its size and times live on the device).
+    ``time``: the entry's own time (frame index; a block's time). ``role``: ``sink``,
+    ``recent`` or ``middle``. ``anchor``: ``window_clamp`` rotates it at the query frame's sink
+    time. ``spatial``: token positions of a pooled entry (``native`` for whole frames,
+    ``top_left`` of each pooled window, or its ``centroid``); ``pool``: spatial pooling.
+    """
+
+    source: str
+    index: int
+    time: float
+    role: str
+    anchor: bool = False
+    spatial: str = "native"
+    pool: int = 1
+
+
+@dataclass(frozen=True)
+class ChunkKeys:
+    """The key sets of a chunk: ``noisy[j]`` / ``clean[j]`` for query frame ``j`` of the chunk."""
+
+    start: int
+    frames: int
+    noisy: tuple[tuple[Key, ...], ...]
+    clean: tuple[tuple[Key, ...], ...]
+
+
+@dataclass
+class Commit:
+    """What committing a chunk changes (see :meth:`Tracker.commit`)."""
+
+    new_frames: list[int]
+    keep_frames: set[int]
+    merge_frames: list[int] = field(default_factory=list)
+    completed_blocks: list[int] = field(default_factory=list)
+    keep_blocks: list[int] = field(default_factory=list)
+    to_episodes: list[tuple[int, bool]] = field(default_factory=list)  # (frame, opens a new episode)
+
+
+def _frame_key(frame: int, chunk_start: int, role: str, anchor: bool = False) -> Key:
+    if frame >= chunk_start:
+        return Key("chunk", frame - chunk_start, float(frame), role, anchor)
+    return Key("frame", frame, float(frame), role, anchor)
+
+
+class Tracker:
+    """Base class; one per head type."""
+
+    rule: Rule
+
+    def keys(self, start: int, frames: int) -> ChunkKeys:
+        raise NotImplementedError
+
+    def commit(self, start: int, frames: int) -> Commit:
+        raise NotImplementedError
+
+    def history_keys(self, start: int, frames: int) -> ChunkKeys:
+        """Key sets for re-running committed frames ``[start, start + frames)`` (a recache): what is held
+        now that is strictly older than ``start``, and the re-run frames themselves."""
+        raise NotImplementedError
+
+    def stored_frames(self) -> set[int]:
+        raise NotImplementedError
+
+    def frame_capacity(self, frames_per_block: int, total_frames: int) -> int:
+        """Whole-frame slots to preallocate: the most frames held at once plus one chunk of headroom."""
+        raise NotImplementedError
+
+    def block_capacity(self) -> int:
+        return 0
+
+    def on_prompt_switch(self, first_frame: int) -> None:
+        """The prompt changes from ``first_frame`` on (only episodic memory reacts)."""
+
+    def state(self) -> dict:
+        return copy.deepcopy({k: v for k, v in vars(self).items() if k != "rule"})
+
+    def load_state(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, copy.deepcopy(v))
+
+
+# ---------------------------------------------------------------------------------------------
+# our rules: sink + recent ring (+ episodic memory)
+
+
+class RetentionTracker(Tracker):
+    """:class:`RetentionRule`: frames ``< sink`` are sinks; the newest ``history`` frames are the
+    recent ring; frames leaving the ring go to the episodic memory (if any). Every query frame
+    and both passes see the same set: sinks, episodes, recent, the whole chunk."""
+
+    def __init__(self, rule: RetentionRule, frames_per_block: int):
+        self.rule = rule
+        self.history = rule.history_frames(frames_per_block)  # None: keep everything
+        self.committed = 0
+        self.sinks: list[int] = []
+        self.recent: list[int] = []
+        self.switch_frames: list[int] = []
+
+    def keys(self, start: int, frames: int) -> ChunkKeys:
+        rule = self.rule
+        ks: list[Key] = [Key("frame", f, float(f), "sink", True) for f in self.sinks]
+        if rule.middle is not None:
+            ks.append(Key("episodes", 0, -1.0, "middle", False, "centroid", rule.middle.pool))
+        ks += [Key("frame", f, float(f), "recent") for f in self.recent]
+        ks += [Key("chunk", j, float(start + j), "recent") for j in range(frames)]
+        one = tuple(ks)
+        return ChunkKeys(start, frames, (one,) * frames, (one,) * frames)
+
+    def history_keys(self, start: int, frames: int) -> ChunkKeys:
+        full = self.keys(start, frames).noisy[0]  # episodes are filtered on the device
+        one = tuple(k for k in full if k.source != "frame" or k.index < start)
+        return ChunkKeys(start, frames, (one,) * frames, (one,) * frames)
+
+    def commit(self, start: int, frames: int) -> Commit:
+        out = Commit(new_frames=list(range(start, start + frames)), keep_frames=set())
+        for f in out.new_frames:
+            if self.history is not None and f < self.rule.sink:
+                self.sinks.append(f)
+                continue
+            if self.history is not None and len(self.recent) >= self.history:
+                old = self.recent.pop(0)
+                if self.rule.middle is not None:
+                    # an episode never spans a prompt switch: evicting the first frame made under a
+                    # new prompt (or any later one) opens a new episode
+                    opens = any(b <= old for b in self.switch_frames)
+                    self.switch_frames = [b for b in self.switch_frames if b > old]
+                    out.to_episodes.append((old, opens))
+            self.recent.append(f)
+        self.committed = start + frames
+        out.keep_frames = self.stored_frames()
+        return out
+
+    def stored_frames(self) -> set[int]:
+        return set(self.sinks) | set(self.recent)
+
+    def frame_capacity(self, frames_per_block: int, total_frames: int) -> int:
+        if self.history is None:
+            return max(total_frames, 1)
+        return self.rule.sink + self.history + frames_per_block
+
+    def on_prompt_switch(self, first_frame: int) -> None:
+        if self.rule.middle is not None:
+            self.switch_frames.append(int(first_frame))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pyramid Forcing
+
+
+@dataclass
+class _PyramidStores:
+    sink_count: int | None = None  # sinks = frames [0, sink_count), fixed by the first chunk
+    dynamic: list[int] = field(default_factory=list)  # the recent store, in store order
+    stride: list[int] = field(default_factory=list)  # FIFO of strided frames
+    cyclic: dict[int, list[int]] = field(default_factory=dict)  # phase -> newest frames of that phase
+    blocks: list[int] = field(default_factory=list)  # completed merge blocks, oldest first
+    partial: list[int] | None = None  # [block, frames seen] of the block being filled
+
+
+class PyramidTracker(Tracker):
+    """:class:`PyramidRule`: Pyramid Forcing's ``AdaptiveKVCache`` frame-level policy.
+
+    Sources (IF-LAB-PKU/Pyramid-Forcing, ``pyramidkv/adaptive_cache.py`` unless noted):
+
+    * sinks — ``_capture_sink_if_needed``: the first ``min(sink_frames, first chunk)`` frames,
+      captured when ``current_start == 0`` only, rotated at the sink time;
+    * recent — the dynamic store (``_append_dynamic``, ``_keep_dynamic_suffix``,
+      ``_stride_frame_ids``): the newest ``recent_frames`` frames of the store *including the
+      current chunk*; with the stable-stride policy also store positions ``0, interval, …``
+      below the recent cut; absolute RoPE time;
+    * middles — ``update()`` feeds every frame of the chunk to the strategy on the clean pass
+      before that pass's readout (``cyclic.py`` / ``stride.py`` / ``merge.py``);
+      ``_collect_middle_cache`` shows an entry to query frame ``t`` only when it is newer than
+      ``sink_max_t = 0`` and older than ``recent_min_t = t - recent_frames + 1``.
+    """
+
+    def __init__(self, rule: PyramidRule, frames_per_block: int):
+        self.rule = rule
+        self.committed = 0
+        self.stores = _PyramidStores()
+
+    # -- the stores after a chunk ----------------------------------------------------------
+    def _after(self, start: int, frames: int) -> _PyramidStores:
+        rule, st = self.rule, copy.deepcopy(self.stores)
+        chunk = list(range(start, start + frames))
+        if st.sink_count is None:  # the first chunk: capture the sinks from it
+            st.sink_count = min(rule.sink_frames, frames)
+        st.dynamic = self._trim(st.dynamic + [f for f in chunk if f >= st.sink_count])
+        m = rule.middle
+        for f in chunk:  # every committed frame feeds the middle, sinks and recent frames included
+            if isinstance(m, Stride):
+                if f % m.interval == 0:
+                    if f in st.stride:
+                        st.stride.remove(f)
+                    st.stride.append(f)
+                    if len(st.stride) > m.capacity:
+                        st.stride.pop(0)
+            elif isinstance(m, Cyclic):
+                bucket = st.cyclic.setdefault(f % m.period, [])
+                bucket.append(f)
+                del bucket[:-m.bucket_capacity]
+            else:
+                n = m.block_frames
+                if st.partial is None or st.partial[0] != f // n:
+                    st.partial = [f // n, 0]
+                st.partial[1] += 1
+                if st.partial[1] == n:
+                    st.blocks.append(st.partial[0])
+                    del st.blocks[:-m.capacity]
+                    st.partial = None
+        return st
+
+    def _trim(self, store: list[int]) -> list[int]:
+        """Pyramid Forcing's dynamic-store trim: the newest ``recent_frames`` (+ stride positions)."""
+        n = len(store)
+        recent = min(n, self.rule.recent_frames)
+        cut = n - recent
+        keep = list(range(cut, n))
+        if self.rule.stable_stride:
+            keep += list(range(0, cut, max(1, self.rule.middle.interval)))
+        return [store[i] for i in sorted(set(keep))]
+
+    def _middles(self, st: _PyramidStores, t: int, chunk_start: int) -> list[Key]:
+        rule, m = self.rule, self.rule.middle
+        sink_max = 0 if rule.sink_frames >= 1 else -1
+        recent_min = t - rule.recent_frames + 1
+        if isinstance(m, Stride):
+            return [Key("frame", a, float(a), "middle", True) for a in st.stride if sink_max < a < recent_min]
+        if isinstance(m, Cyclic):
+            return [Key("frame", a, float(a), "middle", True) for a in st.cyclic.get(t % m.period, [])
+                    if sink_max < a < recent_min]
+        n = m.block_frames
+        out = []
+        for b in st.blocks:
+            first, last = b * n, b * n + n - 1
+            if first > sink_max and last < recent_min:
+                out.append(Key("block", b, float((first + last) // 2), "middle", False, "top_left", m.patch))
+        return out
+
+    def keys(self, start: int, frames: int) -> ChunkKeys:
+        before, after = self.stores, self._after(start, frames)
+        common = [_frame_key(f, start, "sink", True) for f in range(after.sink_count)]
+        common += [_frame_key(f, start, "recent") for f in after.dynamic]
+        noisy, clean = [], []
+        for j in range(frames):
+            t = start + j
+            noisy.append(tuple(common + self._middles(before, t, start)))
+            clean.append(tuple(common + self._middles(after, t, start)))
+        return ChunkKeys(start, frames, tuple(noisy), tuple(clean))
+
+    def history_keys(self, start: int, frames: int) -> ChunkKeys:
+        st = self.stores
+        sinks = st.sink_count or 0
+        common = [_frame_key(f, start, "sink", True) for f in range(min(sinks, start))]
+        common += [Key("frame", f, float(f), "recent") for f in st.dynamic if f < start]
+        common += [Key("chunk", j, float(start + j), "sink" if start + j < sinks else "recent", start + j < sinks)
+                   for j in range(frames)]
+        sets = []
+        for j in range(frames):
+            middles = [k for k in self._middles(st, start + j, start)
+                       if (k.index if k.source == "frame" else (k.index + 1) * self.rule.middle.block_frames - 1)
+                       < start]
+            sets.append(tuple(common + middles))
+        return ChunkKeys(start, frames, tuple(sets), tuple(sets))
+
+    def commit(self, start: int, frames: int) -> Commit:
+        before_blocks = list(self.stores.blocks)
+        self.stores = self._after(start, frames)
+        self.committed = start + frames
+        out = Commit(new_frames=list(range(start, start + frames)), keep_frames=self.stored_frames())
+        if isinstance(self.rule.middle, Merge):
+            out.merge_frames = list(out.new_frames)
+            out.completed_blocks = [b for b in self.stores.blocks if b not in before_blocks]
+            out.keep_blocks = list(self.stores.blocks)
+        return out
+
+    def stored_frames(self) -> set[int]:
+        st = self.stores
+        held = set(range(st.sink_count or 0)) | set(st.dynamic) | set(st.stride)
+        for bucket in st.cyclic.values():
+            held |= set(bucket)
+        return held
+
+    def frame_capacity(self, frames_per_block: int, total_frames: int) -> int:
+        probe = PyramidTracker(self.rule, frames_per_block)
+        most = 0
+        for s in range(0, _steady_horizon(self.rule, frames_per_block), frames_per_block):
+            probe.commit(s, frames_per_block)
+            most = max(most, len(probe.stored_frames()))
+        return most + frames_per_block
+
+    def block_capacity(self) -> int:
+        return self.rule.middle.capacity if isinstance(self.rule.middle, Merge) else 0
+
+    def state(self) -> dict:
+        st = self.stores
+        return {"committed": self.committed, "sink_count": st.sink_count, "dynamic": list(st.dynamic),
+                "stride": list(st.stride), "cyclic": {str(k): list(v) for k, v in st.cyclic.items()},
+                "blocks": list(st.blocks), "partial": None if st.partial is None else list(st.partial)}
+
+    def load_state(self, state: dict) -> None:
+        self.committed = int(state["committed"])
+        self.stores = _PyramidStores(
+            None if state["sink_count"] is None else int(state["sink_count"]),
+            [int(f) for f in state["dynamic"]], [int(f) for f in state["stride"]],
+            {int(k): [int(f) for f in v] for k, v in state["cyclic"].items()},
+            [int(b) for b in state["blocks"]], None if state["partial"] is None else [int(x) for x in state["partial"]])
+
+
+def _steady_horizon(rule: PyramidRule, frames_per_block: int) -> int:
+    """Frames after which every Pyramid store has reached its periodic steady state (with margin)."""
+    m = rule.middle
+    span = {Stride: lambda: m.interval * (m.capacity + 1), Cyclic: lambda: m.period * (m.bucket_capacity + 1),
+            Merge: lambda: m.block_frames * (m.capacity + 2)}[type(m)]()
+    return 2 * (span + rule.recent_frames + rule.sink_frames) + 24 * frames_per_block
+
+
+def pyramid_steady_budget(rule: PyramidRule, frames_per_block: int) -> tuple[float, float, float, float]:
+    """(stored frames, stored pooled blocks, attended frames, attended pooled blocks) per head at steady
+    state: storage as allocated (most frames held + one chunk; blocks + the one being filled);
+    attention averaged over a whole number of periods, the query frames of each chunk and the
+    passes (four noisy, one clean)."""
+    f = frames_per_block
+    probe = PyramidTracker(rule, f)
+    horizon = _steady_horizon(rule, f)
+    m = rule.middle
+    period = {Stride: lambda: m.interval, Cyclic: lambda: m.period, Merge: lambda: m.block_frames}[type(m)]()
+    cycle = f * period  # a whole number of chunks and of the middle's period
+    att_frames = att_blocks = 0.0
+    samples = 0
+    for s in range(0, horizon + cycle, f):
+        if s >= horizon:
+            ck = probe.keys(s, f)
+            for sets, weight in ((ck.noisy, 4), (ck.clean, 1)):
+                for keys in sets:
+                    att_frames += weight * sum(1 for k in keys if k.source != "block")
+                    att_blocks += weight * sum(1 for k in keys if k.source == "block")
+                    samples += weight
+        probe.commit(s, f)
+    stored_frames = probe.frame_capacity(f, horizon)
+    stored_blocks = probe.block_capacity() + (1 if isinstance(m, Merge) else 0)
+    return float(stored_frames), float(stored_blocks), att_frames / samples, att_blocks / samples
+
+
+def make_tracker(rule: Rule, frames_per_block: int) -> Tracker:
+    if isinstance(rule, PyramidRule):
+        return PyramidTracker(rule, frames_per_block)
+    return RetentionTracker(rule, frames_per_block)
