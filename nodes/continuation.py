@@ -30,8 +30,8 @@ from headforcing_core.memory import GiB, check_fits, estimate_run
 from headforcing_core.policies import describe
 from headforcing_core.prompts import (PromptSchedule, count_model_calls, segment_noise)
 from headforcing_core.sampler import Hooks
-from headforcing_core.state import (ARState, continue_generation, load_state, safe_state_path, save_state,
-                                    weights_digest)
+from headforcing_core.names import list_names, safe_path
+from headforcing_core.state import ARState, continue_generation, load_state, save_state, weights_digest
 
 from . import comfy_bridge as bridge
 from . import messages
@@ -225,18 +225,21 @@ def state_folders() -> list[str]:
 
 
 def state_file_names() -> list[str]:
-    import folder_paths
+    """AR_STATE files Load AR State offers: the names in the states folder(s) the name policy accepts."""
+    names: set[str] = set()
+    for folder in state_folders():
+        names.update(list_names(folder, suffix=".safetensors"))
+    return sorted(names)
 
-    _register_folder()
-    try:
-        return [n for n in folder_paths.get_filename_list(STATES_FOLDER) if n.endswith(".safetensors")]
-    except Exception:  # noqa: BLE001 - a missing folder lists nothing
-        return []
+
+def state_path(folder, name: str):
+    """``folder/<name>`` under the pack's one name policy (headforcing_core.names)."""
+    return safe_path(folder, name, kind="AR_STATE", error=StateError)
 
 
 def find_state_file(name: str):
     for folder in state_folders():
-        path = safe_state_path(folder, name)
+        path = state_path(folder, name)
         if path.is_file():
             return path
     raise StateError(f"no AR_STATE file {name!r} in {', '.join(state_folders())}")
@@ -255,8 +258,9 @@ class HeadForcingSaveARState(io.ComfyNode):
             inputs=[
                 AR_STATE.Input("ar_state", tooltip="From Head Forcing AR Sampler or Continue."),
                 io.String.Input("filename", default="story",
-                                tooltip="Name inside output/headforcing_states (sub-folders allowed; "
-                                        "'.safetensors' is added)."),
+                                tooltip="File name inside output/headforcing_states: letters, digits, spaces and "
+                                        "- _ . , + = ( ) [ ] @ #, up to 100 characters, no folders; "
+                                        "'.safetensors' is added."),
                 io.Boolean.Input("overwrite", default=True, optional=True,
                                  tooltip="Replace an existing file of that name (off: refuse)."),
             ],
@@ -268,7 +272,7 @@ class HeadForcingSaveARState(io.ComfyNode):
     def execute(cls, ar_state, filename, overwrite=True) -> io.NodeOutput:
         state = check_state(ar_state)
         folder = state_folders()[0]
-        path = safe_state_path(folder, str(filename))
+        path = state_path(folder, filename)
         if path.exists() and not overwrite:
             raise StateError(f"an AR_STATE {path.name!r} already exists in {folder}; turn on overwrite or pick "
                              "another filename")

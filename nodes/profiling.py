@@ -26,7 +26,7 @@ from headforcing_core.errors import HeadForcingError, ProfileError
 from headforcing_core.policies import TRAINING_WINDOW, HeadLabels
 from headforcing_core.profiling import (CLASSIFIED_TAXONOMIES, FOLDER_NAME, HeadForcingThresholds, HeadProfile,
                                         PyramidThresholds, classify_profile, is_preset, preset_names,
-                                        profile_heads, resolve_profile, safe_profile_path, save_profile)
+                                        list_profiles, profile_heads, profile_path, resolve_profile, save_profile)
 from headforcing_core.profiling.profile_io import SUFFIX
 
 from . import comfy_bridge as bridge
@@ -163,11 +163,11 @@ def profile_folders() -> list[str]:
 
 
 def profile_file_names() -> list[str]:
-    try:
-        files = folder_paths.get_filename_list(FOLDER_NAME)
-    except KeyError:
-        files = []
-    return [f for f in files if f.lower().endswith(SUFFIX)]
+    """Profile files Load Head Profile offers: the names in the profile folder(s) the name policy accepts."""
+    names: set[str] = set()
+    for folder in profile_folders():
+        names.update(list_profiles(folder))
+    return sorted(names)
 
 
 def _thresholds(taxonomy: str, **values) -> dict:
@@ -334,7 +334,8 @@ class HeadForcingSaveHeadProfile(io.ComfyNode):
                 HEAD_PROFILE.Input("head_profile", tooltip="The profile to save (from Profile Heads, Classify "
                                                            "Heads or Load Head Profile)."),
                 io.String.Input("filename", default="my_model_profile",
-                                tooltip="Name inside models/headforcing (sub-folders allowed; '.safetensors' is added)."),
+                                tooltip="File name inside models/headforcing: letters, digits, spaces and - _ . , + = ( ) "
+                                        "[ ] @ #, up to 100 characters, no folders; '.safetensors' is added."),
                 io.Boolean.Input("overwrite", default=True, optional=True,
                                  tooltip="Replace an existing file of that name (off: refuse)."),
             ],
@@ -346,11 +347,8 @@ class HeadForcingSaveHeadProfile(io.ComfyNode):
     def execute(cls, head_profile, filename, overwrite=True) -> io.NodeOutput:
         if not isinstance(head_profile, HeadProfile):
             raise ProfileError(f"head_profile must come from a Head Forcing profile node, got {type(head_profile).__name__}")
-        name = str(filename).strip()
-        if name.startswith("preset:"):
-            raise ProfileError("names starting with 'preset:' are reserved for the shipped read-only presets")
         folder = profile_folders()[0]
-        path = safe_profile_path(folder, name)
+        path = profile_path(folder, filename)  # the name policy also rules out 'preset: …' (no ':')
         if path.exists() and not overwrite:
             raise ProfileError(f"a head profile {path.name!r} already exists in {folder}; turn on overwrite or pick "
                                "another filename")
@@ -391,7 +389,7 @@ class HeadForcingLoadHeadProfile(io.ComfyNode):
             return profile_name
         for folder in profile_folders():
             try:
-                path = safe_profile_path(folder, profile_name)
+                path = profile_path(folder, profile_name)
             except ProfileError:
                 continue
             if path.is_file():

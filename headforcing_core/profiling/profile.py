@@ -13,13 +13,13 @@ from ..backbone import BackboneSpec, WanRunner
 from ..errors import ProfileError, ShapeError
 from ..policies import TAXONOMIES, TRAINING_WINDOW, HeadLabels, make_policy
 from ..sampler import ARSampler, Hooks
+from ..validation import FINGERPRINT_KEYS, validate_fingerprint
 from ..schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 from .classify import CLASSIFIED_TAXONOMIES, CLASSIFIERS, thresholds_dict, thresholds_for
 from .stats import AttentionCollector, FrameStats, HeadSummary, summarize
 
 log = logging.getLogger("headforcing")
 
-FINGERPRINT_KEYS = ("dim", "num_heads", "num_layers", "patch_size", "in_dim", "out_dim", "text_dim")
 
 
 def describe_shape(fp: Mapping) -> str:
@@ -33,20 +33,11 @@ def describe_shape(fp: Mapping) -> str:
 
 
 def normalize_fingerprint(fp) -> dict:
-    """A fingerprint dict (from :meth:`BackboneSpec.fingerprint` or a profile file) in canonical form."""
+    """A fingerprint dict (from :meth:`BackboneSpec.fingerprint` or a profile file) in canonical form,
+    checked as data (:func:`headforcing_core.validation.validate_fingerprint`)."""
     if isinstance(fp, BackboneSpec):
         fp = fp.fingerprint()
-    if not isinstance(fp, Mapping):
-        raise ProfileError(f"model fingerprint must be a mapping, got {type(fp).__name__}")
-    missing = [k for k in FINGERPRINT_KEYS if k not in fp]
-    if missing:
-        raise ProfileError(f"model fingerprint lacks {', '.join(missing)}")
-    try:
-        out = {k: int(fp[k]) for k in FINGERPRINT_KEYS if k != "patch_size"}
-        out["patch_size"] = [int(p) for p in fp["patch_size"]]
-    except (TypeError, ValueError) as e:
-        raise ProfileError(f"malformed model fingerprint {dict(fp)!r}: {e}") from None
-    return {k: out[k] for k in FINGERPRINT_KEYS}
+    return validate_fingerprint(fp, "head profile", ProfileError)
 
 
 @dataclass(frozen=True)
@@ -231,6 +222,10 @@ def profile_heads(backbone: torch.nn.Module, contexts: Sequence[torch.Tensor], *
                              "(encode prompts with the umT5-XXL text encoder, CLIPLoader type 'wan')")
     if frames_per_block < 1:
         raise ShapeError(f"frames_per_block must be ≥ 1, got {frames_per_block}")
+    if 2 * frames_per_block > TRAINING_WINDOW:
+        raise ShapeError(
+            f"frames_per_block {frames_per_block} is too large for profiling: it needs two chunks (history to "
+            f"measure) within the {TRAINING_WINDOW}-frame training window, so at most {TRAINING_WINDOW // 2}")
     if not (2 * frames_per_block <= frames <= TRAINING_WINDOW):
         raise ShapeError(
             f"profiling runs {frames} latent frames; use between {2 * frames_per_block} (two chunks, so there is "
