@@ -39,6 +39,7 @@ import torch
 from headforcing_core.backbone import BackboneSpec, inspect_backbone
 from headforcing_core.errors import HeadForcingError, Interrupted, ModelFamilyError, ShapeError
 from headforcing_core.memory import GiB, check_fits, estimate_run
+from headforcing_core.noise import initial_noise as core_initial_noise
 from headforcing_core.policies import PRESETS, CachePolicy, Episodic, HeadLabels, describe, make_policy
 from headforcing_core.schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 from headforcing_core.wan_model import WanConfig
@@ -133,9 +134,9 @@ def latent_shape(width: int, height: int, latent_frames: int, batch: int = 1, ch
 def initial_noise(shape, seed: int) -> torch.Tensor:
     """The sampler's starting noise: float32 on the CPU, bit-identical to
     ``comfy.sample.prepare_noise(torch.zeros(shape), seed)`` (what KSampler draws for an empty
-    latent of the same shape), but from a private generator instead of the global one."""
-    g = torch.Generator(device="cpu").manual_seed(int(seed) & MAX_SEED)
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float32, device="cpu")
+    latent of the same shape), but from a private generator instead of the global one
+    (:func:`headforcing_core.noise.initial_noise`)."""
+    return core_initial_noise(shape, seed)
 
 
 def renoise_generator(seed: int) -> torch.Generator:

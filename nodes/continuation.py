@@ -31,6 +31,7 @@ from headforcing_core.policies import describe
 from headforcing_core.prompts import (PromptSchedule, count_model_calls, segment_noise)
 from headforcing_core.sampler import Hooks
 from headforcing_core.names import list_names, safe_path
+from headforcing_core.noise import noise_frames
 from headforcing_core.state import ARState, continue_generation, load_state, save_state, weights_digest
 
 from . import comfy_bridge as bridge
@@ -59,9 +60,9 @@ def sampler_schedule(prompt_schedule, conditioning, latent_frames: int, frames_p
 
 
 def story_noise(shape_of, seed: int, start_frame: int, schedule: PromptSchedule) -> torch.Tensor:
-    """The initial noise of ``schedule``'s segments from ``start_frame`` on (see the module docstring)."""
-    return segment_noise(lambda n: bridge.initial_noise(shape_of(n), seed), start_frame,
-                         [s.frames for s in schedule])
+    """The initial noise of ``schedule``'s segments from ``start_frame`` on (see the module docstring).
+    Each segment's frames are drawn on their own (same values as the whole draw, bounded memory)."""
+    return segment_noise(lambda s, e: noise_frames(shape_of, seed, s, e), start_frame, [s.frames for s in schedule])
 
 
 def story_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: int,
