@@ -545,6 +545,6 @@ class ScheduleSampler(ARSampler):
             done = self._call_model_checked(hooks, done, total)
             plan = plan_chunk(_Before(self.cache, s), self.policy.rope, self.policy.window, s, f)
             self.runner.forward(latents[:, :, s - start:s - start + f], torch.zeros(b, f), self.text,
-                                PlannedAttention(plan, self.backend, writer, self.observer))
+                                PlannedAttention(plan, self.backend, writer, self.observer), hooks.should_stop)
             self._report(hooks, done, total)
         return done, writer.replaced

@@ -40,7 +40,8 @@ ChunkFn = Callable[[int, torch.Tensor], None]
 @dataclass
 class Hooks:
     """Optional callbacks: ``progress(done, total)`` after every model call,
-    ``should_stop()`` before every model call (True raises :class:`Interrupted`),
+    ``should_stop()`` before every model call and between its transformer blocks (True raises
+    :class:`Interrupted`),
     ``on_chunk(chunk_index, x0)`` after every committed chunk."""
 
     progress: ProgressFn | None = None
@@ -50,6 +51,8 @@ class Hooks:
 
 def chunk_bounds(start_frame: int, num_frames: int, frames_per_block: int) -> list[tuple[int, int]]:
     """(first frame, frames) of every chunk; the last one may be shorter."""
+    if frames_per_block < 1:
+        raise ShapeError(f"frames per block must be ≥ 1, got {frames_per_block}")
     out, s = [], start_frame
     end = start_frame + num_frames
     while s < end:
@@ -142,7 +145,7 @@ class ARSampler:
             x0 = x
             for i, t_i in enumerate(timesteps):
                 done = self._call_model_checked(hooks, done, calls_total)
-                flow = self.runner.forward(x, torch.full((b, f), t_i), self.text, reader)
+                flow = self.runner.forward(x, torch.full((b, f), t_i), self.text, reader, hooks.should_stop)
                 x0 = self.schedule.to_x0(x, flow.to(x.dtype), t_i)
                 if i + 1 < len(timesteps):
                     eps = _draw_noise(x0.shape, generator, x0)
@@ -150,7 +153,8 @@ class ARSampler:
                 self._report(hooks, done, calls_total)
             # clean pass at t = 0: its K/V are what the cache keeps for this chunk
             done = self._call_model_checked(hooks, done, calls_total)
-            self.runner.forward(x0, torch.zeros(b, f), self.text, PlannedAttention(plan, self.backend, self.cache, self.observer))
+            self.runner.forward(x0, torch.zeros(b, f), self.text, PlannedAttention(plan, self.backend, self.cache, self.observer),
+                                hooks.should_stop)
             self._report(hooks, done, calls_total)
             out[:, :, local] = x0
             if hooks.on_chunk is not None:

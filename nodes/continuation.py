@@ -26,7 +26,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from headforcing_core.errors import StateError
-from headforcing_core.memory import GiB, check_fits, estimate_run
+from headforcing_core.memory import GiB, estimate_run
 from headforcing_core.policies import describe
 from headforcing_core.prompts import (PromptSchedule, count_model_calls, segment_noise)
 from headforcing_core.sampler import Hooks
@@ -94,6 +94,17 @@ def check_state(value) -> ARState:
 # Continue
 
 
+def describe_continue_length(unit: str):
+    """``describe_length`` for Continue's length widget: new latent frames → the user's unit."""
+    def text(t: int) -> str:
+        if unit == "latent_frames":
+            return f"{t} latent frames"
+        if unit == "frames":
+            return f"{t * bridge.TIME_COMPRESSION} frames"
+        return f"{t * bridge.TIME_COMPRESSION / bridge.FPS:g} seconds"
+    return text
+
+
 def run_continue(model, state, *, conditioning=None, prompt_schedule=None, length: float = 5.0,
                  length_unit: str = "seconds", transition: str = "cut", transition_frames: int = 3,
                  seed: int = 0) -> tuple[dict, ARState, str]:
@@ -119,12 +130,21 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
 
     policy = state.policy
     dtype = bridge.compute_dtype(model)
-    estimate = estimate_run(spec, policy, latent_frames=state.next_frame + new_frames, latent_height=h,
-                            latent_width=w, frames_per_block=fpb, batch=state.batch, dtype=dtype)
+    text_tokens = max([seg.context.shape[1] for seg in schedule] + [state.context.shape[1]])
+
+    def estimate_at(t: int, lh: int, lw: int):
+        return estimate_run(spec, policy, latent_frames=state.next_frame + t, new_frames=t, latent_height=lh,
+                            latent_width=lw, frames_per_block=fpb, batch=state.batch, dtype=dtype,
+                            state_on_device=bridge.on_host(model), input_state_bytes=state.nbytes,
+                            output_copies=1, text_tokens=text_tokens)
+
+    estimate = bridge.preflight(
+        model, spec, estimate_at, latent_frames=new_frames, latent_height=h, latent_width=w, min_frames=fpb,
+        describe_length=(bridge.describe_schedule_length if prompt_schedule is not None
+                         else describe_continue_length(length_unit)),
+        what="the schedule" if prompt_schedule is not None else "the continuation",
+        bounded_policy_hint=not policy.is_bounded())
     device = model.load_device
-    check_fits(estimate, mm.get_total_memory(device))
-    mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
-    check_fits(estimate, mm.get_free_memory(device))
     notes = state.check_model(spec, weights_digest(module))
     for note in notes:
         log.warning("headforcing: %s", note)
@@ -150,8 +170,8 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
         f"the video is now {last} latent frames ({bridge.decoded_frames(last)} frames)",
         schedule_report(schedule, first) or f"transition: {new_state.history[-1]['transition']}",
         f"policy: {describe(policy)}",
-        f"memory estimate: KV cache {estimate.kv_bytes / GiB:.3f} GiB; AR_STATE {new_state.nbytes / 2**20:.1f} MiB "
-        "in CPU memory",
+        f"memory estimate: {estimate.breakdown()}; peak ≈ {estimate.run_bytes / GiB:.3f} GiB ({estimate.peak_phase}) "
+        f"+ weights; AR_STATE {new_state.nbytes / 2**20:.1f} MiB in CPU memory",
         f"time: {seconds:.2f} s on {device} in {str(dtype).replace('torch.', '')}",
         *notes,
     ]

@@ -266,18 +266,24 @@ class HeadForcingProfileHeads(io.ComfyNode):
     def execute(cls, model, conditioning, latent_frames, width, height, seed, query_samples, taxonomy,
                 conditioning_2=None, conditioning_3=None, conditioning_4=None, frames_per_block=3,
                 steps=bridge.DEFAULT_STEPS, shift=bridge.DEFAULT_SHIFT) -> io.NodeOutput:
-        import comfy.model_management as mm
-        from headforcing_core.memory import estimate_run
+        from headforcing_core.profiling.profile import check_profile_settings, estimate_profile
+        from headforcing_core.schedule import FlowMatchSchedule
 
         bridge.check_video_size(width, height)
         step_values = bridge.parse_steps(steps)
+        FlowMatchSchedule(step_values, float(shift))  # a bad list or shift fails here, before any work
+        check_profile_settings(latent_frames, frames_per_block, query_samples)
         prompts = _prompts(conditioning, conditioning_2, conditioning_3, conditioning_4)
         module, spec = bridge.wan_backbone(model)
         lh, lw = height // bridge.SPACE_COMPRESSION, width // bridge.SPACE_COMPRESSION
         dtype = bridge.compute_dtype(model)
-        estimate = estimate_run(spec, "full", latent_frames=latent_frames, latent_height=lh, latent_width=lw,
-                                frames_per_block=frames_per_block, batch=1, dtype=dtype)
-        mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
+        bridge.preflight(
+            model, spec, lambda t, h, w: estimate_profile(spec, frames=t, latent_height=h, latent_width=w,
+                                                          frames_per_block=frames_per_block,
+                                                          query_samples=query_samples, dtype=dtype),
+            latent_frames=latent_frames, latent_height=lh, latent_width=lw, min_frames=2 * frames_per_block,
+            describe_length=lambda t: f"latent_frames {t}", describe_size=bridge.describe_pixels,
+            what="the calibration video")
         chunks = -(-latent_frames // frames_per_block)
         hooks = bridge.ComfyHooks(model, len(prompts) * chunks * (len(step_values) + 1))
         profile = bridge.run_interruptible(lambda: profile_heads(

@@ -138,14 +138,14 @@ class Spy:
         self.calls = []
         inner = sampler.runner.forward
 
-        def forward(latents, timesteps, text, attention):
+        def forward(latents, timesteps, text, attention, should_stop=None):
             target = attention.commit_to
             kind = "read" if target is None else ("commit" if isinstance(target, HeadwiseKVCache) else "replace")
             self.calls.append(dict(start=attention.plan.chunk_start, frames=attention.plan.frames,
                                    t=timesteps.flatten().tolist(), kind=kind, keys=[k.clone() for k in text.keys],
                                    values=[v.clone() for v in text.values], latents=latents.clone(),
                                    history=[[e.frames for e in g.entries] for g in attention.plan.layers[0]]))
-            return inner(latents, timesteps, text, attention)
+            return inner(latents, timesteps, text, attention, should_stop)
 
         sampler.runner.forward = forward
 
