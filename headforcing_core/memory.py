@@ -254,13 +254,15 @@ def preflight(estimate: Callable[[int, int, int], RunEstimate], *, latent_frames
     def fits(t, h, w) -> bool:
         return estimate(t, h, w).total_bytes <= limit
 
+    # which input drives the cost: the part of the bytes that grows with the length (beyond one
+    # chunk) against the part a minimal-length run of this size already needs
+    shortest = estimate(min(min_frames, latent_frames), latent_height, latent_width)
+    length_share = 1.0 - shortest.total_bytes / est.total_bytes
     advice: list[tuple[float, str]] = []  # (share of the cost this input drives, text)
     if describe_length is not None and latent_frames > min_frames:
-        shortest = estimate(min_frames, latent_height, latent_width)
-        share = 1.0 - shortest.total_bytes / est.total_bytes
         best = _largest(min_frames, latent_frames - 1, lambda t: fits(t, latent_height, latent_width))
         if best is not None:
-            advice.append((share, f"shorten {what} to at most {describe_length(best)}"))
+            advice.append((length_share, f"shorten {what} to at most {describe_length(best)}"))
     if describe_size is not None:
         ph, pw = patch
         gh, gw = latent_height // ph, latent_width // pw
@@ -268,11 +270,9 @@ def preflight(estimate: Callable[[int, int, int], RunEstimate], *, latent_frames
         def size_at(rows: int) -> tuple[int, int]:
             return rows * ph, max(1, (gw * rows) // gh) * pw
 
-        smallest = estimate(latent_frames, *size_at(1))
-        share = 1.0 - smallest.total_bytes / est.total_bytes
         best = _largest(1, gh - 1, lambda r: fits(latent_frames, *size_at(r)))
         if best is not None:
-            advice.append((share, f"lower the resolution to at most {describe_size(*size_at(best))}"))
+            advice.append((1.0 - length_share, f"lower the resolution to at most {describe_size(*size_at(best))}"))
     advice.sort(key=lambda a: -a[0])
     texts = [a[1] for a in advice]
     if bounded_policy_hint:

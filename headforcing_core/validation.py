@@ -250,7 +250,7 @@ def validate_state(meta, tensors: Mapping[str, torch.Tensor], where: str, error:
 
     fpb = f.integer(f.get(meta, "frames_per_block"), "frames_per_block", 1, LIMITS["frames_per_block"])
     steps = f.array(f.get(meta, "steps"), "steps", 1, LIMITS["steps"])
-    steps = [f.number(s, f"steps[{i}]", 0.0, 1000.0, lo_open=True) for i, s in enumerate(steps)]
+    steps = [f.number(s, f"steps[{i}]", 1.0, 1000.0) for i, s in enumerate(steps)]
     shift = f.number(f.get(meta, "shift"), "shift", 0.0, LIMITS["shift"], lo_open=True)
     try:
         FlowMatchSchedule(tuple(steps), shift)
@@ -379,6 +379,15 @@ def validate_profile_meta(meta, where: str, error: type[HeadForcingError]) -> di
         for key in ("policy", "dtype", "device"):
             if key in calibration:
                 f.text(calibration[key], f"calibration.{key}", max_len=200)
+        if "steps" in calibration:
+            steps = f.array(calibration["steps"], "calibration.steps", 1, LIMITS["steps"])
+            for i, v in enumerate(steps):
+                f.number(v, f"calibration.steps[{i}]", 1.0, 1000.0)
+    settings = meta.get("summary_settings")
+    if settings is not None:
+        settings = f.mapping(settings, "summary_settings")
+        for key, value in settings.items():
+            f.integer(value, f"summary_settings.{key}", 0, LIMITS["frames_per_block"])
     fpb = meta.get("frames_per_block")
     if fpb is not None:
         f.integer(fpb, "frames_per_block", 1, LIMITS["frames_per_block"])

@@ -159,7 +159,11 @@ def load_profile(path, *, expect=None, name: str | None = None) -> HeadProfile:
     except (ValueError, RecursionError) as e:
         raise ProfileError(f"{where}: the metadata is not valid JSON ({e})") from None
     meta = validate_profile_meta(meta, where, ProfileError)
-    profile = _profile_from(meta, tensors, label, where)
+    try:
+        profile = _profile_from(meta, tensors, label, where)
+    except HeadForcingError as e:  # checks of the labels / statistics classes: say which file
+        msg = str(e)
+        raise ProfileError(msg if msg.startswith(where) else f"{where}: {msg}") from None
     if expect is not None:
         profile.check_model(expect)
     return profile
