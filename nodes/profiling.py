@@ -27,7 +27,6 @@ from headforcing_core.policies import TRAINING_WINDOW, HeadLabels
 from headforcing_core.profiling import (CLASSIFIED_TAXONOMIES, FOLDER_NAME, HeadForcingThresholds, HeadProfile,
                                         PyramidThresholds, classify_profile, is_preset, preset_names,
                                         list_profiles, profile_heads, profile_path, resolve_profile, save_profile)
-from headforcing_core.profiling.profile_io import SUFFIX
 
 from . import comfy_bridge as bridge
 from .messages import head_map_ui

@@ -13,7 +13,7 @@ from ..backbone import BackboneSpec, WanRunner
 from ..errors import ProfileError, ShapeError
 from ..policies import TAXONOMIES, TRAINING_WINDOW, HeadLabels, make_policy
 from ..sampler import ARSampler, Hooks
-from ..validation import FINGERPRINT_KEYS, validate_fingerprint
+from ..validation import validate_fingerprint
 from ..schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 from .classify import CLASSIFIED_TAXONOMIES, CLASSIFIERS, thresholds_dict, thresholds_for
 from .stats import AttentionCollector, FrameStats, HeadSummary, summarize

@@ -36,7 +36,7 @@ from ..policies import (PYRAMID_PRESET_SOURCE, PYRAMID_TO_HEAD_FORCING, TAXONOMI
                         pyramid_forcing_preset_labels)
 from ..wan_model import WanConfig
 from .classify import label_codes, labels_from_codes
-from .profile import HeadProfile, normalize_fingerprint
+from .profile import HeadProfile
 from .stats import STAT_NAMES, FrameStats, summarize
 
 FORMAT = "headforcing.head_profile"

@@ -453,7 +453,7 @@ def test_estimate_route_answers_4xx_never_5xx(comfy, query, status, words):
     assert body["ok"] is (status == 200)
     if words:
         assert words in body["error"], body
-    assert comfy.server.alive()
+    good_job(comfy)
 
 
 def test_estimate_route_other_methods_and_paths(comfy):
