@@ -420,4 +420,4 @@ def test_api_workflow_runs_with_tiny_models(comfy, name, full):
     frames, w, h = read_video(video)
     assert (w, h) == (64, 48) and len(frames) == 4 * latent_frames - 3
     if name == "headforcing_continuation":
-        assert (comfy.output_dir / "headforcing_states" / "e2e" / f"{name}_{tag}.safetensors").is_file()
+        assert (comfy.output_dir / "headforcing_states" / f"e2e_{name}_{tag}.safetensors").is_file()
