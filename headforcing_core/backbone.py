@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .errors import ModelFamilyError, ShapeError
+from .errors import Interrupted, ModelFamilyError, ShapeError
 
 
 class SelfAttentionFn(Protocol):
@@ -212,11 +212,13 @@ class WanRunner:
     # ---- one chunk ----------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: TextContext,
-                self_attention: SelfAttentionFn) -> torch.Tensor:
+                self_attention: SelfAttentionFn, should_stop=None) -> torch.Tensor:
         """Predict the flow of a chunk.
 
         ``latents``: ``[B, C, f, H, W]``; ``timesteps``: ``[B, f]`` floats (one per frame).
-        Returns the flow prediction in the same layout as ``latents``.
+        Returns the flow prediction in the same layout as ``latents``. ``should_stop()`` (optional)
+        is asked before every transformer block after the first; True raises
+        :class:`~headforcing_core.errors.Interrupted`, so a stop lands within one block's time.
         """
         spec, m = self.spec, self.module
         b, c, f, hh, ww = latents.shape
@@ -238,6 +240,9 @@ class WanRunner:
         ctx_k, ctx_v = text.keys, text.values
         expand = text.batch != b
         for layer, block in enumerate(m.blocks):
+            if should_stop is not None and layer and should_stop():
+                raise Interrupted(f"interrupted inside a model call, before transformer block {layer + 1} of "
+                                  f"{len(m.blocks)}")
             mod = (block.modulation.to(self.device, dtype).unsqueeze(1) + e0).chunk(6, dim=2)  # each [b,f,1,dim]
 
             # self-attention on the per-frame modulated input

@@ -377,16 +377,23 @@ def count_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: in
 def segment_noise(draw, start_frame: int, frames: list[int]) -> torch.Tensor:
     """Initial noise of consecutive segments, the same whether they are sampled in one run or one by one.
 
-    ``draw(n)`` returns the noise a fresh run of ``n`` latent frames starts from
-    (``[B, C, n, H, W]``). The segment covering absolute frames ``[s, e)`` gets
-    ``draw(e)[:, :, s:e]``: a single segment from frame 0 is exactly ``draw(n)``, and
-    sampling segments one by one (Continue) draws what one run of the whole schedule draws.
+    ``draw(s, e)`` returns frames ``[s, e)`` of the noise a fresh run of ``e`` latent frames
+    starts from (``[B, C, e - s, H, W]``; :func:`headforcing_core.noise.noise_frames` draws them
+    without the rest). The segment covering absolute frames ``[s, e)`` gets ``draw(s, e)``: a
+    single segment from frame 0 is exactly a fresh run's noise, and sampling segments one by one
+    (Continue) draws what one run of the whole schedule draws. Memory: the result and one
+    segment's draw, whatever the number of segments.
     """
-    parts, pos = [], start_frame
+    out, pos = None, start_frame
     for n in frames:
-        parts.append(draw(pos + n)[:, :, pos:pos + n])
+        part = draw(pos, pos + n)
+        if len(frames) == 1:
+            return part
+        if out is None:
+            out = part.new_empty((*part.shape[:2], sum(frames), *part.shape[3:]))
+        out[:, :, pos - start_frame:pos - start_frame + n] = part
         pos += n
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out
 
 
 @dataclass
@@ -514,7 +521,8 @@ class ScheduleSampler(ARSampler):
             self.last_plan = plan
             stage = self._stage(f)
             self.runner.forward(latents[:, :, s - start:s - start + f], torch.zeros(b, f, device=self.runner.device),
-                                self.text, ChunkAttention(plan, cache, self.backend, "clean", stage, self.observer))
+                                self.text, ChunkAttention(plan, cache, self.backend, "clean", stage, self.observer),
+                                hooks.should_stop)
             k, v = stage
             if cache.prerotated:  # the pool keeps keys rotated at their own (absolute) frames
                 k = plan.rotation.apply(k)

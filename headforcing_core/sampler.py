@@ -40,7 +40,8 @@ ChunkFn = Callable[[int, torch.Tensor], None]
 @dataclass
 class Hooks:
     """Optional callbacks: ``progress(done, total)`` after every model call,
-    ``should_stop()`` before every model call (True raises :class:`Interrupted`),
+    ``should_stop()`` before every model call and between its transformer blocks (True raises
+    :class:`Interrupted`),
     ``on_chunk(chunk_index, x0)`` after every committed chunk."""
 
     progress: ProgressFn | None = None
@@ -50,6 +51,8 @@ class Hooks:
 
 def chunk_bounds(start_frame: int, num_frames: int, frames_per_block: int) -> list[tuple[int, int]]:
     """(first frame, frames) of every chunk; the last one may be shorter."""
+    if frames_per_block < 1:
+        raise ShapeError(f"frames per block must be ≥ 1, got {frames_per_block}")
     out, s = [], start_frame
     end = start_frame + num_frames
     while s < end:
@@ -157,7 +160,7 @@ class ARSampler:
         for i, t_i in enumerate(schedule.timesteps):
             done = self._call_model_checked(hooks, done, total)
             timesteps = torch.full((b, f), t_i, device=runner.device)
-            flow = runner.forward(x, timesteps, self.text, reader)
+            flow = runner.forward(x, timesteps, self.text, reader, hooks.should_stop)
             x0 = schedule.to_x0(x, flow.to(x.dtype), i)
             if i + 1 < len(schedule.timesteps):
                 x = schedule.renoise(x0, _draw_noise(x0.shape, generator, x0), i + 1)
@@ -166,7 +169,7 @@ class ARSampler:
         done = self._call_model_checked(hooks, done, total)
         stage = None if plan.prerotated else self._stage(f)
         runner.forward(x0, torch.zeros(b, f, device=runner.device), self.text,
-                       ChunkAttention(plan, cache, self.backend, "clean", stage, self.observer))
+                       ChunkAttention(plan, cache, self.backend, "clean", stage, self.observer), hooks.should_stop)
         cache.commit(start, f, *(stage or (None, None)))
         self._report(hooks, done, total)
         return x0

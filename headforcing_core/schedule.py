@@ -51,8 +51,8 @@ class FlowMatchSchedule:
             raise ShapeError(f"denoising steps must be numbers, got {self.steps!r}") from None
         if not steps:
             raise ShapeError("the schedule needs at least one denoising step")
-        if any(not (0 < s <= n) for s in steps):
-            raise ShapeError(f"denoising steps must lie in (0, {n}], got {list(steps)}")
+        if any(not (1 <= s <= n) for s in steps):  # the warp looks nominal steps up in an n-entry table
+            raise ShapeError(f"denoising steps must lie in [1, {n}], got {list(steps)}")
         if any(b >= a for a, b in zip(steps, steps[1:])):
             raise ShapeError(f"denoising steps must strictly decrease, got {list(steps)}")
         if not (self.shift > 0):

@@ -36,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -292,7 +291,11 @@ def restore_sampler(state: ARState, backbone: torch.nn.Module, new_frames: int, 
     sampler.next_frame = state.next_frame
     sampler.chunks_done = int(meta.get("chunks_done", 0))
     if generator is None and state.rng_state is not None:
-        generator = torch.Generator(device=meta.get("rng_device") or "cpu")
+        rng_device = torch.device(meta.get("rng_device") or "cpu")
+        if rng_device.type == "cuda" and not torch.cuda.is_available():
+            raise StateError(f"this AR_STATE continues a re-noise generator on {rng_device}, which this machine "
+                             "lacks; continue it on a CUDA machine or pass a generator")
+        generator = torch.Generator(device=rng_device)
         generator.set_state(state.rng_state.clone())
     return sampler, generator
 
@@ -396,26 +399,6 @@ def continue_generation(backbone: torch.nn.Module, state: ARState, schedule: Pro
 # files
 
 
-def safe_state_path(folder: str | os.PathLike, name: str, *, must_exist: bool = False) -> Path:
-    """``folder/name[.safetensors]``, refusing names that are empty, absolute or escape ``folder``."""
-    if not isinstance(name, str) or not name.strip():
-        raise StateError("the AR_STATE file name is empty")
-    if "\x00" in name:
-        raise StateError("the AR_STATE file name contains a NUL character")
-    root = Path(folder).resolve()
-    rel = Path(name.strip())
-    if rel.is_absolute() or rel.drive:
-        raise StateError(f"AR_STATE name {name!r} is an absolute path; give a name inside {root}")
-    if not rel.name.endswith(STATE_SUFFIX):
-        rel = rel.with_name(rel.name + STATE_SUFFIX)
-    path = (root / rel).resolve()
-    if path != root and root not in path.parents:
-        raise StateError(f"AR_STATE name {name!r} points outside the states folder {root}")
-    if must_exist and not path.is_file():
-        raise StateError(f"no AR_STATE file {name!r} in {root}")
-    return path
-
-
 def save_state(state: ARState, path: str | os.PathLike) -> Path:
     """Write ``state`` as safetensors + JSON metadata (atomically: a temp file, then a rename)."""
     from safetensors.torch import save_file
@@ -434,19 +417,12 @@ def save_state(state: ARState, path: str | os.PathLike) -> Path:
     return path
 
 
-def _expected_cache_keys(cache_meta: Mapping) -> list[str]:
-    keys = []
-    for t in cache_meta["types"]:
-        p = f"cache.{t['head_type']}"
-        keys += [p + ".frames.k", p + ".frames.v"]
-        if "block_pages" in t:
-            keys += [f"{p}.blocks.{n}" for n in ("k", "v", "acc_k", "acc_v")]
-    return keys
-
-
 def load_state(path: str | os.PathLike) -> ARState:
-    """Read an AR_STATE file; :class:`StateError` for anything missing, corrupt or of another version."""
+    """Read an AR_STATE file; :class:`StateError` naming the field for anything missing, corrupt,
+    inconsistent or of another version (see :mod:`headforcing_core.validation`)."""
     from safetensors import safe_open
+
+    from .validation import validate_state
 
     path = Path(path)
     if not path.is_file():
@@ -464,29 +440,10 @@ def load_state(path: str | os.PathLike) -> ARState:
         raise StateError(f"{path.name} is not a readable AR_STATE file (damaged or truncated?): {e}") from None
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise StateError(f"{path.name}: the AR_STATE metadata is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-        raise StateError(f"{path.name} is not a Head Forcing AR_STATE file")
-    if meta.get("version") != STATE_VERSION:
-        raise StateError(f"{path.name} is an AR_STATE of version {meta.get('version')}; this pack reads version "
-                         f"{STATE_VERSION}")
-    try:
-        required = ["context", "tail"] + _expected_cache_keys(meta["cache"])
-        for key in ("fingerprint", "policy", "steps", "shift", "frames_per_block", "batch", "latent_size",
-                    "channels", "next_frame", "history"):
-            meta[key]
-    except (KeyError, TypeError) as e:
-        raise StateError(f"{path.name}: the AR_STATE metadata lacks {e}") from None
-    missing = [k for k in required if k not in tensors]
-    if missing:
-        raise StateError(f"{path.name}: the AR_STATE lacks tensor(s) {', '.join(missing[:4])}"
-                         + (" …" if len(missing) > 4 else "") + " (damaged file?)")
+    validate_state(meta, tensors, f"AR_STATE {path.name!r}", StateError)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise StateError(f"{path.name}: tensor(s) {', '.join(bad[:4])} hold NaN/inf values (damaged file?)")
-    state = ARState(raw, tensors)
-    policy_from_dict(meta["policy"])  # readable?
-    if not (isinstance(meta["next_frame"], int) and meta["next_frame"] >= 1 and math.isfinite(float(meta["shift"]))):
-        raise StateError(f"{path.name}: the AR_STATE metadata is inconsistent")
-    return state
+    return ARState(raw, tensors)

@@ -38,7 +38,9 @@ import torch
 
 from headforcing_core.backbone import BackboneSpec, inspect_backbone
 from headforcing_core.errors import HeadForcingError, Interrupted, ModelFamilyError, ShapeError
-from headforcing_core.memory import GiB, check_fits, estimate_run
+from headforcing_core.memory import GiB, estimate_run, with_weights
+from headforcing_core.memory import preflight as core_preflight
+from headforcing_core.noise import initial_noise as core_initial_noise
 from headforcing_core.policies import PRESETS, CachePolicy, Episodic, HeadLabels, describe, make_policy
 from headforcing_core.schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 from headforcing_core.wan_model import WanConfig
@@ -133,9 +135,9 @@ def latent_shape(width: int, height: int, latent_frames: int, batch: int = 1, ch
 def initial_noise(shape, seed: int) -> torch.Tensor:
     """The sampler's starting noise: float32 on the CPU, bit-identical to
     ``comfy.sample.prepare_noise(torch.zeros(shape), seed)`` (what KSampler draws for an empty
-    latent of the same shape), but from a private generator instead of the global one."""
-    g = torch.Generator(device="cpu").manual_seed(int(seed) & MAX_SEED)
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float32, device="cpu")
+    latent of the same shape), but from a private generator instead of the global one
+    (:func:`headforcing_core.noise.initial_noise`)."""
+    return core_initial_noise(shape, seed)
 
 
 def renoise_generator(seed: int) -> torch.Generator:
@@ -276,18 +278,108 @@ def make_request(*, width: int, height: int, length: int, length_unit: str = "fr
 # ComfyUI-facing
 # =============================================================================================
 
+# ComfyUI's model configs (comfy/supported_models.py) of the Wan transformer family, by what they are
+WAN_FAMILY = {
+    "WAN21_T2V": "Wan 2.1 text-to-video",
+    "WAN22_T2V": "Wan 2.2 TI2V-5B (48-channel latents for the Wan 2.2 VAE, 16x spatial compression)",
+    "WAN21_I2V": "Wan 2.1 image-to-video (I2V)",
+    "WAN21_FunControl2V": "Wan 2.1 Fun Control",
+    "WAN21_Camera": "Wan 2.1 camera-control",
+    "WAN22_Camera": "Wan 2.2 camera-control",
+    "WAN21_Vace": "Wan 2.1 VACE",
+    "WAN21_HuMo": "HuMo (Wan 2.1, audio-driven)",
+    "WAN22_S2V": "Wan 2.2 speech-to-video (S2V)",
+    "WAN22_Animate": "Wan 2.2 Animate",
+}
+ACCEPTED = ("WAN21_T2V", "Wan21", "t2v")  # model config, latent format, unet model_type
+
+
+def model_family(model) -> tuple[str, str, str]:
+    """(model config class, latent format class, unet model_type) as ComfyUI detected them."""
+    base = getattr(model, "model", None)
+    config = getattr(base, "model_config", None)
+    unet = getattr(config, "unet_config", None) or {}
+    return (type(config).__name__ if config is not None else "unknown",
+            type(getattr(base, "latent_format", None)).__name__, str(unet.get("model_type", "")))
+
+
+def check_model_family(model) -> None:
+    """Refuse, by name, every model ComfyUI did not detect as a Wan 2.1 text-to-video model (the family
+    of Self Forcing and Causal Forcing): decided by ComfyUI's model config, latent format and model
+    type, not by tensor shapes."""
+    config, latent, model_type = model_family(model)
+    if (config, latent, model_type) == ACCEPTED:
+        return
+    what = WAN_FAMILY.get(config)
+    detected = f"ComfyUI detected it as {config} with the {latent} latent format"
+    if what is None:
+        raise ModelFamilyError(
+            f"this model is not a Wan2.1-family video transformer ({detected}). Load a Self Forcing / Causal "
+            "Forcing (Wan 2.1 text-to-video) checkpoint with 'Load Diffusion Model'.")
+    raise ModelFamilyError(
+        f"this model is {what} ({detected}{', type ' + model_type if model_type else ''}); Head Forcing samples "
+        "Wan 2.1 text-to-video models (Self Forcing, Causal Forcing: WAN21_T2V, Wan21 latents). Load such a "
+        "checkpoint with 'Load Diffusion Model'.")
+
+
 def wan_backbone(model):
     """The Wan module inside a MODEL (ModelPatcher) and its shape; ModelFamilyError otherwise."""
     base = getattr(model, "model", None)
     module = getattr(base, "diffusion_model", None)
     if module is None:
         raise ModelFamilyError(f"expected a MODEL from 'Load Diffusion Model', got {type(model).__name__}")
+    check_model_family(model)
     try:
         spec = inspect_backbone(module)
     except ModelFamilyError as e:
         config = type(getattr(base, "model_config", None)).__name__
         raise ModelFamilyError(f"{e} (ComfyUI detected this checkpoint as {config})") from None
     return module, spec
+
+
+def preflight(model, spec: BackboneSpec, estimate_at, *, latent_frames: int, latent_height: int,
+              latent_width: int, min_frames: int, describe_length=None, describe_size=None,
+              what: str = "the video", bounded_policy_hint: bool = False):
+    """The one pre-flight of every node that allocates: refuse (naming the input that drives the cost)
+    what cannot fit in an empty device before evicting or loading anything, load the model, then
+    refuse what does not fit next to its weights. Returns the run's estimate.
+
+    ``estimate_at(latent_frames, latent_height, latent_width)`` is the run's
+    :func:`~headforcing_core.memory.estimate_run` at another length or size."""
+    import comfy.model_management as mm
+
+    device = model.load_device
+    weights = int(model.model_size())
+    kw = dict(latent_frames=latent_frames, latent_height=latent_height, latent_width=latent_width,
+              patch=tuple(spec.patch_size[1:]), min_frames=min_frames, describe_length=describe_length,
+              describe_size=describe_size, what=what, bounded_policy_hint=bounded_policy_hint)
+    est = core_preflight(lambda t, h, w: with_weights(estimate_at(t, h, w), weights),
+                         free_bytes=mm.get_total_memory(device), **kw)
+    mm.load_models_gpu([model], memory_required=est.run_bytes, force_full_load=True)
+    return core_preflight(estimate_at, free_bytes=mm.get_free_memory(device), **kw)
+
+
+def on_host(model) -> bool:
+    """Whether the model runs on the CPU (then AR_STATE copies share its memory)."""
+    return torch.device(model.load_device).type == "cpu"
+
+
+def describe_video_length(unit: str):
+    """``describe_length`` for the sampler's length widget: latent frames → the user's unit."""
+    def text(t: int) -> str:
+        frames = decoded_frames(t)
+        if unit == "seconds":
+            return f"{max(1, (t - 1) // TIME_COMPRESSION)} seconds ({frames} frames)"
+        return f"{frames} frames ({frames / FPS:.1f} s)"
+    return text
+
+
+def describe_pixels(h: int, w: int) -> str:
+    return f"{w * SPACE_COMPRESSION}x{h * SPACE_COMPRESSION}"
+
+
+def describe_schedule_length(t: int) -> str:
+    return f"{t} latent frames ({t / (FPS / TIME_COMPRESSION):g} s) in total"
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -382,15 +474,22 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
         validate_inputs(WanRunner(module), segment.context, torch.empty(shape, device="meta"), req.frames_per_block)
 
     dtype = compute_dtype(model)
-    estimate = estimate_run(spec, policy, latent_frames=req.latent_frames, latent_height=shape[-2],
-                            latent_width=shape[-1], frames_per_block=req.frames_per_block, batch=1, dtype=dtype)
+    text_tokens = max(seg.context.shape[1] for seg in schedule)
+
+    def estimate_at(t: int, h: int, w: int):
+        return estimate_run(spec, policy, latent_frames=t, latent_height=h, latent_width=w,
+                            frames_per_block=req.frames_per_block, batch=1, dtype=dtype,
+                            state_on_device=on_host(model), output_copies=1, text_tokens=text_tokens)
+
+    # one pre-flight (refuse before anything is allocated; the runner reads its device off the
+    # weights, so they are loaded whole, no lowvram split)
+    estimate = preflight(
+        model, spec, estimate_at, latent_frames=req.latent_frames, latent_height=shape[-2], latent_width=shape[-1],
+        min_frames=req.frames_per_block,
+        describe_length=describe_schedule_length if prompt_schedule is not None else describe_video_length(length_unit),
+        describe_size=describe_pixels, what="the schedule" if prompt_schedule is not None else "the video",
+        bounded_policy_hint=not policy.is_bounded())
     device = model.load_device
-    # refuse what cannot fit even in an empty device before evicting anything, then load
-    # (the runner reads its device off the weights: load them all, no lowvram split) and
-    # check against what is really free next to the weights
-    check_fits(replace(estimate, weights_bytes=int(model.model_size())), mm.get_total_memory(device))
-    mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
-    check_fits(estimate, mm.get_free_memory(device))
     noise = story_noise(lambda n: latent_shape(req.width, req.height, n, channels=spec.in_dim), req.seed, 0, schedule)
 
     hooks = ComfyHooks(model, story_model_calls(schedule, req.frames_per_block, len(req.steps)))
@@ -442,9 +541,8 @@ def _report(req: SamplerRequest, policy: CachePolicy, estimate, chunk_seconds: l
         f"steps {','.join(f'{s:g}' for s in req.steps)}, shift {req.shift:g}",
         f"policy: {describe(policy)}",
         *[f"  {n}" for n in estimate.notes],
-        f"memory estimate: KV cache {estimate.kv_bytes / GiB:.3f} GiB, activations "
-        f"{estimate.activation_bytes / GiB:.3f} GiB, text K/V {estimate.text_bytes / GiB:.3f} GiB, "
-        f"total {estimate.total_bytes / GiB:.3f} GiB (+ weights)",
+        f"memory estimate: {estimate.breakdown()}; peak ≈ {estimate.run_bytes / GiB:.3f} GiB "
+        f"({estimate.peak_phase}) + weights",
         f"time: {seconds:.2f} s, {per_chunk:.3f} s/chunk (steady {steady:.3f} s/chunk), "
         f"{req.frames / seconds if seconds > 0 else 0:.2f} video frames/s on {device} in "
         f"{str(dtype).replace('torch.', '')}",

@@ -26,12 +26,13 @@ import torch
 from comfy_api.latest import io, ui
 
 from headforcing_core.errors import StateError
-from headforcing_core.memory import GiB, check_fits, estimate_run
+from headforcing_core.memory import GiB, estimate_run
 from headforcing_core.policies import describe
 from headforcing_core.prompts import (PromptSchedule, count_model_calls, segment_noise)
 from headforcing_core.sampler import Hooks
-from headforcing_core.state import (ARState, continue_generation, load_state, safe_state_path, save_state,
-                                    weights_digest)
+from headforcing_core.names import list_names, safe_path
+from headforcing_core.noise import noise_frames
+from headforcing_core.state import ARState, continue_generation, load_state, save_state, weights_digest
 
 from . import comfy_bridge as bridge
 from . import messages
@@ -59,9 +60,9 @@ def sampler_schedule(prompt_schedule, conditioning, latent_frames: int, frames_p
 
 
 def story_noise(shape_of, seed: int, start_frame: int, schedule: PromptSchedule) -> torch.Tensor:
-    """The initial noise of ``schedule``'s segments from ``start_frame`` on (see the module docstring)."""
-    return segment_noise(lambda n: bridge.initial_noise(shape_of(n), seed), start_frame,
-                         [s.frames for s in schedule])
+    """The initial noise of ``schedule``'s segments from ``start_frame`` on (see the module docstring).
+    Each segment's frames are drawn on their own (same values as the whole draw, bounded memory)."""
+    return segment_noise(lambda s, e: noise_frames(shape_of, seed, s, e), start_frame, [s.frames for s in schedule])
 
 
 def story_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: int,
@@ -93,6 +94,17 @@ def check_state(value) -> ARState:
 # Continue
 
 
+def describe_continue_length(unit: str):
+    """``describe_length`` for Continue's length widget: new latent frames → the user's unit."""
+    def text(t: int) -> str:
+        if unit == "latent_frames":
+            return f"{t} latent frames"
+        if unit == "frames":
+            return f"{t * bridge.TIME_COMPRESSION} frames"
+        return f"{t * bridge.TIME_COMPRESSION / bridge.FPS:g} seconds"
+    return text
+
+
 def run_continue(model, state, *, conditioning=None, prompt_schedule=None, length: float = 5.0,
                  length_unit: str = "seconds", transition: str = "cut", transition_frames: int = 3,
                  seed: int = 0) -> tuple[dict, ARState, str]:
@@ -118,12 +130,21 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
 
     policy = state.policy
     dtype = bridge.compute_dtype(model)
-    estimate = estimate_run(spec, policy, latent_frames=state.next_frame + new_frames, latent_height=h,
-                            latent_width=w, frames_per_block=fpb, batch=state.batch, dtype=dtype)
+    text_tokens = max([seg.context.shape[1] for seg in schedule] + [state.context.shape[1]])
+
+    def estimate_at(t: int, lh: int, lw: int):
+        return estimate_run(spec, policy, latent_frames=state.next_frame + t, new_frames=t, latent_height=lh,
+                            latent_width=lw, frames_per_block=fpb, batch=state.batch, dtype=dtype,
+                            state_on_device=bridge.on_host(model), input_state_bytes=state.nbytes,
+                            output_copies=1, text_tokens=text_tokens)
+
+    estimate = bridge.preflight(
+        model, spec, estimate_at, latent_frames=new_frames, latent_height=h, latent_width=w, min_frames=fpb,
+        describe_length=(bridge.describe_schedule_length if prompt_schedule is not None
+                         else describe_continue_length(length_unit)),
+        what="the schedule" if prompt_schedule is not None else "the continuation",
+        bounded_policy_hint=not policy.is_bounded())
     device = model.load_device
-    check_fits(estimate, mm.get_total_memory(device))
-    mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
-    check_fits(estimate, mm.get_free_memory(device))
     notes = state.check_model(spec, weights_digest(module))
     for note in notes:
         log.warning("headforcing: %s", note)
@@ -149,8 +170,8 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
         f"the video is now {last} latent frames ({bridge.decoded_frames(last)} frames)",
         schedule_report(schedule, first) or f"transition: {new_state.history[-1]['transition']}",
         f"policy: {describe(policy)}",
-        f"memory estimate: KV cache {estimate.kv_bytes / GiB:.3f} GiB; AR_STATE {new_state.nbytes / 2**20:.1f} MiB "
-        "in CPU memory",
+        f"memory estimate: {estimate.breakdown()}; peak ≈ {estimate.run_bytes / GiB:.3f} GiB ({estimate.peak_phase}) "
+        f"+ weights; AR_STATE {new_state.nbytes / 2**20:.1f} MiB in CPU memory",
         f"time: {seconds:.2f} s on {device} in {str(dtype).replace('torch.', '')}",
         *notes,
         *bridge.model_patch_lines(model),
@@ -226,18 +247,21 @@ def state_folders() -> list[str]:
 
 
 def state_file_names() -> list[str]:
-    import folder_paths
+    """AR_STATE files Load AR State offers: the names in the states folder(s) the name policy accepts."""
+    names: set[str] = set()
+    for folder in state_folders():
+        names.update(list_names(folder, suffix=".safetensors"))
+    return sorted(names)
 
-    _register_folder()
-    try:
-        return [n for n in folder_paths.get_filename_list(STATES_FOLDER) if n.endswith(".safetensors")]
-    except Exception:  # noqa: BLE001 - a missing folder lists nothing
-        return []
+
+def state_path(folder, name: str):
+    """``folder/<name>`` under the pack's one name policy (headforcing_core.names)."""
+    return safe_path(folder, name, kind="AR_STATE", error=StateError)
 
 
 def find_state_file(name: str):
     for folder in state_folders():
-        path = safe_state_path(folder, name)
+        path = state_path(folder, name)
         if path.is_file():
             return path
     raise StateError(f"no AR_STATE file {name!r} in {', '.join(state_folders())}")
@@ -256,8 +280,9 @@ class HeadForcingSaveARState(io.ComfyNode):
             inputs=[
                 AR_STATE.Input("ar_state", tooltip="From Head Forcing AR Sampler or Continue."),
                 io.String.Input("filename", default="story",
-                                tooltip="Name inside output/headforcing_states (sub-folders allowed; "
-                                        "'.safetensors' is added)."),
+                                tooltip="File name inside output/headforcing_states: letters, digits, spaces and "
+                                        "- _ . , + = ( ) [ ] @ #, up to 100 characters, no folders; "
+                                        "'.safetensors' is added."),
                 io.Boolean.Input("overwrite", default=True, optional=True,
                                  tooltip="Replace an existing file of that name (off: refuse)."),
             ],
@@ -269,7 +294,7 @@ class HeadForcingSaveARState(io.ComfyNode):
     def execute(cls, ar_state, filename, overwrite=True) -> io.NodeOutput:
         state = check_state(ar_state)
         folder = state_folders()[0]
-        path = safe_state_path(folder, str(filename))
+        path = state_path(folder, filename)
         if path.exists() and not overwrite:
             raise StateError(f"an AR_STATE {path.name!r} already exists in {folder}; turn on overwrite or pick "
                              "another filename")

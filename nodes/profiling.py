@@ -26,8 +26,7 @@ from headforcing_core.errors import HeadForcingError, ProfileError
 from headforcing_core.policies import TRAINING_WINDOW, HeadLabels
 from headforcing_core.profiling import (CLASSIFIED_TAXONOMIES, FOLDER_NAME, HeadForcingThresholds, HeadProfile,
                                         PyramidThresholds, classify_profile, is_preset, preset_names,
-                                        profile_heads, resolve_profile, safe_profile_path, save_profile)
-from headforcing_core.profiling.profile_io import SUFFIX
+                                        list_profiles, profile_heads, profile_path, resolve_profile, save_profile)
 
 from . import comfy_bridge as bridge
 from .messages import head_map_ui
@@ -163,11 +162,11 @@ def profile_folders() -> list[str]:
 
 
 def profile_file_names() -> list[str]:
-    try:
-        files = folder_paths.get_filename_list(FOLDER_NAME)
-    except KeyError:
-        files = []
-    return [f for f in files if f.lower().endswith(SUFFIX)]
+    """Profile files Load Head Profile offers: the names in the profile folder(s) the name policy accepts."""
+    names: set[str] = set()
+    for folder in profile_folders():
+        names.update(list_profiles(folder))
+    return sorted(names)
 
 
 def _thresholds(taxonomy: str, **values) -> dict:
@@ -266,18 +265,24 @@ class HeadForcingProfileHeads(io.ComfyNode):
     def execute(cls, model, conditioning, latent_frames, width, height, seed, query_samples, taxonomy,
                 conditioning_2=None, conditioning_3=None, conditioning_4=None, frames_per_block=3,
                 steps=bridge.DEFAULT_STEPS, shift=bridge.DEFAULT_SHIFT) -> io.NodeOutput:
-        import comfy.model_management as mm
-        from headforcing_core.memory import estimate_run
+        from headforcing_core.profiling.profile import check_profile_settings, estimate_profile
+        from headforcing_core.schedule import FlowMatchSchedule
 
         bridge.check_video_size(width, height)
         step_values = bridge.parse_steps(steps)
+        FlowMatchSchedule(step_values, float(shift))  # a bad list or shift fails here, before any work
+        check_profile_settings(latent_frames, frames_per_block, query_samples)
         prompts = _prompts(conditioning, conditioning_2, conditioning_3, conditioning_4)
         module, spec = bridge.wan_backbone(model)
         lh, lw = height // bridge.SPACE_COMPRESSION, width // bridge.SPACE_COMPRESSION
         dtype = bridge.compute_dtype(model)
-        estimate = estimate_run(spec, "full", latent_frames=latent_frames, latent_height=lh, latent_width=lw,
-                                frames_per_block=frames_per_block, batch=1, dtype=dtype)
-        mm.load_models_gpu([model], memory_required=estimate.total_bytes, force_full_load=True)
+        bridge.preflight(
+            model, spec, lambda t, h, w: estimate_profile(spec, frames=t, latent_height=h, latent_width=w,
+                                                          frames_per_block=frames_per_block,
+                                                          query_samples=query_samples, dtype=dtype),
+            latent_frames=latent_frames, latent_height=lh, latent_width=lw, min_frames=2 * frames_per_block,
+            describe_length=lambda t: f"latent_frames {t}", describe_size=bridge.describe_pixels,
+            what="the calibration video")
         chunks = -(-latent_frames // frames_per_block)
         hooks = bridge.ComfyHooks(model, len(prompts) * chunks * (len(step_values) + 1))
         profile = bridge.run_interruptible(lambda: profile_heads(
@@ -334,7 +339,8 @@ class HeadForcingSaveHeadProfile(io.ComfyNode):
                 HEAD_PROFILE.Input("head_profile", tooltip="The profile to save (from Profile Heads, Classify "
                                                            "Heads or Load Head Profile)."),
                 io.String.Input("filename", default="my_model_profile",
-                                tooltip="Name inside models/headforcing (sub-folders allowed; '.safetensors' is added)."),
+                                tooltip="File name inside models/headforcing: letters, digits, spaces and - _ . , + = ( ) "
+                                        "[ ] @ #, up to 100 characters, no folders; '.safetensors' is added."),
                 io.Boolean.Input("overwrite", default=True, optional=True,
                                  tooltip="Replace an existing file of that name (off: refuse)."),
             ],
@@ -346,11 +352,8 @@ class HeadForcingSaveHeadProfile(io.ComfyNode):
     def execute(cls, head_profile, filename, overwrite=True) -> io.NodeOutput:
         if not isinstance(head_profile, HeadProfile):
             raise ProfileError(f"head_profile must come from a Head Forcing profile node, got {type(head_profile).__name__}")
-        name = str(filename).strip()
-        if name.startswith("preset:"):
-            raise ProfileError("names starting with 'preset:' are reserved for the shipped read-only presets")
         folder = profile_folders()[0]
-        path = safe_profile_path(folder, name)
+        path = profile_path(folder, filename)  # the name policy also rules out 'preset: …' (no ':')
         if path.exists() and not overwrite:
             raise ProfileError(f"a head profile {path.name!r} already exists in {folder}; turn on overwrite or pick "
                                "another filename")
@@ -391,7 +394,7 @@ class HeadForcingLoadHeadProfile(io.ComfyNode):
             return profile_name
         for folder in profile_folders():
             try:
-                path = safe_profile_path(folder, profile_name)
+                path = profile_path(folder, profile_name)
             except ProfileError:
                 continue
             if path.is_file():

@@ -155,12 +155,15 @@ class HeadForcingPromptScheduleFromText(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text, default_transition="cut", default_transition_frames=3, **_):
-        # a bad line is reported when the prompt is queued, before anything runs
+    def validate_inputs(cls, text):
+        # A bad line is reported when the prompt is queued, before anything runs. ComfyUI files the
+        # answer once per argument of this method, so it takes the text alone (the lines' own
+        # syntax); how lines without a transition combine with the default is checked when the
+        # node runs.
         if not isinstance(text, str):  # the text comes from a link: checked when the node runs
             return True
         try:
-            parse_schedule_text(text, default_transition, _frames_for(default_transition, default_transition_frames))
+            parse_schedule_text(text)
         except ScheduleError as e:
             return str(e)
         return True

@@ -12,9 +12,11 @@ runs. Answers JSON:
 * 200 ``{"ok": true, "summary": <exactly the node's summary output>, "kv_bytes", "activation_bytes",
   "text_bytes", "total_bytes", "kv_bytes_by_type", "attended_frames", "latent_frames",
   "frames", "seconds", "window_kv_bytes", "notes"}``
-* 400 ``{"ok": false, "error": "..."}`` for bad input (the message names the field), and
-  500 ``{"ok": false, "error": ...}`` for anything unexpected — the server never goes down
-  for a bad request. ComfyUI also serves every route under ``/api`` (``/api/headforcing/estimate``).
+* 4xx ``{"ok": false, "error": "..."}`` for everything else, never 5xx: 400 for a bad parameter
+  (the message names it), 404 for an unknown profile name, 422 for a damaged profile file (the
+  message names the field) or anything else that keeps the figure from being computed. The
+  server never goes down for a bad request. ComfyUI also serves every route under ``/api``
+  (``/api/headforcing/estimate``).
 """
 from __future__ import annotations
 
@@ -103,6 +105,15 @@ def parse_estimate_query(query) -> dict:
         profile = str(profile)
         if not profile.strip() or len(profile) > MAX_QUERY_VALUE_LEN or "\x00" in profile:
             raise BadRequest("profile must be a profile name listed by Load Head Profile")
+        from headforcing_core.errors import HeadForcingError
+        from headforcing_core.names import check_name
+        from headforcing_core.profiling import is_preset
+
+        if not is_preset(profile):
+            try:
+                check_name(profile, kind="head profile")
+            except HeadForcingError as e:
+                raise BadRequest(f"profile: {e}") from None
     return {"values": values, "profile": profile or None}
 
 
@@ -162,17 +173,29 @@ def compute_estimate(values: dict, profile_name: str | None = None) -> dict:
 
 
 def estimate_response(query) -> tuple[int, dict]:
-    """(HTTP status, JSON body) for a query mapping; never raises."""
-    from headforcing_core.errors import HeadForcingError
+    """(HTTP status, JSON body) for a query mapping; never raises, never answers 5xx.
+
+    400: a bad parameter (the message names it); 404: no profile of that name; 422: the named
+    profile file is damaged or does not fit (its schema error names the field); 422 also for
+    anything else that goes wrong computing the figure (logged with its traceback).
+    """
+    from headforcing_core.errors import HeadForcingError, ProfileError
 
     try:
         parsed = parse_estimate_query(query)
-        return 200, compute_estimate(parsed["values"], parsed["profile"])
-    except (BadRequest, HeadForcingError, ValueError) as e:  # HeadForcingError subclasses are ValueErrors
+    except (BadRequest, HeadForcingError, ValueError) as e:
         return 400, {"ok": False, "error": str(e)}
-    except Exception as e:  # never take the server down for a figure
+    try:
+        return 200, compute_estimate(parsed["values"], parsed["profile"])
+    except ProfileError as e:
+        status = 404 if str(e).startswith("no head profile") else 422
+        return status, {"ok": False, "error": str(e)}
+    except (HeadForcingError, ValueError) as e:  # HeadForcingError subclasses are ValueErrors
+        return 400, {"ok": False, "error": str(e)}
+    except Exception as e:  # never take the server down (or answer 5xx) for a figure
         log.exception("headforcing: %s failed", ESTIMATE_PATH)
-        return 500, {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        return 422, {"ok": False, "error": f"the estimate could not be computed for these values "
+                                           f"({type(e).__name__}: {e}); the server log has the details"}
 
 
 def register_routes() -> bool:

@@ -40,21 +40,23 @@ WAN_VAE_Z_DIM = 16
 # Wan 2.1 T2V diffusion model
 # --------------------------------------------------------------------------------------
 
-def tiny_wan_config():
+def tiny_wan_config(**overrides):
+    """The tiny Wan shape; ``overrides`` change it (e.g. ``num_layers=4``, or ``in_dim=out_dim=48``:
+    ComfyUI then detects a Wan 2.2 TI2V-5B-shaped model)."""
     from headforcing_core.wan_model import WanConfig
-    return WanConfig(**TINY_WAN)
+    return WanConfig(**{**TINY_WAN, **overrides})
 
 
-def tiny_wan_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def tiny_wan_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> dict[str, torch.Tensor]:
     from headforcing_core.wan_model import random_backbone
-    model = random_backbone(tiny_wan_config(), seed=seed, dtype=dtype)
+    model = random_backbone(tiny_wan_config(**overrides), seed=seed, dtype=dtype)
     return {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def write_tiny_wan(path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def write_tiny_wan(path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tiny_wan_state_dict(seed, dtype), str(path), metadata={"format": "pt"})
+    save_file(tiny_wan_state_dict(seed, dtype, **overrides), str(path), metadata={"format": "pt"})
     return path
 
 

@@ -13,13 +13,13 @@ from ..backbone import BackboneSpec, WanRunner
 from ..errors import ProfileError, ShapeError
 from ..policies import TAXONOMIES, TRAINING_WINDOW, HeadLabels, make_policy
 from ..sampler import ARSampler, Hooks
+from ..validation import validate_fingerprint
 from ..schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 from .classify import CLASSIFIED_TAXONOMIES, CLASSIFIERS, thresholds_dict, thresholds_for
 from .stats import AttentionCollector, FrameStats, HeadSummary, summarize
 
 log = logging.getLogger("headforcing")
 
-FINGERPRINT_KEYS = ("dim", "num_heads", "num_layers", "patch_size", "in_dim", "out_dim", "text_dim")
 
 
 def describe_shape(fp: Mapping) -> str:
@@ -33,20 +33,11 @@ def describe_shape(fp: Mapping) -> str:
 
 
 def normalize_fingerprint(fp) -> dict:
-    """A fingerprint dict (from :meth:`BackboneSpec.fingerprint` or a profile file) in canonical form."""
+    """A fingerprint dict (from :meth:`BackboneSpec.fingerprint` or a profile file) in canonical form,
+    checked as data (:func:`headforcing_core.validation.validate_fingerprint`)."""
     if isinstance(fp, BackboneSpec):
         fp = fp.fingerprint()
-    if not isinstance(fp, Mapping):
-        raise ProfileError(f"model fingerprint must be a mapping, got {type(fp).__name__}")
-    missing = [k for k in FINGERPRINT_KEYS if k not in fp]
-    if missing:
-        raise ProfileError(f"model fingerprint lacks {', '.join(missing)}")
-    try:
-        out = {k: int(fp[k]) for k in FINGERPRINT_KEYS if k != "patch_size"}
-        out["patch_size"] = [int(p) for p in fp["patch_size"]]
-    except (TypeError, ValueError) as e:
-        raise ProfileError(f"malformed model fingerprint {dict(fp)!r}: {e}") from None
-    return {k: out[k] for k in FINGERPRINT_KEYS}
+    return validate_fingerprint(fp, "head profile", ProfileError)
 
 
 @dataclass(frozen=True)
@@ -198,6 +189,23 @@ def _prompts(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def check_profile_settings(frames: int, frames_per_block: int, query_samples: int) -> None:
+    """ShapeError unless a calibration rollout of these settings can run (before any work)."""
+    if frames_per_block < 1:
+        raise ShapeError(f"frames_per_block must be ≥ 1, got {frames_per_block}")
+    if 2 * frames_per_block > TRAINING_WINDOW:
+        raise ShapeError(
+            f"frames_per_block {frames_per_block} is too large for profiling: it needs two chunks (history to "
+            f"measure) within the {TRAINING_WINDOW}-frame training window, so at most {TRAINING_WINDOW // 2}")
+    if not (2 * frames_per_block <= frames <= TRAINING_WINDOW):
+        raise ShapeError(
+            f"profiling runs {frames} latent frames; use between {2 * frames_per_block} (two chunks, so there is "
+            f"history to measure) and {TRAINING_WINDOW} (the window the model was trained on)"
+        )
+    if query_samples < 1:
+        raise ShapeError(f"query_samples must be ≥ 1, got {query_samples}")
+
+
 def profile_heads(backbone: torch.nn.Module, contexts: Sequence[torch.Tensor], *, frames: int = TRAINING_WINDOW,
                   latent_height: int, latent_width: int, seed: int = 0, query_samples: int = 64,
                   frames_per_block: int = 3, steps: Sequence[float] = SELF_FORCING_STEPS,
@@ -229,15 +237,7 @@ def profile_heads(backbone: torch.nn.Module, contexts: Sequence[torch.Tensor], *
         if p.shape[-1] != spec.text_dim:
             raise ShapeError(f"prompt {i} has width {p.shape[-1]}; the model's text width is {spec.text_dim} "
                              "(encode prompts with the umT5-XXL text encoder, CLIPLoader type 'wan')")
-    if frames_per_block < 1:
-        raise ShapeError(f"frames_per_block must be ≥ 1, got {frames_per_block}")
-    if not (2 * frames_per_block <= frames <= TRAINING_WINDOW):
-        raise ShapeError(
-            f"profiling runs {frames} latent frames; use between {2 * frames_per_block} (two chunks, so there is "
-            f"history to measure) and {TRAINING_WINDOW} (the window the model was trained on)"
-        )
-    if query_samples < 1:
-        raise ShapeError(f"query_samples must be ≥ 1, got {query_samples}")
+    check_profile_settings(frames, frames_per_block, query_samples)
     tpf = spec.tokens_per_frame(latent_height, latent_width)  # raises ShapeError for odd sizes
     queries_per_frame = max(1, min(tpf, query_samples // frames_per_block))
 
@@ -301,6 +301,27 @@ def profile_heads(backbone: torch.nn.Module, contexts: Sequence[torch.Tensor], *
     log.info("headforcing: profiled %d heads in %.1f s (%d model calls)", spec.num_layers * spec.num_heads,
              seconds, done)
     return profile
+
+
+def estimate_profile(spec: BackboneSpec, *, frames: int, latent_height: int, latent_width: int,
+                     frames_per_block: int = 3, query_samples: int = 64, dtype: torch.dtype = torch.bfloat16,
+                     max_elements: int = 1 << 23):
+    """What :func:`profile_heads` holds at its peak (a :class:`~headforcing_core.memory.RunEstimate`):
+    a ``full``-policy run of ``frames`` latent frames plus the statistics collector — the sampled
+    queries' logits, softmax, signs and centred logits against every key (computed in pieces of
+    at most ``max_elements`` values, at least one head at a time) and float32 copies of the keys."""
+    from ..memory import estimate_run
+
+    tpf = spec.tokens_per_frame(latent_height, latent_width)
+    n = max(1, min(tpf, query_samples // frames_per_block)) * frames_per_block  # sampled queries per chunk
+    keys = frames * tpf
+    heads_per_piece = min(spec.num_heads, max(1, max_elements // max(1, n * keys)))
+    piece = heads_per_piece * n * keys * 4
+    collector = keys * spec.num_heads * spec.head_dim * 4 + n * spec.num_heads * spec.head_dim * 4 + 6 * piece
+    collector += 5 * spec.num_layers * spec.num_heads * frames * frames * 8  # the float64 statistics
+    return estimate_run(spec, "full", latent_frames=frames, latent_height=latent_height, latent_width=latent_width,
+                        frames_per_block=frames_per_block, dtype=dtype, capture_state=False, extra_bytes=collector,
+                        extra_label="head statistics")
 
 
 def known_taxonomies() -> tuple[str, ...]:

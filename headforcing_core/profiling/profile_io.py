@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +30,14 @@ import numpy as np
 import torch
 
 from ..errors import HeadForcingError, ProfileError
-from ..policies import (PYRAMID_PRESET_SOURCE, PYRAMID_TO_HEAD_FORCING, TAXONOMIES,
+from ..names import list_names, safe_path
+from ..validation import validate_profile_meta
+from ..policies import (PYRAMID_PRESET_SOURCE, PYRAMID_TO_HEAD_FORCING, TAXONOMIES, TRAINING_WINDOW,
                         pyramid_forcing_preset_labels)
 from ..wan_model import WanConfig
 from .classify import label_codes, labels_from_codes
-from .profile import HeadProfile, normalize_fingerprint
-from .stats import FrameStats, summarize
+from .profile import HeadProfile
+from .stats import STAT_NAMES, FrameStats, summarize
 
 FORMAT = "headforcing.head_profile"
 FORMAT_VERSION = 1
@@ -46,55 +47,19 @@ PRESET_PREFIX = "preset: "
 
 
 # ---------------------------------------------------------------------------------------------
-# names
+# names (the pack's one name policy: headforcing_core.names)
+
+PROFILE_KIND = "head profile"
 
 
-def safe_profile_path(folder, name: str, *, suffix: str | None = SUFFIX) -> Path:
-    """The path of profile ``name`` inside ``folder``; ProfileError if it would leave it.
-
-    ``name`` is relative (sub-folders allowed). Refused: empty names, absolute paths or drive
-    names, ``..`` components, NUL bytes, and names whose real path (symlinks resolved) lies
-    outside the real path of ``folder``. ``suffix`` is appended when missing.
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise ProfileError("a head profile needs a file name")
-    if "\x00" in name:
-        raise ProfileError(f"head profile name {name!r} contains a NUL byte")
-    parts = [p for p in re.split(r"[\\/]+", name)]
-    if (os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name)
-            or any(p == ".." for p in parts)):
-        raise ProfileError(f"head profile name {name!r} must be a relative name inside the profile folder "
-                           "(no absolute paths, no '..')")
-    if suffix and not name.lower().endswith(suffix):
-        name = name + suffix
-    root = Path(os.path.realpath(folder))
-    target = Path(os.path.realpath(root / name))
-    try:
-        inside = os.path.commonpath([str(root), str(target)]) == str(root) and target != root
-    except ValueError:  # different drives
-        inside = False
-    if not inside:
-        raise ProfileError(f"head profile name {name!r} resolves to {target}, outside the profile folder {root}")
-    return target
+def profile_path(folder, name: str, *, must_exist: bool = False) -> Path:
+    """The path of profile ``name`` in ``folder`` under the pack's name policy (ProfileError otherwise)."""
+    return safe_path(folder, name, kind=PROFILE_KIND, suffix=SUFFIX, must_exist=must_exist, error=ProfileError)
 
 
 def list_profiles(folder) -> list[str]:
-    """Relative names (posix separators) of the profile files under ``folder`` that stay inside it."""
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    out = []
-    for dirpath, _dirs, files in os.walk(root, followlinks=False):
-        for f in files:
-            if not f.lower().endswith(SUFFIX):
-                continue
-            rel = Path(dirpath, f).relative_to(root).as_posix()
-            try:
-                safe_profile_path(root, rel)
-            except ProfileError:
-                continue
-            out.append(rel)
-    return sorted(out)
+    """Names of the profile files in ``folder`` that :func:`profile_path` accepts (never raises)."""
+    return list_names(folder, suffix=SUFFIX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,60 +145,76 @@ def load_profile(path, *, expect=None, name: str | None = None) -> HeadProfile:
     if header.get("format") != FORMAT:
         raise ProfileError(f"{label!r} is a safetensors file but not a head profile (format "
                            f"{header.get('format')!r}, expected {FORMAT!r})")
+    where = f"head profile {label!r}"
+    version = str(header.get("format_version", "")).strip()
+    if not version.isdigit():
+        raise ProfileError(f"{where}: field 'format_version' must be a whole number, got {version[:40]!r}")
+    if int(version) > FORMAT_VERSION:
+        raise ProfileError(f"{where} has format version {version}; this pack reads up to {FORMAT_VERSION} "
+                           "(update Head Forcing)")
+    if "headforcing" not in header:
+        raise ProfileError(f"{where}: the metadata lacks its 'headforcing' record (damaged file?)")
     try:
-        version = int(header.get("format_version", "0"))
         meta = json.loads(header["headforcing"])
-        if not isinstance(meta, dict):
-            raise ValueError("metadata is not a JSON object")
-    except (KeyError, ValueError, TypeError) as e:
-        raise ProfileError(f"head profile {label!r} has unreadable metadata: {e}") from None
-    if version > FORMAT_VERSION:
-        raise ProfileError(f"head profile {label!r} has format version {version}; this pack reads up to "
-                           f"{FORMAT_VERSION} (update Head Forcing)")
+    except (ValueError, RecursionError) as e:
+        raise ProfileError(f"{where}: the metadata is not valid JSON ({e})") from None
+    meta = validate_profile_meta(meta, where, ProfileError)
     try:
-        profile = _profile_from(meta, tensors, label)
-    except ProfileError as e:
-        raise ProfileError(f"head profile {label!r}: {e}") from None
-    except (HeadForcingError, KeyError, TypeError, ValueError) as e:
-        raise ProfileError(f"head profile {label!r} is malformed: {type(e).__name__}: {e}") from None
+        profile = _profile_from(meta, tensors, label, where)
+    except HeadForcingError as e:  # checks of the labels / statistics classes: say which file
+        msg = str(e)
+        raise ProfileError(msg if msg.startswith(where) else f"{where}: {msg}") from None
     if expect is not None:
         profile.check_model(expect)
     return profile
 
 
-def _profile_from(meta: dict, tensors: dict, label: str) -> HeadProfile:
-    model = normalize_fingerprint(meta["model"])
+def _profile_from(meta: dict, tensors: dict, label: str, where: str) -> HeadProfile:
+    """A HeadProfile from validated metadata and the file's tensors (checked against the model shape)."""
+    model = meta["model"]
+    layers, heads = model["num_layers"], model["num_heads"]
     sources = meta.get("label_sources") or {}
     labels = {}
+    stat_tensors = {}
     for key, t in tensors.items():
-        if not key.startswith("labels."):
-            continue
-        tax = key[len("labels."):]
-        if tax not in TAXONOMIES:
-            raise ProfileError(f"unknown taxonomy {tax!r}")
-        labels[tax] = labels_from_codes(t.to(torch.int64).numpy(), tax, str(sources.get(tax, "")))
+        kind, _, name = key.partition(".")
+        if kind == "labels":
+            if name not in TAXONOMIES:
+                raise ProfileError(f"{where}: tensor {key!r} names an unknown taxonomy")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise ProfileError(f"{where}: tensor {key!r} must hold integer codes, got {t.dtype}")
+            if tuple(t.shape) != (layers, heads):
+                raise ProfileError(f"{where}: tensor {key!r} has shape {list(t.shape)}; the profile's model has "
+                                   f"{layers} layers × {heads} heads")
+            labels[name] = labels_from_codes(t.to(torch.int64).numpy(), name, str(sources.get(name, "")))
+        elif kind == "stats":
+            stat_tensors[name] = t
+        elif kind != "summary":  # summaries are for people reading the file; recomputed on load
+            raise ProfileError(f"{where}: tensor {key!r} is not part of a head profile")
     if not labels:
-        raise ProfileError("the file holds no labels")
+        raise ProfileError(f"{where}: the file holds no labels")
     stats = None
-    stat_tensors = {k[len("stats."):]: v for k, v in tensors.items() if k.startswith("stats.")}
     if stat_tensors:
         fpb = meta.get("frames_per_block")
-        if not isinstance(fpb, int):
-            raise ProfileError("statistics without frames_per_block in the metadata")
+        if fpb is None:
+            raise ProfileError(f"{where}: field 'frames_per_block' is missing (the file has statistics)")
         stats = FrameStats.from_tensors(stat_tensors, fpb)  # checks names, shapes, finiteness
-    thresholds = meta.get("thresholds") or {}
-    if not isinstance(thresholds, dict):
-        raise ProfileError("thresholds metadata is not an object")
-    calibration = meta.get("calibration")
-    if calibration is not None and not isinstance(calibration, dict):
-        raise ProfileError("calibration metadata is not an object")
-    taxonomy = meta.get("taxonomy")
+        if stats.shape != (layers, heads):
+            raise ProfileError(f"{where}: the statistics cover {stats.shape[0]}×{stats.shape[1]} heads; the "
+                               f"profile's model has {layers} layers × {heads} heads")
+        if not fpb <= stats.frames <= TRAINING_WINDOW:
+            raise ProfileError(f"{where}: the statistics cover {stats.frames} frames; a calibration window has "
+                               f"{fpb} (frames_per_block) to {TRAINING_WINDOW}")
+        extra = sorted(set(stat_tensors) - set(STAT_NAMES))
+        if extra:
+            raise ProfileError(f"{where}: tensor 'stats.{extra[0]}' is not a profile statistic")
+    taxonomy = meta["taxonomy"]
     if taxonomy not in labels:
-        raise ProfileError(f"primary taxonomy {taxonomy!r} has no labels in the file")
-    return HeadProfile(model=model, labels_by_taxonomy=labels, taxonomy=taxonomy, thresholds=thresholds,
-                       stats=stats, calibration=calibration, source=str(meta.get("source", "")),
-                       attribution=str(meta.get("attribution", "")), read_only=bool(meta.get("read_only", False)),
-                       name=label)
+        raise ProfileError(f"{where}: field 'taxonomy' is {taxonomy!r}, which has no labels in the file")
+    return HeadProfile(model=model, labels_by_taxonomy=labels, taxonomy=taxonomy,
+                       thresholds=meta.get("thresholds") or {}, stats=stats, calibration=meta.get("calibration"),
+                       source=str(meta.get("source", "")), attribution=str(meta.get("attribution", "")),
+                       read_only=bool(meta.get("read_only", False)), name=label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +272,7 @@ def resolve_profile(name: str, folders, *, expect=None) -> HeadProfile:
             profile.check_model(expect)
         return profile
     for folder in folders:
-        path = safe_profile_path(folder, name)
+        path = profile_path(folder, name)
         if path.is_file():
             return load_profile(path, expect=expect, name=name)
     raise ProfileError(f"no head profile {name!r} in the profile folder(s) {', '.join(map(str, folders)) or '(none)'}")

@@ -10,8 +10,9 @@ from headforcing_core import WanConfig, generate, random_backbone
 from headforcing_core.errors import StateError
 from headforcing_core.policies import PRESETS, make_policy
 from headforcing_core.prompts import PromptSchedule, PromptSegment
+from headforcing_core.names import safe_path
 from headforcing_core.state import (ARState, continue_generation, generate_schedule, load_state, policy_from_dict,
-                                    policy_to_dict, safe_state_path, save_state)
+                                    policy_to_dict, save_state)
 
 from .conftest import TINY, latent_noise, text_context
 
@@ -148,8 +149,8 @@ def test_save_and_load_round_trip(tiny_model, tmp_path, policy):
     noise = latent_noise(12)
     _, state = generate_schedule(tiny_model, PromptSchedule((seg(A, 3), seg(C, 3))), noise[:, :, :6],
                                  policy=POLICIES[policy], generator=gen())
-    path = save_state(state, safe_state_path(tmp_path, "runs/story_1"))
-    assert path == tmp_path / "runs" / "story_1.safetensors" and path.is_file()
+    path = save_state(state, safe_path(tmp_path, "story_1", kind="AR_STATE", error=StateError))
+    assert path == tmp_path / "story_1.safetensors" and path.is_file()
     loaded = load_state(path)
     assert loaded.meta == state.meta
     assert loaded.tensors.keys() == state.tensors.keys()
@@ -202,12 +203,11 @@ def test_weights_digest_mismatch_only_warns(small_state):
 
 
 def test_names_escaping_the_folder_are_refused(tmp_path):
-    for bad in ["../x", "a/../../x", "/etc/passwd", "", "  ", "a\x00b"]:
-        with pytest.raises(StateError):
-            safe_state_path(tmp_path, bad)
-    assert safe_state_path(tmp_path, "a/b.safetensors") == tmp_path / "a" / "b.safetensors"
+    for bad in ["../x", "a/../../x", "/etc/passwd", "", "  ", "a\x00b", "a/b.safetensors"]:
+        with pytest.raises(StateError, match="AR_STATE name .* is not allowed"):
+            safe_path(tmp_path, bad, kind="AR_STATE", error=StateError)
     with pytest.raises(StateError, match="no AR_STATE file"):
-        safe_state_path(tmp_path, "missing", must_exist=True)
+        safe_path(tmp_path, "missing", kind="AR_STATE", error=StateError, must_exist=True)
 
 
 def test_corrupt_files_are_refused(tmp_path, small_state):
@@ -227,7 +227,7 @@ def test_corrupt_files_are_refused(tmp_path, small_state):
     nan = {**tensors, "tail": torch.full_like(tensors["tail"], float("nan"))}
     save_file(nan, str(tmp_path / "nan.safetensors"), metadata={"headforcing_state": small_state.meta_json})
     cases = {"trunc": "damaged or truncated", "noise": "not a readable", "plain": "not a Head Forcing AR_STATE",
-             "missing": "lacks tensor.*cache.memory.frames.k", "version": "version 99", "json": "not valid JSON",
+             "missing": "cache.memory.frames.k.* is missing", "version": "field .version. is 99", "json": "not valid JSON",
              "nan": "NaN", "absent": "not found"}
     for name, match in cases.items():
         with pytest.raises(StateError, match=match):

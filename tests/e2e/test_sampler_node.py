@@ -342,7 +342,8 @@ def test_memory_preflight_refuses_what_cannot_fit(comfy, sampler_wf):
     print("\n[error]", text.splitlines()[0][:400])
     assert "MemoryBudgetError" in text, text
     assert "GiB" in text and "is free" in text, text
-    assert "choose a bounded policy" in text and "lower the width/height" in text, text
+    assert "choose a bounded policy" in text and "lower the resolution to at most" in text, text
+    assert "shorten the video to at most" in text, text
     assert time.time() - t0 < 60, "the refusal must come before any work"
     assert not _files_with_prefix(comfy, prefix)
 
