@@ -11,6 +11,13 @@ steady state without generating all of it, the cache is first filled with
 random K/V for every frame before the timed window (``--chunks`` chunks at the
 end of the video); attention cost depends on sizes, not values. All policies
 are measured in one process so their ratios are comparable.
+
+Every timed policy also reports the *counters* of one steady-state chunk, taken with
+:class:`~headforcing_core.counters.OpCounter` (a ``TorchDispatchMode``): ATen ops per chunk and
+inside its model calls, and sync-prone ops (``.item()``, ``nonzero``, tensors made from host
+data, host→device copies, …) per chunk and inside its model calls; plus the bytes of history
+gathered and rotated once per chunk and the bytes each model call writes. They are the same on
+a CPU as on a GPU (the same ops are dispatched), so ``--device cpu`` shows what a GPU run does.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import torch
 
 from .backbone import BackboneSpec, WanRunner
 from .memory import estimate_run
-from .plan import plan_chunk
 from .policies import PRESETS, make_policy
 from .sampler import ARSampler, Hooks
 from .schedule import FlowMatchSchedule
@@ -37,7 +43,7 @@ MODEL_SHAPES = {
     "14b": WanConfig(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_POLICIES = ("self_forcing_window", "sink_window", "pyramid_forcing", "head_forcing")
+DEFAULT_POLICIES = ("self_forcing_window", "sink_window", "longlive", "pyramid_forcing", "head_forcing")
 
 
 def latent_frames_for(seconds: float, fps: int = 16) -> int:
@@ -52,16 +58,19 @@ def _sync(device: torch.device) -> None:
 
 def prefill(sampler: ARSampler, frames: int, generator: torch.Generator) -> None:
     """Commit random K/V for frames [0, frames) chunk by chunk, as the clean passes would."""
-    spec = sampler.runner.spec
-    gh, gw = spec.token_grid(*sampler.latent_hw)
+    spec, cache = sampler.runner.spec, sampler.cache
     f = sampler.frames_per_block
     for start in range(0, frames, f):
         n = min(f, frames - start)
-        shape = (sampler.batch, n * gh * gw, spec.num_heads, spec.head_dim)
-        for layer in range(spec.num_layers):
-            k = torch.randn(shape, generator=generator).to(sampler.runner.device, sampler.runner.dtype)
-            v = torch.randn(shape, generator=generator).to(sampler.runner.device, sampler.runner.dtype)
-            sampler.cache.commit(layer, k, v, start, n)
+        cache.reserve(start, n)
+        shape = (spec.num_layers, sampler.batch, n * cache.tokens, spec.num_heads, spec.head_dim)
+        k = torch.randn(shape, generator=generator).to(sampler.runner.device, sampler.runner.dtype)
+        v = torch.randn(shape, generator=generator).to(sampler.runner.device, sampler.runner.dtype)
+        if cache.prerotated:
+            cache.commit(start, n, None, None)
+            cache.replace_frames(start, n, k, v)
+        else:
+            cache.commit(start, n, k, v)
     sampler.next_frame = frames
 
 
@@ -80,13 +89,14 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, iters: int = 1
 
 
 def time_attention(sampler: ARSampler, plan, iters: int = 3) -> dict:
-    """Time one layer's planned attention (gather + RoPE + backend) in isolation."""
-    from .plan import PlannedAttention
+    """Time one layer's planned attention (chunk write + backend) in isolation."""
+    from .plan import ChunkAttention
 
     spec, dev, dtype = sampler.runner.spec, sampler.runner.device, sampler.runner.dtype
-    s = plan.frames * len(plan.layers[0][0].query_rotary) // plan.frames
-    q, k, v = (torch.randn(1, s, spec.num_heads, spec.head_dim, device=dev, dtype=dtype) for _ in range(3))
-    attn = PlannedAttention(plan, sampler.backend)
+    s = plan.frames * plan.tokens
+    q, k, v = (torch.randn(sampler.batch, s, spec.num_heads, spec.head_dim, device=dev, dtype=dtype)
+               for _ in range(3))
+    attn = ChunkAttention(plan, sampler.cache, sampler.backend)
     attn(0, q, k, v)
     _sync(dev)
     t = time.perf_counter()
@@ -94,9 +104,31 @@ def time_attention(sampler: ARSampler, plan, iters: int = 3) -> dict:
         attn(0, q, k, v)
     _sync(dev)
     seconds = (time.perf_counter() - t) / iters
-    attended = sum(g.attended_tokens * len(g.heads) for g in plan.layers[0]) / spec.num_heads
-    flops = 4 * s * attended * spec.dim
+    flops = 4 * s * plan.attended_tokens() * spec.dim * sampler.batch
     return {"seconds_per_layer_call": seconds, "flops_per_layer_call": flops, "tflops": flops / seconds / 1e12}
+
+
+def count_chunk(sampler: ARSampler, noise: torch.Tensor, generator: torch.Generator) -> dict:
+    """Dispatch counts of one chunk (its planning, five model calls and commit) and of its model calls."""
+    from .counters import OpCounter
+
+    inner = OpCounter()
+    runner = sampler.runner
+    forward = runner.forward
+
+    def counted(*args, **kwargs):
+        with inner:
+            return forward(*args, **kwargs)
+
+    runner.forward = counted
+    try:
+        with OpCounter() as outer:
+            sampler.sample(noise, generator)
+    finally:
+        runner.forward = forward
+    return {"aten_ops_per_chunk": outer.total, "sync_ops_per_chunk": outer.sync,
+            "aten_ops_in_model_calls": inner.total, "sync_ops_in_model_calls": inner.sync,
+            "sync_ops_by_name": dict(outer.sync_ops)}
 
 
 def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.device) -> dict:
@@ -108,14 +140,18 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
     f = args.frames_per_block
     # time whole chunks at the end of the video; everything before is prefilled
     timed_frames = min(args.chunks, max(latent_frames // f, 1)) * f
-    start_frame = max(0, (latent_frames - timed_frames) // f * f)
+    start_frame = max(0, (latent_frames - timed_frames - f) // f * f)
     sampler.start(1, lh, lw, latent_frames)
     gen = torch.Generator().manual_seed(0)
+    renoise = torch.Generator(device=device).manual_seed(1)  # noise drawn where the model runs
     sampler.set_prompt(torch.randn(1, 64, runner.spec.text_dim, generator=gen) * 0.1)
     prefill(sampler, start_frame, gen)
-    plan = plan_chunk(sampler.cache, sampler.policy.rope, sampler.policy.window, start_frame, f)
-    attended = plan.mean_attended_tokens()
-    noise = torch.randn(1, runner.spec.in_dim, timed_frames, lh, lw, generator=gen).to(device)
+    noise = torch.randn(1, runner.spec.in_dim, timed_frames + f, lh, lw, generator=gen).to(device)
+    counters = count_chunk(sampler, noise[:, :, :f], renoise)  # one steady-state chunk, counted (not timed)
+    plan = sampler.last_plan
+    counters.update(gathered_bytes_per_chunk=plan.gathered_bytes, chunk_bytes_written_per_model_call=plan.chunk_write_bytes(),
+                    query_frame_classes=plan.classes)
+    attended = plan.attended_tokens()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     chunk_times: list[float] = []
@@ -129,12 +165,12 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
 
     _sync(device)
     last[0] = time.perf_counter()
-    sampler.sample(noise, torch.Generator().manual_seed(1), Hooks(on_chunk=on_chunk))
+    sampler.sample(noise[:, :, f:], renoise, Hooks(on_chunk=on_chunk))
     measured = chunk_times[args.warmup:] or chunk_times
     spc = sum(measured) / len(measured)
-    tokens = plan.layers[0][0].query_rotary.angles.shape[0] // f
+    tokens = plan.tokens
     out = {
-        "kv_bytes_allocated": sampler.cache.nbytes + sampler.cache.chunk_slot_bytes(1, f, runner.spec.num_heads, dtype),
+        "kv_bytes_allocated": sampler.cache.nbytes,
         "attended_tokens_measured": attended,
         "attended_frames_measured": attended / tokens,
         "seconds_per_chunk": spc,
@@ -143,6 +179,7 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
         "timed_chunks": len(chunk_times),
         "start_frame": start_frame,
         "backend": sampler.backend_name,
+        "counters": counters,
     }
     flops = runner.spec.forward_flops(f * tokens, attended)
     calls = len(sampler.schedule.timesteps) + 1
@@ -150,7 +187,7 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
     out["achieved_tflops"] = flops["total"] * calls / spc / 1e12
     if device.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
-    out["attention"] = time_attention(sampler, plan)
+    out["attention"] = time_attention(sampler, sampler.last_plan)
     return out
 
 
@@ -198,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                                dtype=DTYPES[args.dtype] if args.dtype != "fp32" else torch.bfloat16)
             row = {"kv_bytes": est.kv_bytes, "kv_bytes_by_type": est.kv_bytes_by_type,
                    "attended_tokens": est.attended_tokens, "attended_frames": est.attended_tokens / est.tokens_per_frame,
+                   "workspace_bytes": est.attention_bytes, "total_bytes": est.total_bytes,
                    "kv_dtype": "bf16" if args.dtype == "fp32" else args.dtype}
             if model is not None:
                 row.update(run_policy(model, name, args, frames, device))
@@ -209,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["attended_ratio_vs_self_forcing_window"] = row["attended_tokens"] / ref["attended_tokens"]
                 if "video_fps" in row and "video_fps" in ref:
                     row["speedup_vs_self_forcing_window"] = row["video_fps"] / ref["video_fps"]
+                if "counters" in row and "counters" in ref:
+                    row["counters"]["ops_ratio_vs_self_forcing_window"] = (
+                        row["counters"]["aten_ops_per_chunk"] / ref["counters"]["aten_ops_per_chunk"])
         report["results"][f"{seconds:g}s"] = {"latent_frames": frames, "policies": per_policy}
     if model is not None:
         for length in report["results"].values():

@@ -3,10 +3,11 @@
 :func:`estimate_run` adds up everything a run holds on its device, phase by phase, and reports
 the peak:
 
-``run``      the KV cache (the policy's tier capacities, the same numbers the cache allocates),
-             one chunk's forward activations, the attention temporaries (RoPE tables, the
-             gathered and rotated keys and values of every head group of a layer), the prompt's
-             cross-attention K/V, the video's initial noise and output latents (they grow with
+``run``      the KV cache (the policy's pool capacities, the same numbers the cache allocates),
+             one chunk's forward activations, the attention workspace (the per-chunk buffers of
+             gathered and rotated history every layer reads — one per query frame where key sets
+             differ by query frame —, the clean pass's staged K/V, the plan's rotation
+             temporaries), the prompt's cross-attention K/V, the video's initial noise and output latents (they grow with
              the length), an input AR_STATE being continued, and caller-given extras (the head
              profiler's statistics buffers);
 ``switch``   a prompt switch: the old and new prompts' K/V and the text encoder's temporaries;
@@ -31,7 +32,8 @@ import torch
 
 from .backbone import BackboneSpec
 from .errors import MemoryBudgetError
-from .policies import CachePolicy, make_policy, resolve_labels
+from .policies import CachePolicy, PyramidRule, make_policy, resolve_labels
+from .plan import PLAN_SLICE_BYTES
 from .rope import pooled_grid
 
 GiB = 1024**3
@@ -128,6 +130,18 @@ def _size(b: int) -> str:
     return f"{b / GiB:.2f} GiB" if b >= 0.1 * GiB else f"{b / MiB:.1f} MiB"
 
 
+def keys_stay_in_place(policy: CachePolicy) -> bool:
+    """Whether the policy's pool is read in place (see :func:`headforcing_core.sampler.keys_stay_in_place`)."""
+    from .sampler import keys_stay_in_place as in_place
+    return in_place(policy)
+
+
+def depends_on_query_frame_policy(policy: CachePolicy, frames_per_block: int) -> bool:
+    """Whether key sets can differ by query frame within a chunk (Pyramid Forcing's rules, window_clamp)."""
+    return frames_per_block > 1 and (policy.rope == "window_clamp" or any(
+        isinstance(r, PyramidRule) for r in policy.rule_map.values()))
+
+
 def latent_bytes(spec: BackboneSpec, frames: int, latent_height: int, latent_width: int, batch: int = 1) -> int:
     """One float32 latent ``[B, C, frames, H, W]``."""
     return batch * spec.in_dim * frames * latent_height * latent_width * LATENT_ITEMSIZE
@@ -164,29 +178,28 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     per_token = batch * spec.head_dim * 2 * itemsize  # K and V of one head
     by_type: dict[str, int] = {}
     stored_sum = attended_sum = 0
-    alloc = 0  # what the cache allocates (and a captured state copies): without the current chunk
-    attention = 0
+    budgets = {}
     for row in types:
-        layer_attention = 0
-        biggest_rotation = 0
         for t in set(row):
             heads = row.count(t)
-            rule = rules[t]
-            budget = rule.budget(frames_per_block, latent_frames, tokens_of)
+            budget = budgets.setdefault(t, rules[t].budget(frames_per_block, latent_frames, tokens_of))
             by_type[t] = by_type.get(t, 0) + heads * budget.stored * per_token
             stored_sum += heads * budget.stored
             attended_sum += heads * budget.attended
-            chunk = 0 if rule.history_frames(frames_per_block) is None else frames_per_block * tokens
-            alloc += heads * (budget.stored - chunk) * per_token
-            keys = budget.attended  # history and the chunk itself
-            # per group: gathered K and V, rotated K (in the compute dtype), angles (float64) and
-            # cos/sin (float32) of its key layout
-            layer_attention += batch * keys * heads * spec.head_dim * 3 * itemsize + keys * spec.head_dim * 8
-            # rotating one group: float32 copies of the pairs, the products and the stacked result
-            biggest_rotation = max(biggest_rotation, batch * keys * heads * spec.head_dim * 4 * 3)
-        attention = max(attention, layer_attention + biggest_rotation)
+    alloc = sum(by_type.values())  # what a captured state copies: every pool
     s = batch * frames_per_block * tokens  # query tokens of one chunk
-    attention += s * spec.dim * 4 * 2  # rotated queries (float32) and the attention output
+    attention = 0
+    if not keys_stay_in_place(pol):
+        # per-chunk buffers [layers, B, sequences, keys, D] for K and V (+ an additive mask): every sequence
+        # puts the chunk's keys at one offset, after the longest history that precedes them
+        width = max(b.before for b in budgets.values()) + frames_per_block * tokens + \
+            max(b.after for b in budgets.values())
+        classes = frames_per_block if depends_on_query_frame_policy(pol, frames_per_block) else 1
+        sequences = spec.num_heads * classes
+        attention += spec.num_layers * batch * sequences * int(width) * (2 * spec.head_dim + 1) * itemsize
+        attention += 2 * spec.num_layers * s * spec.dim * itemsize  # the clean pass's staged raw K/V
+        attention += 4 * PLAN_SLICE_BYTES  # planning: one slice of gathered K and V and their rotation
+    attention += s * spec.dim * 4 * 4  # a model call's rotated queries and keys (float32), packed queries, output
     n_heads = spec.num_layers * spec.num_heads
     act = itemsize * s * (spec.dim * 6 + spec.ffn_width * 2)  # residual, norms/modulation, q/k/v/o, FFN hidden
     text_len = spec.text_len
@@ -198,7 +211,9 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
         ctx_tokens = text_tokens if text_tokens is not None else text_len
         state = (alloc + latent_bytes(spec, min(TAIL_FRAMES, latent_frames), latent_height, latent_width, batch)
                  + batch * ctx_tokens * spec.text_dim * 4)
-    copies = output_copies * latent_bytes(spec, new, latent_height, latent_width, batch)
+    # each copy the caller makes (e.g. ComfyUI's ``process_latent_out``: ``x * std + mean``) briefly holds
+    # a temporary of the same size next to its result
+    copies = 2 * output_copies * latent_bytes(spec, new, latent_height, latent_width, batch)
     return RunEstimate(pol.preset, latent_frames, sum(by_type.values()), by_type, attended_sum / n_heads,
                        stored_sum / n_heads, tokens, act, text, weights_bytes,
                        (pol.note,) if pol.note else (), attention_bytes=attention, latent_bytes=latents,

@@ -100,6 +100,7 @@ class ChunkPlan:
     key_frames: torch.Tensor | None = None  # prerotated: frame of each attended key (-1: none), observers
     seq_types: list[list[str]] = field(default_factory=list)  # per layer: head type of each sequence
     rerun: bool = False  # a re-run of committed frames (recache), planned from given key sets
+    gathered_bytes: int = 0  # history K/V gathered (and K rotated) into the per-chunk buffers, once
 
     def listing(self, head_type: str, query_frame: int = 0, pass_: str = "noisy") -> list[tuple]:
         """``[(source, index, role, rope_time)]`` of a type's key set (episodes: time None)."""
@@ -111,6 +112,12 @@ class ChunkPlan:
                     rows = [r for r in rows if (r[0], r[1]) not in dropped]
                 return rows
         raise KeyError(head_type)
+
+    def chunk_write_bytes(self) -> int:
+        """K/V bytes one model call writes (the chunk's own keys and values into every sequence)."""
+        k = self.layers[0].k  # [B, sequences, keys, D]
+        return 2 * k.shape[0] * k.shape[1] * self.frames * self.tokens * k.shape[-1] * k.element_size() \
+            * len(self.layers)
 
     def attended_tokens(self, pass_: str = "noisy") -> float:
         """Mean keys a query token attends, over every head (episodic memory: as held now)."""
@@ -381,14 +388,18 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
         layer_idx, seq_idx = static["head_index"][si]
         pool = ts.frames if which == "frames" else ts.blocks
         pages = longs[pages_at]
-        gk, gv = pool.k.index_select(2, pages), pool.v.index_select(2, pages)  # [B, N, E, tokens, D]
+        times = None
         if not cache.prerotated:  # a recache of a prerotated pool gathers keys that are already rotated
             # compact / window_shift with episodic memory: ranked with the episodes on the device
             times = doubles[times_at] if times_at is not None else episode_layout(si)[0][..., sel]
             pool_size = (seg.frames if which == "frames" else seg.blocks)[0].pool
             sp = spatial_positions(gh, gw, pool_size, "top_left" if which == "blocks" else "centroid")
-            gk = rotate_entries(gk, times, sp)
-        _write(plan, layer_idx, seq_idx, off, gk, gv)
+        for heads in _head_slices(pool.k, pages.numel()):  # bounded temporaries: a slice of the type's heads
+            gk = pool.k[:, heads].index_select(2, pages)  # [B, n, E, tokens, D]
+            gv = pool.v[:, heads].index_select(2, pages)
+            if times is not None:
+                gk = rotate_entries(gk, times if times.dim() == 1 else times[:, heads], sp)
+            _write(plan, layer_idx[heads], seq_idx[heads], off, gk, gv)
     for si, seg in enumerate(plan.segments):
         if seg.episodes is None:
             continue
@@ -396,12 +407,13 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
         before, after, _, _ = sizes[si]
         _, ep_times, ep_order, ep_valid = episode_layout(si)
         idx = _heads(ep, ep_order)  # [B, N, C]
-        shape = idx.shape + ep.k.shape[3:]
-        gk = ep.k.gather(2, idx[..., None, None].expand(shape))
-        gv = ep.v.gather(2, idx[..., None, None].expand(shape))
-        gk = rotate_entries(gk, ep_times, spatial_positions(gh, gw, ep.pool, "centroid"))
         layer_idx, seq_idx = static["head_index"][si]
-        _write(plan, layer_idx, seq_idx, lead_to + S + after, gk, gv)
+        for heads in _head_slices(ep.k, ep.slots):
+            shape = idx[:, heads].shape + ep.k.shape[3:]
+            gk = ep.k[:, heads].gather(2, idx[:, heads, :, None, None].expand(shape))
+            gv = ep.v[:, heads].gather(2, idx[:, heads, :, None, None].expand(shape))
+            gk = rotate_entries(gk, ep_times[:, heads], spatial_positions(gh, gw, ep.pool, "centroid"))
+            _write(plan, layer_idx[heads], seq_idx[heads], lead_to + S + after, gk, gv)
         n_valid = _heads(ep, ep_valid.sum(-1)) * ep.k.shape[3]  # [B, N] keys of the valid episodes
         for p in PASSES:
             L = lengths[p]
@@ -468,6 +480,17 @@ def _pooled_tokens(seg: Segment, gh: int, gw: int) -> int:
     return ph * pw
 
 
+PLAN_SLICE_BYTES = 256 * 2**20  # largest float32 gather a plan makes at once (per K or V)
+
+
+def _head_slices(store: torch.Tensor, entries: int) -> list[slice]:
+    """Slices of a pool's heads whose gathered entries stay within :data:`PLAN_SLICE_BYTES` in float32."""
+    b, n = store.shape[:2]
+    per_head = max(1, b * entries * store.shape[3] * store.shape[4] * 4)
+    step = max(1, min(n, PLAN_SLICE_BYTES // per_head))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 def _heads(ep, x: torch.Tensor) -> torch.Tensor:
     """Per-(row, layer) values → per head of the type (``[B, Lm, ...]`` → ``[B, N, ...]``)."""
     return x.index_select(1, ep.layer_of_head)
@@ -509,6 +532,7 @@ def _write(plan: ChunkPlan, layer_idx, seq_idx, off, gk, gv) -> None:
     flat_k = gk.reshape(b, n, -1, gk.shape[-1]).transpose(0, 1)  # [N, B, E·tokens, D]
     flat_v = gv.reshape(b, n, -1, gv.shape[-1]).transpose(0, 1)
     width = flat_k.shape[2]
+    plan.gathered_bytes += 2 * flat_k.numel() * plan.kp.element_size()
     plan.kp[layer_idx, :, seq_idx, off:off + width] = flat_k.to(plan.kp.dtype)
     plan.vp[layer_idx, :, seq_idx, off:off + width] = flat_v.to(plan.vp.dtype)
 

@@ -112,10 +112,16 @@ def _positive(where: str, obj, names: Sequence[str]) -> None:
 
 @dataclass(frozen=True)
 class TokenBudget:
-    """Tokens one head stores and attends (per query) at steady state."""
+    """Tokens one head stores and attends (per query) at steady state; ``peak``: the most keys one
+    query attends (the chunk included); ``before`` / ``after``: the most history tokens a plan lays
+    out before the chunk's own keys (what every pass sees) and after them (what only the noisy
+    passes see, and episodic slots)."""
 
     stored: float
     attended: float
+    peak: float = 0.0
+    before: float = 0.0
+    after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,12 +177,16 @@ class RetentionRule:
         full = tokens_of(1)
         hist = self.history_frames(frames_per_block)
         if hist is None:
-            return TokenBudget(total_frames * full, total_frames * full)
+            everything = total_frames * full
+            return TokenBudget(everything, everything, everything, everything - frames_per_block * full, 0)
         stored = attended = (self.sink + hist + frames_per_block) * full
+        peak, after = attended, 0
         if self.middle is not None:
             stored += (self.middle.cap + 1) * tokens_of(self.middle.pool)  # +1: headroom before a merge
             attended += self.middle.cap * tokens_of(self.middle.pool)
-        return TokenBudget(stored, attended)
+            after = (self.middle.cap + 1) * tokens_of(self.middle.pool)  # the slots the plan lays out
+            peak += after
+        return TokenBudget(stored, attended, peak, (self.sink + hist) * full, after)
 
     def describe(self) -> str:
         bits = [f"sink {self.sink}"] if self.sink else []
@@ -248,12 +258,11 @@ class PyramidRule:
         frame, averaged over the query frames of a chunk and the four noisy passes plus the clean pass."""
         from .retention import pyramid_steady_budget  # the rule's frame logic lives there
 
-        stored_frames, stored_pooled, attended_frames, attended_pooled = pyramid_steady_budget(
-            self, frames_per_block)
+        b = pyramid_steady_budget(self, frames_per_block)
         pool = self.middle.patch if isinstance(self.middle, Merge) else 1
         full, pooled = tokens_of(1), tokens_of(pool)
-        return TokenBudget(stored_frames * full + stored_pooled * pooled,
-                           attended_frames * full + attended_pooled * pooled)
+        tok = lambda frames_and_blocks: frames_and_blocks[0] * full + frames_and_blocks[1] * pooled  # noqa: E731
+        return TokenBudget(tok(b.stored), tok(b.attended), tok(b.peak), tok(b.before), tok(b.after))
 
     def describe(self) -> str:
         m = self.middle

@@ -349,31 +349,51 @@ def _steady_horizon(rule: PyramidRule, frames_per_block: int) -> int:
     return 2 * (span + rule.recent_frames + rule.sink_frames) + 24 * frames_per_block
 
 
-def pyramid_steady_budget(rule: PyramidRule, frames_per_block: int) -> tuple[float, float, float, float]:
-    """(stored frames, stored pooled blocks, attended frames, attended pooled blocks) per head at steady
-    state: storage as allocated (most frames held + one chunk; blocks + the one being filled);
-    attention averaged over a whole number of periods, the query frames of each chunk and the
-    passes (four noisy, one clean)."""
+@dataclass(frozen=True)
+class SteadyBudget:
+    """Per head at steady state, each as (whole frames, merged blocks): ``stored`` as allocated (the
+    most frames held plus one chunk; blocks plus the one being filled); ``attended`` averaged over a
+    whole number of periods, the query frames of each chunk and the passes (four noisy, one clean);
+    ``peak`` the largest key set; ``before`` / ``after`` the most history a plan lays out before the
+    chunk (seen by every pass) and after it (seen by the noisy passes only)."""
+
+    stored: tuple[float, float]
+    attended: tuple[float, float]
+    peak: tuple[float, float]
+    before: tuple[float, float]
+    after: tuple[float, float]
+
+
+def pyramid_steady_budget(rule: PyramidRule, frames_per_block: int) -> SteadyBudget:
     f = frames_per_block
     probe = PyramidTracker(rule, f)
     horizon = _steady_horizon(rule, f)
     m = rule.middle
     period = {Stride: lambda: m.interval, Cyclic: lambda: m.period, Merge: lambda: m.block_frames}[type(m)]()
     cycle = f * period  # a whole number of chunks and of the middle's period
-    att_frames = att_blocks = 0.0
+    attended = [0.0, 0.0]
+    peak = before = after = (0, 0)
     samples = 0
+
+    def count(keys):
+        hist = [k for k in keys if k.source != "chunk"]
+        return (sum(1 for k in hist if k.source != "block"), sum(1 for k in hist if k.source == "block"))
+
     for s in range(0, horizon + cycle, f):
         if s >= horizon:
             ck = probe.keys(s, f)
-            for sets, weight in ((ck.noisy, 4), (ck.clean, 1)):
-                for keys in sets:
-                    att_frames += weight * sum(1 for k in keys if k.source != "block")
-                    att_blocks += weight * sum(1 for k in keys if k.source == "block")
+            for noisy, clean in zip(ck.noisy, ck.clean):
+                n, c = count(noisy), count(clean)
+                before = max(before, c)
+                after = max(after, (n[0] - c[0], n[1] - c[1]))
+                peak = max(peak, (n[0] + f, n[1]))
+                for weight, (frames, blocks) in ((4, n), (1, c)):
+                    attended[0] += weight * (frames + f)
+                    attended[1] += weight * blocks
                     samples += weight
         probe.commit(s, f)
-    stored_frames = probe.frame_capacity(f, horizon)
-    stored_blocks = probe.block_capacity() + (1 if isinstance(m, Merge) else 0)
-    return float(stored_frames), float(stored_blocks), att_frames / samples, att_blocks / samples
+    stored = (float(probe.frame_capacity(f, horizon)), float(probe.block_capacity() + (1 if isinstance(m, Merge) else 0)))
+    return SteadyBudget(stored, (attended[0] / samples, attended[1] / samples), peak, before, after)
 
 
 def make_tracker(rule: Rule, frames_per_block: int) -> Tracker:

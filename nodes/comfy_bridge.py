@@ -41,7 +41,8 @@ from headforcing_core.errors import HeadForcingError, Interrupted, ModelFamilyEr
 from headforcing_core.memory import GiB, estimate_run, with_weights
 from headforcing_core.memory import preflight as core_preflight
 from headforcing_core.noise import initial_noise as core_initial_noise
-from headforcing_core.policies import PRESETS, CachePolicy, Episodic, HeadLabels, describe, make_policy
+from headforcing_core.policies import (PRESETS, CachePolicy, Cyclic, Episodic, HeadLabels, Merge, PyramidRule, Stride,
+                                      describe, make_policy)
 from headforcing_core.schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 from headforcing_core.wan_model import WanConfig
 
@@ -56,7 +57,13 @@ LENGTH_UNITS = ("frames", "seconds")
 DEFAULT_STEPS = ",".join(str(int(s)) for s in SELF_FORCING_STEPS)   # "1000,750,500,250"
 DEFAULT_SHIFT = SELF_FORCING_SHIFT                                    # 5.0
 DEFAULT_SAMPLER_POLICY = "self_forcing_window"
-ROPE_CHOICES = ("preset default", "absolute", "window_clamp", "compact")
+ROPE_CHOICES = ("preset default", "absolute", "window_clamp", "window_shift", "compact")
+# Pyramid Forcing's own parameters (configs/pyramid-forcing.yaml), as the Cache Policy node names them
+PYRAMID_DEFAULTS = {
+    "anchor_sink_frames": 3, "wave_sink_frames": 1, "veil_sink_frames": 3, "pyramid_recent_frames": 4,
+    "stride_interval": 6, "stride_capacity": 4, "cyclic_period": 6, "cyclic_bucket_capacity": 4,
+    "merge_patch": 2, "merge_capacity": 4, "sink_time_clamp_min": 18, "sink_time_clamp_max": 21,
+}
 WAN_1_3B = WanConfig()      # the shape the policy node's memory figure assumes
 
 
@@ -165,21 +172,38 @@ def conditioning_tensor(conditioning) -> torch.Tensor:
 
 def build_policy(preset: str, *, rope: str = "preset default", sink_frames: int = -1, recent_frames: int = -1,
                  memory_episodes: int | None = None, memory_similarity: float | None = None,
-                 labels: HeadLabels | None = None) -> CachePolicy:
+                 labels: HeadLabels | None = None, pyramid: dict | None = None) -> CachePolicy:
     """A :class:`CachePolicy` from the policy node's widgets.
 
     ``rope="preset default"``, ``sink_frames=-1``, ``recent_frames=-1`` keep the preset's
     values; ``memory_episodes`` / ``memory_similarity`` (None: keep) tune the episodic tier of
-    ``head_forcing``'s memory heads and are ignored by the other presets. ``labels`` (from a
-    HEAD_PROFILE, later) type every (layer, head); without them the typed presets use their
-    defaults for the model's shape at sampling time.
+    ``head_forcing``'s memory heads and are ignored by the other presets. ``pyramid``: Pyramid
+    Forcing's parameters by the names of :data:`PYRAMID_DEFAULTS` (missing ones keep their
+    defaults); ``pyramid_forcing`` takes its rules from them (not from ``sink_frames`` /
+    ``recent_frames``). ``labels`` (from a HEAD_PROFILE) type every (layer, head); without them
+    the typed presets use their defaults for the model's shape at sampling time.
     """
     if preset not in PRESETS:
         raise HeadForcingError(f"unknown policy preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if rope not in ROPE_CHOICES:
         raise HeadForcingError(f"unknown RoPE mode {rope!r}; choose one of {', '.join(ROPE_CHOICES)}")
-    kw = dict(labels=labels, rope=None if rope == "preset default" else rope,
-              sink=None if sink_frames < 0 else int(sink_frames),
+    kw = dict(labels=labels, rope=None if rope == "preset default" else rope)
+    if preset == "pyramid_forcing":
+        p = {**PYRAMID_DEFAULTS, **(pyramid or {})}
+        unknown = sorted(set(p) - set(PYRAMID_DEFAULTS))
+        if unknown:
+            raise HeadForcingError(f"unknown Pyramid Forcing parameter(s) {', '.join(unknown)}")
+        p = {k: int(v) for k, v in p.items()}
+        recent = p["pyramid_recent_frames"]
+        rules = {"anchor": PyramidRule(p["anchor_sink_frames"], recent, Stride(p["stride_interval"],
+                                                                              p["stride_capacity"]),
+                                       stable_stride=True),
+                 "wave": PyramidRule(p["wave_sink_frames"], recent, Cyclic(p["cyclic_period"],
+                                                                           p["cyclic_bucket_capacity"])),
+                 "veil": PyramidRule(p["veil_sink_frames"], recent, Merge(p["merge_patch"], p["merge_capacity"]))}
+        return make_policy(preset, rules=rules, clamp_min=p["sink_time_clamp_min"],
+                           clamp_max=p["sink_time_clamp_max"], **kw)
+    kw.update(sink=None if sink_frames < 0 else int(sink_frames),
               recent=None if recent_frames < 0 else int(recent_frames))
     policy = make_policy(preset, **kw)
     memory = policy.rule_map.get("memory")

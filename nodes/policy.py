@@ -15,6 +15,35 @@ register_routes()  # GET /headforcing/estimate: this node's memory figure for th
 _HEAD_FORCING = make_policy("head_forcing").rule_map["memory"].middle  # episodic defaults
 
 
+_PYRAMID_TOOLTIPS = {  # Pyramid Forcing's names (configs/pyramid-forcing.yaml) and meanings
+    "anchor_sink_frames": "pyramid_forcing: sink frames of Anchor heads (label 1), captured from the first chunk "
+                          "(pyramidkv_label_sink_frames_map).",
+    "wave_sink_frames": "pyramid_forcing: sink frames of Wave heads (label -1).",
+    "veil_sink_frames": "pyramid_forcing: sink frames of Veil heads (label 2).",
+    "pyramid_recent_frames": "pyramid_forcing: recent frames of every head, COUNTING the current chunk (4 = one "
+                             "history frame + a 3-frame chunk; pyramidkv_label_recent_frames_map). Must be above "
+                             "frames per block.",
+    "stride_interval": "pyramid_forcing, Anchor heads: keep committed frames whose index is a multiple of this "
+                       "(the strided middle).",
+    "stride_capacity": "pyramid_forcing, Anchor heads: how many strided frames (newest first; frame 0 counts).",
+    "cyclic_period": "pyramid_forcing, Wave heads: period of the phase buckets (frame index mod period); a query "
+                     "frame reads its own phase's bucket.",
+    "cyclic_bucket_capacity": "pyramid_forcing, Wave heads: frames kept per phase bucket.",
+    "merge_patch": "pyramid_forcing, Veil heads: merged blocks are patch×patch frames (aligned to frame indices) "
+                   "averaged over patch×patch spatial windows. Must divide the latent patch grid.",
+    "merge_capacity": "pyramid_forcing, Veil heads: how many completed merged blocks are kept.",
+    "sink_time_clamp_min": "window_clamp RoPE: sinks and strided/cyclic frames of query frame t sit at "
+                           "max(0, t - clamp(t, min, max)) (sink_time_clamp_min).",
+    "sink_time_clamp_max": "window_clamp RoPE: the upper clamp (21: those frames stay 21 frames behind the query).",
+}
+
+
+def pyramid_inputs() -> list:
+    return [io.Int.Input(name, default=bridge.PYRAMID_DEFAULTS[name], min=0 if name.endswith("sink_frames") else 1,
+                         max=1024, tooltip=tip + f" Pyramid Forcing's default: {bridge.PYRAMID_DEFAULTS[name]}.")
+            for name, tip in _PYRAMID_TOOLTIPS.items()]
+
+
 class HeadForcingCachePolicy(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -31,24 +60,30 @@ class HeadForcingCachePolicy(io.ComfyNode):
                 io.Combo.Input(
                     "preset", options=list(PRESETS), default="head_forcing",
                     tooltip="full: keep everything (Self Forcing; only up to 21 latent frames = 81 frames). "
-                            "self_forcing_window: last 21 frames. sink_window: first + last frames for every "
-                            "head. pyramid_forcing: Anchor/Wave/Veil heads (paper defaults). head_forcing: "
-                            "Local/Anchor/Memory heads with episodic memory (long videos)."),
+                            "self_forcing_window: last 21 frames. sink_window: 3 first + 9 last frames for every "
+                            "head. longlive: LongLive's interactive window (3 sink + 12 frames incl. the chunk, "
+                            "absolute positions). pyramid_forcing: Anchor/Wave/Veil heads exactly as Pyramid "
+                            "Forcing's code runs them (its parameters below). head_forcing: Local/Anchor/Memory "
+                            "heads with episodic memory (long videos)."),
                 io.Combo.Input(
                     "rope", options=list(bridge.ROPE_CHOICES), default="preset default",
-                    tooltip="How kept frames are positioned. absolute: true frame index (Self Forcing). "
-                            "window_clamp: history clamped into the last 21 frames (Pyramid Forcing). "
-                            "compact: each head's kept frames renumbered into the 21-frame range (Head "
-                            "Forcing). 'preset default' uses the preset's own mode."),
+                    tooltip="How kept frames are positioned. absolute: true frame index (Self Forcing, "
+                            "LongLive). window_clamp: Pyramid Forcing's dynamic RoPE - sinks and strided / "
+                            "cyclic frames sit 21 frames behind the query frame (clamp below), recent frames at "
+                            "their own time. window_shift: the visible window renumbered into the last 21 "
+                            "frames, sinks at its start. compact: each head's kept frames renumbered right "
+                            "before the chunk (Head Forcing). 'preset default' uses the preset's own mode."),
                 io.Int.Input(
                     "sink_frames", default=-1, min=-1, max=64,
-                    tooltip="First latent frames kept as attention sinks (anchor and memory heads). "
-                            "-1: the preset's value (3). Ignored by full and self_forcing_window."),
+                    tooltip="First latent frames kept as attention sinks (sink_window, longlive; anchor and "
+                            "memory heads of head_forcing). -1: the preset's value (3). Ignored by full, "
+                            "self_forcing_window and pyramid_forcing (its own sink widgets below)."),
                 io.Int.Input(
                     "recent_frames", default=-1, min=-1, max=1024,
                     tooltip="Most recent latent frames kept (memory heads for head_forcing; every head for "
-                            "sink_window and pyramid_forcing; the window size incl. the current chunk for "
-                            "self_forcing_window). -1: the preset's value. Ignored by full."),
+                            "sink_window and longlive; the window size incl. the current chunk for "
+                            "self_forcing_window). -1: the preset's value. Ignored by full and pyramid_forcing "
+                            "(pyramid_recent_frames below)."),
                 io.Int.Input(
                     "memory_episodes", default=_HEAD_FORCING.cap, min=1, max=256,
                     tooltip="head_forcing only: most episodes (pooled summaries of older frames) a memory "
@@ -66,6 +101,7 @@ class HeadForcingCachePolicy(io.ComfyNode):
                 io.Int.Input(
                     "length", default=961, min=1, max=1_000_000, step=4,
                     tooltip="For the memory figure only: video frames (961 = 60 s at 16 fps)."),
+                *pyramid_inputs(),
                 HEAD_PROFILE.Input(
                     "head_profile", optional=True,
                     tooltip="Head labels from Profile Heads / Load Head Profile: they type every head for the "
@@ -83,11 +119,11 @@ class HeadForcingCachePolicy(io.ComfyNode):
 
     @classmethod
     def execute(cls, preset, rope, sink_frames, recent_frames, memory_episodes, memory_similarity, width,
-                height, length, head_profile=None) -> io.NodeOutput:
+                height, length, head_profile=None, **pyramid) -> io.NodeOutput:
         labels = profile_labels(head_profile, preset)
         policy = bridge.build_policy(preset, rope=rope, sink_frames=sink_frames, recent_frames=recent_frames,
                                      memory_episodes=memory_episodes, memory_similarity=memory_similarity,
-                                     labels=labels)
+                                     labels=labels, pyramid=pyramid)
         summary = bridge.policy_summary(policy, width=width, height=height, frames=length,
                                         spec=profile_spec(head_profile) if labels is not None else None)
         return io.NodeOutput(policy, summary + profile_note(head_profile, preset))

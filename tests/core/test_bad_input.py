@@ -59,9 +59,14 @@ def test_policy_without_recent_frames(tiny_model):
 
 
 def test_zero_caps(tiny_model):
-    from headforcing_core.policies import Stride
-    pol = make_policy("pyramid_forcing", rules={"anchor": RetentionRule(sink=3, recent=4, middle=Stride(6, 0))})
-    expect_error_before_sampling(tiny_model, PolicyError, "cap must be ≥ 1", policy=pol)
+    from headforcing_core.policies import Episodic, PyramidRule, Stride
+    pol = make_policy("pyramid_forcing", rules={"anchor": PyramidRule(3, 4, Stride(6, 0))})
+    expect_error_before_sampling(tiny_model, PolicyError, "stride capacity must be a whole number ≥ 1", policy=pol)
+    pol = make_policy("head_forcing", rules={"memory": RetentionRule(sink=3, recent=4, middle=Episodic(0, 2))})
+    expect_error_before_sampling(tiny_model, PolicyError, "episodic cap must be a whole number ≥ 1", policy=pol)
+    # a Pyramid Forcing middle belongs in a PyramidRule: said, not silently misread
+    pol = make_policy("pyramid_forcing", rules={"anchor": RetentionRule(sink=3, recent=4, middle=Stride(6, 4))})
+    expect_error_before_sampling(tiny_model, PolicyError, "use PyramidRule", policy=pol)
 
 
 def test_unknown_preset_and_rope():

@@ -76,13 +76,15 @@ def test_every_state_field_wrong_in_turn(tiny_model, good_state, tmp_path):
     (lambda m, t: m.update(next_frame=1e12), "next_frame"),
     (lambda m, t: m.update(next_frame=10**12), "next_frame"),
     (lambda m, t: m.update(shift=float("nan")), "shift"),
-    (lambda m, t: m["cache"].update(layers="oops"), "cache.layers"),
-    (lambda m, t: m["cache"]["layers"][0].append({}), "cache.layers[0]"),
+    (lambda m, t: m["cache"].update(types="oops"), "cache.types"),
+    (lambda m, t: m["cache"]["types"][0]["tracker"].update(committed=99), "cache.types[0].tracker.committed"),
+    (lambda m, t: m["cache"]["types"][0]["frame_pages"].update({"0": 10**6}), "cache.types[0].frame_pages[0]"),
     (lambda m, t: m["fingerprint"].update(patch_size=[1, 0, 0]), "fingerprint.patch_size[1]"),
     (lambda m, t: t.update(tail=t["tail"][:, :, :1].contiguous()), "tensor tail"),
     (lambda m, t: t.update(rng=t["rng"][:100].contiguous()), "tensor rng"),
     (lambda m, t: m["history"][0].update(frames=5), "history[1].start"),
-    (lambda m, t: m["policy"]["rules"][0][1].update(sink="three"), "policy.rules[0].sink"),
+    (lambda m, t: m["policy"].update(window="three"), "policy.window"),
+    (lambda m, t: m["policy"]["rules"][0][1].update(family="spiral"), "policy.rules[0].family"),
 ])
 def test_the_reported_broken_states_name_their_field(good_state, tmp_path, change, field):
     meta, tensors = json.loads(good_state.meta_json), dict(good_state.tensors)

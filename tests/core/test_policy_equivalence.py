@@ -26,7 +26,9 @@ def run(model, policy):
 KEEP_ALL = {
     "self_forcing_window": make_policy("self_forcing_window", recent=FRAMES + 3),
     "sink_window": make_policy("sink_window", sink=3, recent=FRAMES, rope="absolute"),
-    "pyramid_forcing": make_policy("pyramid_forcing", recent=FRAMES,
+    # Pyramid Forcing's window_clamp puts every sink at the sink time (frames 1 and 2 at time 0 too):
+    # with everything kept, only absolute positions make it Self Forcing
+    "pyramid_forcing": make_policy("pyramid_forcing", recent=FRAMES, rope="absolute",
                                    labels=HeadLabels("pyramid_forcing", (("anchor", "veil"), ("wave", "anchor")))),
     "head_forcing": make_policy("head_forcing", labels=HeadLabels("head_forcing", (("memory", "anchor"), ("local", "memory"))),
                                 rules={"local": RetentionRule(recent=FRAMES), "anchor": RetentionRule(sink=3, recent=FRAMES),

@@ -209,10 +209,12 @@ def test_budget_per_query_frame_and_storage():
     anchor = pyramid_steady_budget(pol.rule_map["anchor"], 3)
     wave = pyramid_steady_budget(pol.rule_map["wave"], 3)
     veil = pyramid_steady_budget(pol.rule_map["veil"], 3)
-    assert 11 <= anchor[2] <= 12 and anchor[3] == 0
-    assert wave[2] == pytest.approx(0.8 * 9 + 0.2 * 8)  # 9 on noisy passes, 8 on the clean pass
-    assert 7.5 <= veil[2] + veil[3] / 4 <= 8.0
-    assert wave[0] == 25 + 3  # distinct frames held (sink, recent, six buckets of 4) + the chunk being written
+    assert 11 <= anchor.attended[0] <= 12 and anchor.attended[1] == 0
+    assert wave.attended[0] == pytest.approx(0.8 * 9 + 0.2 * 8)  # 9 on noisy passes, 8 on the clean pass
+    assert 7.5 <= veil.attended[0] + veil.attended[1] / 4 <= 8.0
+    assert wave.peak == (9, 0) and anchor.peak == (12, 0)  # the largest key sets
+    assert wave.stored == (25 + 3, 0)  # distinct frames held (sink, recent, six buckets of 4) + the chunk
+    assert veil.stored[1] == 4 + 1  # four completed blocks and the one being filled
 
 
 # ------------------------------------------------------------------------------------------
