@@ -30,7 +30,7 @@ import torch
 
 from .errors import StateError
 from .policies import Merge, PyramidRule, RetentionRule, Rule
-from .retention import Commit, Tracker, make_tracker
+from .retention import Commit, RetentionTracker, Tracker, make_tracker
 from .rope import pool_tokens, pooled_grid
 
 
@@ -304,6 +304,17 @@ class HeadwiseKVCache:
     def on_prompt_switch(self, first_frame: int) -> None:
         for ts in self.types:
             ts.tracker.on_prompt_switch(first_frame)
+
+    def move_sinks(self, frames: list[int]) -> None:
+        """Make ``frames`` the sink of every type with sink frames (LongLive's recache without a global sink:
+        the recached window's first frames become the sink). Their K/V are written by :meth:`replace_frames`."""
+        for ts in self.types:
+            tr = ts.tracker
+            if not isinstance(tr, RetentionTracker) or tr.history is None or not tr.rule.sink:
+                continue
+            tr.sinks = list(frames[:tr.rule.sink])
+            ts.frames.release(tr.stored_frames())
+            ts.frames.reserve([f for f in tr.sinks if f not in ts.frames.page_of])
 
     # ---- committing ------------------------------------------------------------------------
     def commit(self, start: int, frames: int, staged_k: torch.Tensor | None, staged_v: torch.Tensor | None) -> None:

@@ -464,6 +464,10 @@ class CachePolicy:
             raise PolicyError(f"policy {self.preset!r} has no rule for head type(s) {', '.join(sorted(missing))}")
         return self.labels.types
 
+    def is_bounded(self) -> bool:
+        """Whether memory stays bounded however long the video runs (every rule evicts)."""
+        return all(isinstance(r, PyramidRule) or r.recent is not None for _, r in self.rules)
+
     def validate(self, frames_per_block: int) -> None:
         for t, r in self.rules:
             if not isinstance(r, (RetentionRule, PyramidRule)):

@@ -51,10 +51,14 @@ import torch
 from .backbone import TextContext
 from .errors import HeadForcingError, ShapeError
 from .plan import ChunkAttention, plan_chunk
+from .retention import ChunkKeys, Key
 from .policies import TRAINING_WINDOW
 from .sampler import ARSampler, Hooks, chunk_bounds
 
 TRANSITIONS = ("cut", "recache", "blend")
+# how a recache re-runs the frames before a switch (see the module docstring)
+RECACHE_MODES = ("block_causal", "longlive", "longlive_local_sink")
+LONGLIVE_SINK = 3  # LongLive's sink_size (configs/longlive_interactive_inference.yaml)
 MAX_TRANSITION_FRAMES = TRAINING_WINDOW  # recache re-runs at most this many frames (the latents kept)
 TAIL_FRAMES = TRAINING_WINDOW  # committed latents a sampler / AR_STATE keeps for recache
 FPS = 16  # Self Forcing / Wan 2.1 frame rate
@@ -89,6 +93,7 @@ class PromptSegment:
     transition: str = "cut"
     transition_frames: int = 0
     label: str = ""
+    recache_mode: str | None = None  # None: the policy's default (longlive for the longlive preset)
 
     def __post_init__(self):
         where = self.where()
@@ -116,6 +121,9 @@ class PromptSegment:
         if self.transition in ("recache", "blend") and k < 1:
             raise ScheduleError(f"{where}: a {self.transition} transition needs at least 1 frame "
                                 "(0 frames is a plain cut)")
+        if self.recache_mode is not None and self.recache_mode not in RECACHE_MODES:
+            raise ScheduleError(f"{where}: unknown recache mode {self.recache_mode!r}; choose one of "
+                                f"{', '.join(RECACHE_MODES)}")
         if self.transition == "recache" and k > MAX_TRANSITION_FRAMES:
             raise ScheduleError(f"{where}: recache re-runs at most {MAX_TRANSITION_FRAMES} latent frames, "
                                 f"got {k}")
@@ -136,6 +144,8 @@ class PromptSegment:
     def describe(self) -> str:
         length = f"{self.frames} latent frames" if self.frames is not None else f"{self.seconds:g} s"
         trans = self.transition if self.transition == "cut" else f"{self.transition} {self.transition_frames}"
+        if self.transition == "recache" and self.recache_mode:
+            trans += f" ({self.recache_mode})"
         return f"{length}, {trans}" + (f": {_short(self.label)}" if self.label else "")
 
 
@@ -243,6 +253,7 @@ class ScheduleLine:
     prompt: str
     transition: str = "cut"
     transition_frames: int = 0
+    recache_mode: str | None = None
 
 
 def parse_schedule_text(text: str, default_transition: str = "cut", default_frames: int = 0) -> list[ScheduleLine]:
@@ -251,12 +262,13 @@ def parse_schedule_text(text: str, default_transition: str = "cut", default_fram
         5 | a red fox runs through fresh snow
         4.5 | the fox stops and looks at the camera | blend 6
         6 | close-up of the fox's eyes | recache 3
+        5 | the fox runs off | recache 12 longlive
         # comment lines and blank lines are skipped
 
     The first field is the length in seconds (``5``, ``4.5``, ``5s``); the second the prompt;
-    an optional third the transition into this segment (``cut``, ``recache N``, ``blend N``,
-    N in latent frames), else ``default_transition`` with ``default_frames``. Errors name
-    the line number and its content.
+    an optional third the transition into this segment (``cut``, ``recache N [mode]``, ``blend N``,
+    N in latent frames; mode one of :data:`RECACHE_MODES`, else the policy's default), else
+    ``default_transition`` with ``default_frames``. Errors name the line number and its content.
     """
     if default_transition not in TRANSITIONS:
         raise ScheduleError(f"unknown transition {default_transition!r}; choose one of {', '.join(TRANSITIONS)}")
@@ -268,7 +280,7 @@ def parse_schedule_text(text: str, default_transition: str = "cut", default_fram
 
         def fail(why: str):
             raise ScheduleError(f"line {n} ({_short(line, 60)!r}): {why}; expected 'seconds | prompt' "
-                                "(optionally '| cut', '| recache N' or '| blend N')")
+                                "(optionally '| cut', '| recache N [mode]' or '| blend N')")
 
         parts = [p.strip() for p in line.split("|")]
         if len(parts) < 2:
@@ -285,11 +297,15 @@ def parse_schedule_text(text: str, default_transition: str = "cut", default_fram
         prompt = parts[1]
         if not prompt:
             fail("the prompt is empty")
-        transition, frames = default_transition, default_frames
+        transition, frames, mode = default_transition, default_frames, None
         if len(parts) == 3:
             words = parts[2].lower().split()
+            if len(words) == 3 and words[0] == "recache":
+                mode = words.pop()
+                if mode not in RECACHE_MODES:
+                    fail(f"{mode!r} is not a recache mode ({', '.join(RECACHE_MODES)})")
             if not words or words[0] not in TRANSITIONS or len(words) > 2:
-                fail(f"{parts[2]!r} is not a transition (cut, recache N, blend N)")
+                fail(f"{parts[2]!r} is not a transition (cut, recache N [mode], blend N)")
             transition = words[0]
             frames = 0
             if len(words) == 2:
@@ -306,7 +322,7 @@ def parse_schedule_text(text: str, default_transition: str = "cut", default_fram
                 fail(f"recache re-runs at most {MAX_TRANSITION_FRAMES} latent frames")
         else:
             frames = 0
-        out.append(ScheduleLine(n, seconds, prompt, transition, frames))
+        out.append(ScheduleLine(n, seconds, prompt, transition, frames, mode))
     if not out:
         raise ScheduleError("the schedule text has no segments; write one 'seconds | prompt' per line")
     return out
@@ -343,34 +359,55 @@ class _SegmentPlan:
     start: int  # first frame (absolute)
     switch: bool  # the prompt changes here
     recache: int  # frames actually re-run (0: none)
+    mode: str = "block_causal"  # how a recache re-runs them
+
+
+def recache_frames(mode: str, requested: int, switch_frame: int, tail: int) -> int:
+    """Frames a recache at ``switch_frame`` re-runs. ``block_causal``: the last ``requested`` committed frames;
+    LongLive (``pipeline/interactive_causal_inference.py`` ``_recache_after_switch``): ``min(window, s)`` with
+    ``window = requested`` — of which, past the window with a global sink, only the last ``window - sink`` matter."""
+    n = min(requested, switch_frame, tail)
+    if mode == "longlive" and switch_frame > requested:
+        n = min(requested - LONGLIVE_SINK, tail)
+    return max(n, 0)
 
 
 def plan_segments(schedule: PromptSchedule, frames_per_block: int, *, start_frame: int = 0,
-                  context: torch.Tensor | None = None, started: bool = False,
-                  tail_frames: int = 0) -> list[_SegmentPlan]:
+                  context: torch.Tensor | None = None, started: bool = False, tail_frames: int = 0,
+                  default_mode: str = "block_causal") -> list[_SegmentPlan]:
     """Where each segment starts, whether it switches the prompt and how many frames a recache re-runs.
 
     ``context``/``started``: the current prompt, if any (a fresh run has none); ``tail_frames``:
-    committed latents available for a recache.
+    committed latents available for a recache; ``default_mode``: the recache mode of segments
+    that do not name one.
     """
     sched = schedule.resolve(frames_per_block)
     plans, pos, ctx, tail = [], start_frame, context, tail_frames
     for seg in sched:
         switch = started and not same_context(ctx, seg.context)
-        rec = min(seg.transition_frames, pos, tail) if switch and seg.transition == "recache" else 0
-        plans.append(_SegmentPlan(seg, pos, switch, rec))
+        mode = seg.recache_mode or default_mode
+        rec = recache_frames(mode, seg.transition_frames, pos, tail) if switch and seg.transition == "recache" else 0
+        plans.append(_SegmentPlan(seg, pos, switch, rec, mode))
         started, ctx = True, seg.context
         pos += seg.frames
         tail = min(TAIL_FRAMES, tail + seg.frames)
     return plans
 
 
-def count_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: int, **where) -> int:
-    """Model calls a schedule run makes: ``steps + 1`` per chunk, plus one per re-run chunk of a recache."""
+def count_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: int, *, first_steps: int | None = None,
+                      **where) -> int:
+    """Model calls a schedule run makes: ``steps + 1`` per chunk (``first_steps + 1`` for the run's very first
+    chunk when given), plus a recache's re-runs: one per re-run chunk (block_causal) or one (LongLive)."""
     calls = 0
+    first = first_steps
     for p in plan_segments(schedule, frames_per_block, **where):
-        calls += len(chunk_bounds(0, p.segment.frames, frames_per_block)) * (steps + 1)
-        calls += len(chunk_bounds(0, p.recache, frames_per_block)) if p.recache else 0
+        chunks = len(chunk_bounds(0, p.segment.frames, frames_per_block))
+        calls += chunks * (steps + 1)
+        if first is not None and chunks:
+            calls += first - steps
+            first = None
+        if p.recache:
+            calls += len(chunk_bounds(0, p.recache, frames_per_block)) if p.mode == "block_causal" else 1
     return calls
 
 
@@ -409,17 +446,24 @@ class ScheduleSampler(ARSampler):
     context: torch.Tensor | None = None
     tail: torch.Tensor | None = None
     events: list = field(default_factory=list)
-    chunks_done: int = 0
 
     # ---- planning --------------------------------------------------------------------------
+    def default_recache_mode(self) -> str:
+        return "longlive" if self.policy.preset == "longlive" else "block_causal"
+
     def plan_schedule(self, schedule: PromptSchedule) -> list[_SegmentPlan]:
-        return plan_segments(schedule, self.frames_per_block, start_frame=self.next_frame, context=self.context,
-                             started=self.text is not None, tail_frames=0 if self.tail is None else self.tail.shape[2])
+        return plan_segments(schedule, self.frames_per_block, **self._where())
 
     def schedule_model_calls(self, schedule: PromptSchedule) -> int:
-        return count_model_calls(schedule, self.frames_per_block, len(self.schedule.timesteps),
-                                 start_frame=self.next_frame, context=self.context, started=self.text is not None,
-                                 tail_frames=0 if self.tail is None else self.tail.shape[2])
+        first = len(self.first_schedule.timesteps) if (self.first_schedule is not None
+                                                        and self.chunks_generated == 0) else None
+        return count_model_calls(schedule, self.frames_per_block, len(self.schedule.timesteps), first_steps=first,
+                                 **self._where())
+
+    def _where(self) -> dict:
+        return dict(start_frame=self.next_frame, context=self.context, started=self.text is not None,
+                    tail_frames=0 if self.tail is None else self.tail.shape[2],
+                    default_mode=self.default_recache_mode())
 
     # ---- running ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -452,30 +496,33 @@ class ScheduleSampler(ARSampler):
                 for s, f in chunk_bounds(0, seg.frames, self.frames_per_block):
                     if s >= k:
                         self.text = new_text
-                        out[:, :, local0 + s:local0 + seg.frames] = self._sample(
+                        out[:, :, local0 + s:local0 + seg.frames], done = self._sample(
                             seg_noise[:, :, s:], generator, hooks, done, total)
-                        done += self.total_model_calls(seg.frames - s)
                         break
                     self.text = blend_text(previous, new_text, blend_weight(s, f, k))
-                    out[:, :, local0 + s:local0 + s + f] = self._sample(seg_noise[:, :, s:s + f], generator,
-                                                                        hooks, done, total)
-                    done += self.total_model_calls(f)
+                    out[:, :, local0 + s:local0 + s + f], done = self._sample(seg_noise[:, :, s:s + f], generator,
+                                                                              hooks, done, total)
                 self.text = new_text
             else:
-                out[:, :, local0:local0 + seg.frames] = self._sample(seg_noise, generator, hooks, done, total)
-                done += self.total_model_calls(seg.frames)
+                out[:, :, local0:local0 + seg.frames], done = self._sample(seg_noise, generator, hooks, done, total)
         return out
 
-    def _sample(self, noise, generator, hooks: Hooks, done: int, total: int) -> torch.Tensor:
-        offset = self.chunks_done
+    def _sample(self, noise, generator, hooks: Hooks, done: int, total: int) -> tuple[torch.Tensor, int]:
+        """Sample frames (chunk indexes of ``on_chunk`` run on across segments); returns (frames, calls done)."""
+        offset = self.chunks_generated
+        calls = self.total_model_calls(noise.shape[2])
         on_chunk = hooks.on_chunk
         wrapped = Hooks(hooks.progress, hooks.should_stop,
                         (lambda i, x0: on_chunk(offset + i, x0)) if on_chunk is not None else None)
         out = self.sample(noise, generator, wrapped, done, total)
-        self.chunks_done += len(chunk_bounds(0, noise.shape[2], self.frames_per_block))
-        self.tail = out if self.tail is None else torch.cat([self.tail.to(out.device, out.dtype), out], dim=2)
+        self.remember(out)
+        return out, done + calls
+
+    def remember(self, latents: torch.Tensor) -> None:
+        """Keep the newest committed latents (up to 21 frames) for a later recache."""
+        self.tail = latents if self.tail is None else torch.cat([self.tail.to(latents.device, latents.dtype), latents],
+                                                                dim=2)
         self.tail = self.tail[:, :, -TAIL_FRAMES:]
-        return out
 
     def _enter(self, p: _SegmentPlan, hooks: Hooks, done: int, total: int) -> int:
         seg = p.segment
@@ -491,8 +538,13 @@ class ScheduleSampler(ARSampler):
         event = {"frame": self.next_frame, "transition": seg.transition, "switch": True,
                  "frames": seg.transition_frames if seg.transition != "cut" else 0, "replaced": 0}
         if seg.transition == "recache" and p.recache:
-            done, event["replaced"] = self.recache(p.recache, hooks, done, total)
+            if p.mode == "block_causal":
+                done, event["replaced"] = self.recache(p.recache, hooks, done, total)
+            else:
+                done, event["replaced"] = self.recache_longlive(seg.transition_frames, p.mode == "longlive", hooks,
+                                                                done, total)
             event["frames"] = p.recache
+            event["mode"] = p.mode
         self.events.append(event)
         return done
 
@@ -528,4 +580,58 @@ class ScheduleSampler(ARSampler):
                 k = plan.rotation.apply(k)
             replaced += cache.replace_frames(s, f, k, v)
             self._report(hooks, done, total)
+        return done, replaced
+
+    @torch.no_grad()
+    def recache_longlive(self, window: int, global_sink: bool = True, hooks: Hooks | None = None, done: int = 0,
+                         total: int = 0) -> tuple[int, int]:
+        """LongLive's released recache (``pipeline/interactive_causal_inference.py`` ``_recache_after_switch``) at
+        the switch frame ``s = next_frame``: one model call at timestep 0 under the new prompt, absolute positions,
+        no mask (the block-causal mask it builds is never used by the KV-cache branch; LongLive issue #19):
+
+        * ``s <= window``: frames ``[0, s)`` attend each other; all of their stored K/V are rewritten, the sink
+          frames included;
+        * past the window, with the global sink: frames ``[s - (window - 3), s)`` attend the 3 sink frames (their
+          stored, old-prompt K/V) and each other; their K/V are rewritten, the sink keeps its own;
+        * past the window, without it (``global_sink=False``): frames ``[s - window, s)`` attend each other and are
+          all rewritten, and their first 3 become the sink until the next switch.
+
+        Returns (model calls done, stored frame entries rewritten)."""
+        hooks = hooks or Hooks()
+        s = self.next_frame
+        if self.tail is None or self.cache is None or s == 0:
+            return done, 0
+        sink = LONGLIVE_SINK
+        if s <= window:
+            first, attend_sink, new_sink = 0, False, None
+        elif global_sink:
+            first, attend_sink, new_sink = s - (window - sink), True, None
+        else:
+            first, attend_sink, new_sink = s - window, False, list(range(s - window, s - window + sink))
+        first = max(first, s - self.tail.shape[2])
+        n = s - first
+        if n <= 0:
+            return done, 0
+        cache = self.cache
+        keys = {}
+        for ts in cache.types:
+            held = [Key("frame", f, float(f), "sink", True) for f in range(sink)
+                    if attend_sink and f in ts.frames.page_of]
+            one = tuple(held + [Key("chunk", j, float(first + j), "recent") for j in range(n)])
+            keys[ts.head_type] = ChunkKeys(first, n, (one,) * n, (one,) * n)
+        done = self._call_model_checked(hooks, done, total)
+        plan = plan_chunk(cache, "absolute", self.policy.window, self.policy.clamp_min, self.policy.clamp_max, first, n,
+                          keys=keys, gather_prerotated=True)
+        self.last_plan = plan
+        stage = self._stage(n)
+        latents = self.tail[:, :, self.tail.shape[2] - n:]
+        self.runner.forward(latents, torch.zeros(latents.shape[0], n, device=self.runner.device), self.text,
+                            ChunkAttention(plan, cache, self.backend, "clean", stage, self.observer), hooks.should_stop)
+        k, v = stage
+        if cache.prerotated:  # the pool keeps keys rotated at their own (absolute) frames
+            k = plan.rotation.apply(k)
+        if new_sink is not None:
+            cache.move_sinks(new_sink)
+        replaced = cache.replace_frames(first, n, k, v)
+        self._report(hooks, done, total)
         return done, replaced

@@ -86,6 +86,8 @@ class ARSampler:
     batch: int = 0
     last_plan: ChunkPlan | None = None
     observer: Observer | None = None  # sees rotated q/k of every layer (head profiling; full cache only)
+    first_schedule: FlowMatchSchedule | None = None  # the first generated chunk's steps (Causal Forcing++)
+    chunks_generated: int = 0  # chunks denoised so far (initial latents put into the cache do not count)
 
     def __post_init__(self):
         spec = self.runner.spec
@@ -118,8 +120,39 @@ class ARSampler:
         self.text = text
 
     # ---- sampling -------------------------------------------------------------------------
+    def schedule_for_chunk(self, chunk_index: int) -> FlowMatchSchedule:
+        """The steps of the ``chunk_index``-th generated chunk: ``first_schedule`` for the very first."""
+        if chunk_index == 0 and self.first_schedule is not None:
+            return self.first_schedule
+        return self.schedule
+
     def total_model_calls(self, num_frames: int) -> int:
-        return len(chunk_bounds(0, num_frames, self.frames_per_block)) * (len(self.schedule.timesteps) + 1)
+        n = len(chunk_bounds(0, num_frames, self.frames_per_block))
+        return sum(len(self.schedule_for_chunk(self.chunks_generated + i).timesteps) + 1 for i in range(n))
+
+    @torch.no_grad()
+    def prefill(self, latents: torch.Tensor, hooks: Hooks | None = None, calls_done: int = 0,
+                calls_total: int | None = None) -> int:
+        """Put clean latents (``[B, C, T0, H, W]``) into the cache, chunk by chunk, at timestep 0 — what Self
+        Forcing's and Causal Forcing's ``inference(..., initial_latent=…)`` do before generating. Each chunk is
+        one clean pass that attends the cache and itself and commits its K/V. Returns the model calls done."""
+        if self.cache is None or self.text is None:
+            raise RuntimeError("call start() and set_prompt() before prefill()")
+        hooks = hooks or Hooks()
+        b, _, t, h, w = latents.shape
+        if (h, w) != self.latent_hw or b != self.batch:
+            raise ShapeError(f"initial latent {tuple(latents.shape)} does not match the started size "
+                             f"{self.latent_hw}, batch {self.batch}")
+        total = calls_total or len(chunk_bounds(0, t, self.frames_per_block))
+        latents = latents.to(self.runner.device, self.runner.dtype if latents.dtype != torch.float64 else latents.dtype)
+        done = calls_done
+        for start, f in chunk_bounds(self.next_frame, t, self.frames_per_block):
+            local = start - self.next_frame
+            done = self._call_model_checked(hooks, done, total)
+            self._clean_pass(latents[:, :, local:local + f], start, hooks)
+            self._report(hooks, done, total)
+        self.next_frame += t
+        return done
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, generator: torch.Generator | None = None, hooks: Hooks | None = None,
@@ -139,8 +172,9 @@ class ARSampler:
         done = calls_done
         for chunk_index, (start, f) in enumerate(chunk_bounds(self.next_frame, t, self.frames_per_block)):
             local = slice(start - self.next_frame, start - self.next_frame + f)
+            steps = len(self.schedule_for_chunk(self.chunks_generated).timesteps) + 1
             x0 = self.run_chunk(noise[:, :, local], start, generator, hooks, done, calls_total)
-            done += len(self.schedule.timesteps) + 1
+            done += steps
             out[:, :, local] = x0
             if hooks.on_chunk is not None:
                 hooks.on_chunk(chunk_index, x0)
@@ -151,11 +185,9 @@ class ARSampler:
                   done: int, total: int) -> torch.Tensor:
         """Denoise one chunk (noise ``x`` ``[B, C, f, H, W]`` on the model's device) and commit it."""
         b, f = x.shape[0], x.shape[2]
-        schedule, runner, cache, pol = self.schedule, self.runner, self.cache, self.policy
-        cache.reserve(start, f)
-        plan = plan_chunk(cache, pol.rope, pol.window, pol.clamp_min, pol.clamp_max, start, f)
-        self.last_plan = plan
-        reader = ChunkAttention(plan, cache, self.backend, "noisy", observer=self.observer)
+        schedule, runner = self.schedule_for_chunk(self.chunks_generated), self.runner
+        plan = self._plan(start, f)
+        reader = ChunkAttention(plan, self.cache, self.backend, "noisy", observer=self.observer)
         x0 = x
         for i, t_i in enumerate(schedule.timesteps):
             done = self._call_model_checked(hooks, done, total)
@@ -167,12 +199,28 @@ class ARSampler:
             self._report(hooks, done, total)
         # clean pass at t = 0: its K/V are what the cache keeps for this chunk
         done = self._call_model_checked(hooks, done, total)
-        stage = None if plan.prerotated else self._stage(f)
-        runner.forward(x0, torch.zeros(b, f, device=runner.device), self.text,
-                       ChunkAttention(plan, cache, self.backend, "clean", stage, self.observer), hooks.should_stop)
-        cache.commit(start, f, *(stage or (None, None)))
+        self._clean_pass(x0, start, hooks, plan)
         self._report(hooks, done, total)
+        self.chunks_generated += 1
         return x0
+
+    def _plan(self, start: int, frames: int) -> ChunkPlan:
+        pol = self.policy
+        self.cache.reserve(start, frames)
+        plan = plan_chunk(self.cache, pol.rope, pol.window, pol.clamp_min, pol.clamp_max, start, frames,
+                          grouped=self.backend_name == "grouped")
+        self.last_plan = plan
+        return plan
+
+    def _clean_pass(self, x0: torch.Tensor, start: int, hooks: Hooks, plan: ChunkPlan | None = None) -> None:
+        """Run ``x0`` at timestep 0 and commit its K/V (planning the chunk first when not yet planned)."""
+        b, f = x0.shape[0], x0.shape[2]
+        plan = plan or self._plan(start, f)
+        stage = None if plan.prerotated else self._stage(f)
+        self.runner.forward(x0, torch.zeros(b, f, device=self.runner.device), self.text,
+                            ChunkAttention(plan, self.cache, self.backend, "clean", stage, self.observer),
+                            hooks.should_stop)
+        self.cache.commit(start, f, *(stage or (None, None)))
 
     def _stage(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffers receiving the clean pass's raw K/V of every layer (committed after the call)."""
@@ -229,10 +277,41 @@ def validate_inputs(runner: WanRunner, context: torch.Tensor, noise: torch.Tenso
         raise ShapeError(f"conditioning batch {context.shape[0]} does not match the latent batch {b}")
 
 
+def validate_initial_latent(initial: torch.Tensor | None, noise_shape: tuple, frames_per_block: int,
+                            channels: int) -> None:
+    """An initial latent must match the new frames' batch, channels and size and be whole chunks."""
+    if initial is None:
+        return
+    if not torch.is_tensor(initial) or initial.ndim != 5:
+        shape = tuple(initial.shape) if torch.is_tensor(initial) else type(initial).__name__
+        raise ShapeError(f"initial_latent must be [batch, {channels}, frames, height, width], got {shape}")
+    b, c, t0, h, w = initial.shape
+    nb, _, _, nh, nw = noise_shape
+    if c != channels:
+        raise ShapeError(f"initial_latent has {c} channels; this model's latents have {channels} (encode the image "
+                         "or video with the Wan 2.1 VAE)")
+    if b != nb:
+        raise ShapeError(f"initial_latent has batch {b}; the new frames' batch is {nb}")
+    if (h, w) != (nh, nw):
+        raise ShapeError(f"initial_latent is {w * 8}x{h * 8} (latent {w}x{h}); the new frames are {nw * 8}x{nh * 8}: "
+                         "encode the image or video at the size you generate")
+    if t0 < 1 or t0 % frames_per_block:
+        whole = max(frames_per_block, t0 // frames_per_block * frames_per_block)
+        raise ShapeError(
+            f"initial_latent has {t0} latent frame(s); the cache takes whole chunks of {frames_per_block} frames "
+            f"(as Self Forcing's and Causal Forcing's pipelines do): use {whole} or {whole + frames_per_block} "
+            f"frames ({4 * whole - 3} or {4 * (whole + frames_per_block) - 3} video frames)"
+            + ("; a single image (1 latent frame) needs a frame-wise model (frames_per_block 1)"
+               if t0 == 1 else ""))
+    if not bool(torch.isfinite(initial).all()):
+        raise ShapeError("initial_latent holds NaN or infinite values")
+
+
 def generate(backbone: torch.nn.Module, context: torch.Tensor, noise: torch.Tensor,
              steps: tuple[float, ...] = SELF_FORCING_STEPS, shift: float = SELF_FORCING_SHIFT,
              frames_per_block: int = 3, policy: str | CachePolicy = "full",
-             generator: torch.Generator | None = None, *, progress: ProgressFn | None = None,
+             generator: torch.Generator | None = None, first_chunk_steps: tuple[float, ...] | None = None,
+             initial_latent: torch.Tensor | None = None, *, progress: ProgressFn | None = None,
              should_stop: StopFn | None = None, on_chunk: ChunkFn | None = None,
              attention_backend: str = "auto", dtype: torch.dtype | None = None,
              device: torch.device | str | None = None) -> torch.Tensor:
@@ -242,30 +321,48 @@ def generate(backbone: torch.nn.Module, context: torch.Tensor, noise: torch.Tens
     or :class:`~headforcing_core.wan_model.WanBackbone`). ``context``: ``[B, L, 4096]``
     text-encoder output, L ≤ 512. ``noise``: ``[B, 16, T, H, W]`` initial noise in
     ComfyUI's latent layout. Returns the clean latents in the same layout and dtype.
-    ``generator`` drives the re-noising draws. ``policy``: a preset name or a
-    :class:`~headforcing_core.policies.CachePolicy`. ``dtype`` / ``device``: where and in
-    what precision to compute (default: the weights'; ComfyUI's casting ops allow weights
-    that live elsewhere, e.g. partially offloaded).
+    ``generator`` drives the re-noising draws (where it lives decides where noise is drawn: a CPU
+    generator reproduces across machines). ``policy``: a preset name or a
+    :class:`~headforcing_core.policies.CachePolicy`.
+
+    ``first_chunk_steps``: the nominal steps of the first generated chunk (warped like ``steps``;
+    Causal Forcing++'s 1/2-step models run it with 4 steps). ``initial_latent``: ``[B, 16, T0, H, W]``
+    clean latents put into the cache first, chunk by chunk at timestep 0 (image-to-video with a
+    frame-wise model: one frame; video extension: whole chunks); ``noise`` then covers only the new
+    frames, which is what is returned. ``dtype`` / ``device``: where and in what precision to compute
+    (default: the weights'; ComfyUI's casting ops allow weights that live elsewhere).
     """
+    t0 = initial_latent.shape[2] if torch.is_tensor(initial_latent) and initial_latent.ndim == 5 else 0
     sampler = build_sampler(backbone, policy, steps=steps, shift=shift, frames_per_block=frames_per_block,
                             attention_backend=attention_backend, dtype=dtype, device=device,
-                            latent_frames=noise.shape[2] if noise.ndim == 5 else 0)
+                            latent_frames=t0 + (noise.shape[2] if noise.ndim == 5 else 0),
+                            first_chunk_steps=first_chunk_steps)
     validate_inputs(sampler.runner, context, noise, frames_per_block)
+    validate_initial_latent(initial_latent, tuple(noise.shape), frames_per_block, sampler.runner.spec.in_dim)
     b, _, t, h, w = noise.shape
-    sampler.start(b, h, w, t)
+    sampler.start(b, h, w, t0 + t)
     sampler.set_prompt(context)
-    return sampler.sample(noise, generator, Hooks(progress, should_stop, on_chunk))
+    hooks = Hooks(progress, should_stop, on_chunk)
+    calls = sampler.total_model_calls(t) + (t0 // frames_per_block if t0 else 0)
+    done = sampler.prefill(initial_latent, hooks, 0, calls) if t0 else 0
+    return sampler.sample(noise, generator, hooks, done, calls)
 
 
 def build_sampler(backbone: torch.nn.Module, policy: str | CachePolicy, *, steps: tuple[float, ...],
                   shift: float, frames_per_block: int, attention_backend: str = "auto",
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  latent_frames: int = 0, sampler_cls: type[ARSampler] | None = None) -> ARSampler:
+                  latent_frames: int = 0, sampler_cls: type[ARSampler] | None = None,
+                  first_chunk_steps: tuple[float, ...] | None = None) -> ARSampler:
     """Runner, schedule and policy checked and put together (the cache is allocated by ``start``)."""
     runner = WanRunner(backbone, dtype=dtype, device=device)
     pol = as_policy(policy)
     sampler = (sampler_cls or ARSampler)(runner, pol, FlowMatchSchedule(tuple(steps), shift), frames_per_block,
                                          attention_backend)
+    if first_chunk_steps is not None:
+        try:
+            sampler.first_schedule = FlowMatchSchedule(tuple(first_chunk_steps), shift)
+        except ShapeError as e:
+            raise ShapeError(f"first_chunk_steps: {e}") from None
     if pol.preset == "full" and latent_frames > pol.window:
         log.warning("headforcing: the 'full' policy beyond %d latent frames leaves the trained RoPE range; "
                     "use a bounded policy for long videos", pol.window)

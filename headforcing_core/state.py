@@ -50,7 +50,7 @@ from .errors import HeadForcingError, ShapeError, StateError
 from .errors import PolicyError
 from .policies import CachePolicy, HeadLabels, rule_from_dict, rule_to_dict
 from .prompts import PromptSchedule, ScheduleSampler, as_schedule
-from .sampler import Hooks, build_sampler, validate_inputs
+from .sampler import Hooks, build_sampler, chunk_bounds, validate_initial_latent, validate_inputs
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 
 log = logging.getLogger("headforcing")
@@ -259,7 +259,7 @@ def capture_state(sampler: ScheduleSampler, generator: torch.Generator | None, *
         "steps": list(sampler.schedule.steps), "shift": sampler.schedule.shift,
         "frames_per_block": sampler.frames_per_block,
         "batch": sampler.batch, "latent_size": [h, w], "channels": sampler.runner.spec.in_dim,
-        "next_frame": sampler.next_frame, "chunks_done": sampler.chunks_done,
+        "next_frame": sampler.next_frame, "chunks_done": sampler.chunks_generated,
         "dtype": str(sampler.runner.dtype), "rng_device": rng_device,
         "history": list(history or []), "cache": cache_meta,
     }
@@ -289,7 +289,7 @@ def restore_sampler(state: ARState, backbone: torch.nn.Module, new_frames: int, 
     sampler.context = state.context
     sampler.tail = state.tail.to(runner.device, copy=True)
     sampler.next_frame = state.next_frame
-    sampler.chunks_done = int(meta.get("chunks_done", 0))
+    sampler.chunks_generated = int(meta.get("chunks_done", 0))
     if generator is None and state.rng_state is not None:
         rng_device = torch.device(meta.get("rng_device") or "cpu")
         if rng_device.type == "cuda" and not torch.cuda.is_available():
@@ -336,7 +336,8 @@ def _hooks(progress, should_stop, on_chunk, hooks: Hooks | None) -> Hooks:
 def generate_schedule(backbone: torch.nn.Module, schedule: PromptSchedule | torch.Tensor, noise: torch.Tensor,
                       steps: tuple[float, ...] = SELF_FORCING_STEPS, shift: float = SELF_FORCING_SHIFT,
                       frames_per_block: int = 3, policy: str | CachePolicy = "full",
-                      generator: torch.Generator | None = None, *, hooks: Hooks | None = None,
+                      generator: torch.Generator | None = None, first_chunk_steps: tuple[float, ...] | None = None,
+                      initial_latent: torch.Tensor | None = None, *, hooks: Hooks | None = None,
                       progress=None, should_stop=None, on_chunk=None, attention_backend: str = "auto",
                       dtype: torch.dtype | None = None,
                       device: torch.device | str | None = None) -> tuple[torch.Tensor, ARState]:
@@ -344,22 +345,38 @@ def generate_schedule(backbone: torch.nn.Module, schedule: PromptSchedule | torc
 
     ``schedule``: a :class:`PromptSchedule` (or one conditioning tensor: a single segment
     covering the noise). ``noise``: ``[B, C, total, H, W]`` for all segments. With one
-    segment this is exactly :func:`headforcing_core.generate` (plus the state). ``dtype`` /
-    ``device``: where and in what precision to compute, as for ``generate``.
+    segment this is exactly :func:`headforcing_core.generate` (plus the state);
+    ``first_chunk_steps`` and ``initial_latent`` work as they do there (the initial frames are
+    put into the cache under the first segment's prompt and are part of the state's video).
+    ``dtype`` / ``device``: where and in what precision to compute, as for ``generate``.
     """
+    t0 = initial_latent.shape[2] if torch.is_tensor(initial_latent) and initial_latent.ndim == 5 else 0
     sampler = build_sampler(backbone, policy, steps=steps, shift=shift, frames_per_block=frames_per_block,
                             attention_backend=attention_backend, dtype=dtype, device=device,
-                            latent_frames=noise.shape[2] if noise.ndim == 5 else 0, sampler_cls=ScheduleSampler)
+                            latent_frames=t0 + (noise.shape[2] if noise.ndim == 5 else 0), sampler_cls=ScheduleSampler,
+                            first_chunk_steps=first_chunk_steps)
     sched = as_schedule(schedule, noise.shape[2] if noise.ndim == 5 else None).resolve(frames_per_block)
     for seg in sched:
         validate_inputs(sampler.runner, seg.context, noise, frames_per_block)
     if noise.shape[2] != sched.total_frames:
         raise HeadForcingError(f"the noise has {noise.shape[2]} latent frames but the schedule's segments add up to "
                                f"{sched.total_frames}")
+    validate_initial_latent(initial_latent, tuple(noise.shape), frames_per_block, sampler.runner.spec.in_dim)
     b, _, t, h, w = noise.shape
-    sampler.start(b, h, w, t)
-    out = sampler.run_schedule(sched, noise, generator, _hooks(progress, should_stop, on_chunk, hooks))
-    state = capture_state(sampler, generator, history=_history(sampler, sched, 0), digest=weights_digest(backbone))
+    sampler.start(b, h, w, t0 + t)
+    hooks = _hooks(progress, should_stop, on_chunk, hooks)
+    done, total, history = 0, None, []
+    if t0:
+        sampler.set_prompt(sched[0].context)
+        sampler.context = sched[0].context
+        total = len(chunk_bounds(0, t0, frames_per_block)) + sampler.schedule_model_calls(sched)
+        done = sampler.prefill(initial_latent, hooks, 0, total)
+        sampler.remember(initial_latent.to(sampler.runner.device))
+        history = [{"start": 0, "frames": t0, "transition": "cut", "transition_frames": 0, "switch": False,
+                    "replaced": 0, "label": "initial latent"}]
+    out = sampler.run_schedule(sched, noise, generator, hooks, done, total)
+    state = capture_state(sampler, generator, history=history + _history(sampler, sched, t0),
+                          digest=weights_digest(backbone))
     return out, state
 
 

@@ -39,8 +39,10 @@ _PYRAMID_TOOLTIPS = {  # Pyramid Forcing's names (configs/pyramid-forcing.yaml) 
 
 
 def pyramid_inputs() -> list:
+    # optional: prompts and workflows made before these widgets existed still run with the defaults
     return [io.Int.Input(name, default=bridge.PYRAMID_DEFAULTS[name], min=0 if name.endswith("sink_frames") else 1,
-                         max=1024, tooltip=tip + f" Pyramid Forcing's default: {bridge.PYRAMID_DEFAULTS[name]}.")
+                         max=1024, optional=True,
+                         tooltip=tip + f" Pyramid Forcing's default: {bridge.PYRAMID_DEFAULTS[name]}.")
             for name, tip in _PYRAMID_TOOLTIPS.items()]
 
 

@@ -14,8 +14,8 @@ import math
 
 from comfy_api.latest import io
 
-from headforcing_core.prompts import (MAX_TRANSITION_FRAMES, TRANSITIONS, PromptSchedule, PromptSegment,
-                                      ScheduleError, parse_schedule_text)
+from headforcing_core.prompts import (MAX_TRANSITION_FRAMES, RECACHE_MODES, TRANSITIONS, PromptSchedule,
+                                      PromptSegment, ScheduleError, parse_schedule_text)
 
 from . import comfy_bridge as bridge
 from .types import PROMPT_SCHEDULE
@@ -28,8 +28,16 @@ TRANSITION_TOOLTIP = (
     "the cache (LongLive). blend: interpolate the two prompts' cross-attention over the first N latent "
     "frames. Ignored for the first prompt of a fresh run.")
 TRANSITION_FRAMES_TOOLTIP = (
-    f"N for recache (frames re-run, 1-{MAX_TRANSITION_FRAMES}) and blend (frames blended), in latent frames "
-    "(1 latent frame = 4 video frames = 0.25 s). Ignored for cut.")
+    f"N for recache (frames re-run, 1-{MAX_TRANSITION_FRAMES}; with a LongLive mode: LongLive's window, 12) and "
+    "blend (frames blended), in latent frames (1 latent frame = 4 video frames = 0.25 s). Ignored for cut.")
+RECACHE_MODE_TOOLTIP = (
+    "How a recache re-runs the frames before the switch. policy default: longlive for the longlive preset, "
+    "block_causal otherwise. block_causal: the last N frames, chunk by chunk, each chunk seeing only older "
+    "history, their stored K/V replaced. longlive: LongLive's released recache - ONE model call over the last "
+    "min(N, s) frames with no mask (they all see each other), the 3 sink frames keep the old prompt's K/V "
+    "(past the window only the last N-3 frames matter). longlive_local_sink: the same without LongLive's global "
+    "sink - the re-run window's first 3 frames become the sink. Ignored unless transition is recache.")
+RECACHE_CHOICES = ("policy default",) + RECACHE_MODES
 
 
 def segment_length(length: float, unit: str) -> dict:
@@ -49,10 +57,13 @@ def segment_length(length: float, unit: str) -> dict:
 
 
 def make_segment(context, length: float, unit: str, transition: str, transition_frames: int,
-                 label: str = "") -> PromptSegment:
+                 label: str = "", recache_mode: str = "policy default") -> PromptSegment:
     frames = int(transition_frames) if transition != "cut" else 0
+    if recache_mode not in RECACHE_CHOICES:
+        raise ScheduleError(f"recache_mode must be one of {', '.join(RECACHE_CHOICES)}, got {recache_mode!r}")
+    mode = None if recache_mode == "policy default" or transition != "recache" else recache_mode
     return PromptSegment(context, transition=transition, transition_frames=frames, label=str(label or "").strip(),
-                         **segment_length(length, unit))
+                         recache_mode=mode, **segment_length(length, unit))
 
 
 def check_schedule(value) -> PromptSchedule:
@@ -93,6 +104,8 @@ class HeadForcingPromptSegment(io.ComfyNode):
                 io.Conditioning.Input("conditioning", tooltip="This segment's prompt (CLIPTextEncode with umT5)."),
                 *length_inputs(),
                 *transition_inputs(),
+                io.Combo.Input("recache_mode", options=list(RECACHE_CHOICES), default="policy default",
+                               optional=True, tooltip=RECACHE_MODE_TOOLTIP),
                 PROMPT_SCHEDULE.Input("previous", optional=True,
                                       tooltip="The segments before this one (another Prompt Segment or a "
                                               "schedule from text). Left empty, this segment starts a schedule."),
@@ -108,9 +121,9 @@ class HeadForcingPromptSegment(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, length, length_unit, transition, transition_frames, previous=None,
-                label="") -> io.NodeOutput:
+                label="", recache_mode="policy default") -> io.NodeOutput:
         segment = make_segment(bridge.conditioning_tensor(conditioning), length, length_unit, transition,
-                               transition_frames, label)
+                               transition_frames, label, recache_mode)
         if previous is None:
             schedule = PromptSchedule((segment,))
         else:
@@ -134,8 +147,9 @@ class HeadForcingPromptScheduleFromText(io.ComfyNode):
             display_name="Head Forcing Prompt Schedule From Text",
             category=CATEGORY,
             description=("A whole story as text, one segment per line: 'seconds | prompt', optionally "
-                         "'| cut', '| recache N' or '| blend N' (N in latent frames). Lines starting with '#' are "
-                         "comments. Each prompt is encoded with the connected CLIP."),
+                         "'| cut', '| recache N [mode]' or '| blend N' (N in latent frames; mode block_causal, "
+                         "longlive or longlive_local_sink, see Prompt Segment's recache_mode). Lines starting with "
+                         "'#' are comments. Each prompt is encoded with the connected CLIP."),
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder: CLIPLoader with umt5_xxl, type 'wan'."),
                 io.String.Input("text", multiline=True,
@@ -177,7 +191,8 @@ class HeadForcingPromptScheduleFromText(io.ComfyNode):
             cond = bridge.conditioning_tensor(encode_prompt(clip, line.prompt))
             try:
                 segments.append(PromptSegment(cond, seconds=line.seconds, transition=line.transition,
-                                              transition_frames=line.transition_frames, label=line.prompt))
+                                              transition_frames=line.transition_frames, label=line.prompt,
+                                              recache_mode=line.recache_mode))
             except ScheduleError as e:
                 raise ScheduleError(f"line {line.line}: {e}") from None
         schedule = PromptSchedule(tuple(segments))

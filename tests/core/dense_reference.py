@@ -130,23 +130,30 @@ def self_forcing_table(shift):
     return sigma, sigma * 1000
 
 
-def dense_generate(m, context, noise, steps, shift, chunk_frames, generator):
-    """Self Forcing inference, every call a dense block-causal forward of the whole prefix."""
+def dense_generate(m, context, noise, steps, shift, chunk_frames, generator, initial=None, first_steps=None):
+    """Self Forcing inference, every call a dense block-causal forward of the whole prefix.
+
+    ``initial``: clean latents before the new frames (Self Forcing's / Causal Forcing's
+    ``initial_latent``), part of every prefix at timestep 0; ``first_steps``: the first generated
+    chunk's nominal steps (Causal Forcing's ``denoising_step_list_first_chunk``)."""
     sigma, tt = self_forcing_table(shift)
-    ts = [float(tt[1000 - s]) for s in steps]
+    warp = lambda steps_: [float(tt[1000 - s]) for s in steps_]  # noqa: E731
 
     def sig(t):
         return float(sigma[torch.argmin((tt - t).abs())])
 
     b, c, total, hh, ww = noise.shape
+    t0 = 0 if initial is None else initial.shape[2]
     out = torch.zeros_like(noise)
-    for start in range(0, total, chunk_frames):
+    for n, start in enumerate(range(0, total, chunk_frames)):
+        ts = warp(first_steps if (n == 0 and first_steps is not None) else steps)
         f = min(chunk_frames, total - start)
         x = noise[:, :, start:start + f]
         for i, t in enumerate(ts):
-            lat = torch.cat([out[:, :, :start], x], dim=2)
-            tvec = torch.cat([torch.zeros(b, start), torch.full((b, f), t)], dim=1)
-            flow = dense_forward(m, lat, tvec, context, chunk_frames)[:, :, start:]
+            parts = ([initial] if t0 else []) + [out[:, :, :start], x]
+            lat = torch.cat(parts, dim=2)
+            tvec = torch.cat([torch.zeros(b, t0 + start), torch.full((b, f), t)], dim=1)
+            flow = dense_forward(m, lat, tvec, context, chunk_frames)[:, :, t0 + start:]
             x0 = (x.double() - sig(t) * flow.double()).to(x.dtype)
             if i + 1 < len(ts):
                 eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.dtype)

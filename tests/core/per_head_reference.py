@@ -182,15 +182,20 @@ class Reference:
         out = out.view(b, fr, self.gh, self.gw, p[1], p[2], cout).permute(0, 6, 1, 2, 4, 3, 5)
         return out.reshape(b, cout, fr, hh, ww)
 
-    def generate(self, context, noise, steps, shift, generator, chunk_listings):
-        """``chunk_listings[chunk_start](head_type, query_frame, pass_)`` → listing dicts."""
+    def generate(self, context, noise, steps, shift, generator, chunk_listings, before_chunk=None):
+        """``chunk_listings[chunk_start](head_type, query_frame, pass_)`` → listing dicts; ``context``: a
+        conditioning, or a function of the chunk start; ``before_chunk(start, out)`` runs first (a recache)."""
         sigma, tt = self_forcing_table(shift)
         ts = [float(tt[1000 - st]) for st in steps]
         sig = lambda t: float(sigma[torch.argmin((tt - t).abs())])  # noqa: E731
         b, _, total, _, _ = noise.shape
         out = torch.zeros_like(noise)
+        ctx_at = context if callable(context) else (lambda _start: context)
         for start in range(0, total, self.fpb):
             f = min(self.fpb, total - start)
+            if before_chunk is not None:
+                before_chunk(start, out)
+            context = ctx_at(start)
             get = chunk_listings[start]
             x = noise[:, :, start:start + f]
             for i, t in enumerate(ts):
