@@ -64,8 +64,9 @@ def prefill(sampler: ARSampler, frames: int, generator: torch.Generator) -> None
         n = min(f, frames - start)
         cache.reserve(start, n)
         shape = (spec.num_layers, sampler.batch, n * cache.tokens, spec.num_heads, spec.head_dim)
-        k = torch.randn(shape, generator=generator).to(sampler.runner.device, sampler.runner.dtype)
-        v = torch.randn(shape, generator=generator).to(sampler.runner.device, sampler.runner.dtype)
+        dev = generator.device  # draw where the generator lives (the device in timed runs: no host copies)
+        k = torch.randn(shape, generator=generator, device=dev).to(sampler.runner.device, sampler.runner.dtype)
+        v = torch.randn(shape, generator=generator, device=dev).to(sampler.runner.device, sampler.runner.dtype)
         if cache.prerotated:
             cache.commit(start, n, None, None)
             cache.replace_frames(start, n, k, v)
@@ -145,7 +146,7 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
     gen = torch.Generator().manual_seed(0)
     renoise = torch.Generator(device=device).manual_seed(1)  # noise drawn where the model runs
     sampler.set_prompt(torch.randn(1, 64, runner.spec.text_dim, generator=gen) * 0.1)
-    prefill(sampler, start_frame, gen)
+    prefill(sampler, start_frame, torch.Generator(device=device).manual_seed(2))
     noise = torch.randn(1, runner.spec.in_dim, timed_frames + f, lh, lw, generator=gen).to(device)
     counters = count_chunk(sampler, noise[:, :, :f], renoise)  # one steady-state chunk, counted (not timed)
     plan = sampler.last_plan

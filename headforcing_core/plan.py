@@ -41,6 +41,7 @@ from .retention import ChunkKeys, Key
 from .rope import ChunkRotation, pooled_grid, rotate_entries, spatial_positions
 
 PASSES = ("noisy", "clean")
+KEY_ALIGN = 8  # key slots per sequence are padded to a multiple of this (CUDA's masked SDPA kernels need it)
 
 
 @dataclass
@@ -334,6 +335,7 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
         sizes.append((before, after, ep_tokens, tp))
     lead_to = max(before for before, _, _, _ in sizes)  # where every chunk starts
     lmax = lead_to + S + max(after + ep for _, after, ep, _ in sizes)
+    lmax = -(-lmax // KEY_ALIGN) * KEY_ALIGN  # masked SDPA kernels want the key axis aligned
     plan.kp = torch.zeros(layers, B, NS, lmax, D, dtype=cache.dtype, device=dev)
     plan.vp = torch.zeros_like(plan.kp)
     # host-known lengths, runs and chunk offsets per (layer, sequence)

@@ -1,0 +1,242 @@
+"""GPU checks and the benchmark table, without pytest (run by tools/gpu_check.sh; see its header).
+
+Stages, each recorded in ``$OUT/checks.json`` (pass / fail / skipped, with numbers):
+
+1. ``backends``    every attention backend against the reference on random ragged layouts, bf16;
+2. ``full_exact``  the ``full`` policy against the dense block-causal reference (tiny model, fp32, CUDA);
+3. ``sync_free``   a steady-state chunk of every preset under ``torch.cuda.set_sync_debug_mode``:
+                   no synchronising CUDA call inside the model calls (and the dispatch counters);
+4. ``shapes``      the 1.3B shape, a few chunks under every preset, bf16 (finite, right shape);
+5. ``pytest``      ``pytest -m gpu tests/core`` when pytest is installed (skipped otherwise);
+6. ``bench``       ``python -m headforcing_core.bench`` for every bounded preset at 30 s and 60 s, one
+                   process, written to ``$OUT/bench.json`` and summarised in ``$OUT/table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from headforcing_core import WanConfig, generate, random_backbone  # noqa: E402
+from headforcing_core.attention import BACKENDS, LayerProblem, Run, flash_varlen_available, reference_attention  # noqa: E402
+from headforcing_core.policies import PRESETS  # noqa: E402
+
+BOUNDED = [p for p in PRESETS if p != "full"]
+
+
+def backends(dev) -> dict:
+    g = torch.Generator().manual_seed(0)
+    worst = {}
+    names = ["padded", "grouped"] + (["flash_varlen"] if flash_varlen_available(dev, torch.bfloat16) else [])
+    for trial in range(40):
+        b, ns, tq, d, width = 1 + trial % 2, 2 + trial % 5, 3 + trial % 7, (64, 128)[trial % 2], 20 + trial
+        q = torch.randn(b, ns, tq, d, generator=g)
+        k = torch.randn(b, ns, width, d, generator=g)
+        v = torch.randn(b, ns, width, d, generator=g)
+        starts = torch.randint(0, 4, (1, ns), generator=g)
+        lengths = torch.randint(1, width - 4, (b, ns), generator=g)
+        pos = torch.arange(width)
+        keep = (pos >= starts[..., None]) & (pos < (starts + lengths)[..., None])
+        mask = torch.where(keep, 0.0, float("-inf")).unsqueeze(-2)
+        dt = torch.float32 if DRY["on"] else torch.bfloat16
+        p = LayerProblem(*(t.to(dev, dt) for t in (q, k, v, mask)), lengths.to(dev),
+                         (Run(0, ns, width, True),), starts.to(dev))
+        ref = reference_attention(p).float()
+        for name in names:
+            err = float((BACKENDS[name](p).float() - ref).abs().max())
+            worst[name] = max(worst.get(name, 0.0), err)
+    ok = all(e < 3e-2 for e in worst.values())
+    return {"ok": ok, "max_abs_error_bf16": worst, "flash_attn": "flash_varlen" in names}
+
+
+def full_exact(dev) -> dict:
+    from tests.core.dense_reference import dense_generate
+    cfg = WanConfig(dim=256, num_heads=2, num_layers=2, ffn_dim=512)
+    model = random_backbone(cfg, seed=0)
+    ctx = torch.randn(1, 24, 4096, generator=torch.Generator().manual_seed(1)) * 0.5
+    noise = torch.randn(1, 16, 9, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = dense_generate(model, ctx, noise, (1000, 750, 500, 250), 5.0, 3, torch.Generator().manual_seed(5))
+        ours = generate(model.to(dev), ctx.to(dev), noise.to(dev), policy="full",
+                        generator=torch.Generator().manual_seed(5)).cpu()
+    err = float((ours - ref).norm() / ref.norm())
+    return {"ok": err < 1e-4, "relative_error_fp32_cuda_vs_dense_cpu": err}
+
+
+DRY = {"on": False}  # --dry-run: the same stages on the CPU at tiny sizes (to test this script without a GPU)
+
+
+def sync_free(dev) -> dict:
+    from headforcing_core import WanRunner
+    from headforcing_core.counters import OpCounter
+    from headforcing_core.policies import make_policy
+    from headforcing_core.sampler import ARSampler
+    from headforcing_core.schedule import FlowMatchSchedule
+    dtype = torch.float32 if DRY["on"] else torch.bfloat16
+    width, side = (16, 4) if DRY["on"] else (64, 16)
+    model = random_backbone(WanConfig(dim=12 * width, num_heads=12, num_layers=30, ffn_dim=1024), seed=0,
+                            dtype=dtype).to(dev)
+    runner = WanRunner(model)
+    out = {}
+    for preset in BOUNDED:
+        s = ARSampler(runner, make_policy(preset), FlowMatchSchedule(), 3)
+        s.start(1, side, side, 60)
+        s.set_prompt(torch.randn(1, 32, 4096, device=dev, dtype=dtype) * 0.1)
+        noise = torch.randn(1, 16, 51, side, side, device=dev)
+        gen = torch.Generator(device=dev).manual_seed(1)
+        with torch.no_grad():
+            s.sample(noise[:, :, :48], gen)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            inner = OpCounter()
+            forward = runner.forward
+            syncs = []
+
+            def checked(*a, **k):
+                caught = []
+                if dev.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    with warnings.catch_warnings(record=True) as caught, inner:
+                        warnings.simplefilter("always")
+                        return forward(*a, **k)
+                finally:
+                    if dev.type == "cuda":
+                        torch.cuda.set_sync_debug_mode(0)
+                    syncs.extend(str(w.message)[:160] for w in caught if "synchroniz" in str(w.message))
+
+            runner.forward = checked
+            try:
+                with OpCounter() as outer:
+                    s.sample(noise[:, :, 48:], gen)
+            finally:
+                runner.forward = forward
+        out[preset] = {"cuda_syncs_in_model_calls": len(syncs), "examples": syncs[:3],
+                       "aten_ops_per_chunk": outer.total, "sync_prone_ops_per_chunk": outer.sync,
+                       "aten_ops_in_model_calls": inner.total}
+    window = out["self_forcing_window"]["aten_ops_per_chunk"]
+    for row in out.values():
+        row["ops_ratio_vs_self_forcing_window"] = row["aten_ops_per_chunk"] / window
+    ok = all(r["cuda_syncs_in_model_calls"] == 0 for r in out.values())
+    return {"ok": ok, "presets": out}
+
+
+def shapes(dev) -> dict:
+    cfg, dtype, (lh, lw) = ((WanConfig(dim=256, num_heads=2, num_layers=2, ffn_dim=512), torch.float32, (8, 8))
+                            if DRY["on"] else (WanConfig(), torch.bfloat16, (60, 104)))
+    model = random_backbone(cfg, seed=0, dtype=dtype).to(dev)
+    out = {}
+    for preset in PRESETS:
+        g = torch.Generator(device=dev).manual_seed(0)
+        noise = torch.randn(1, 16, 9, lh, lw, device=dev, generator=g)
+        ctx = torch.randn(1, 64, 4096, device=dev, generator=g) * 0.1
+        t = time.perf_counter()
+        with torch.no_grad():
+            res = generate(model, ctx, noise, policy=preset, generator=g)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        out[preset] = {"ok": bool(res.shape == noise.shape and torch.isfinite(res).all()),
+                       "seconds_9_frames": round(time.perf_counter() - t, 2)}
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"ok": all(r["ok"] for r in out.values()), "presets": out}
+
+
+def run_pytest(out_dir: Path) -> dict:
+    if importlib.util.find_spec("pytest") is None:
+        return {"ok": None, "skipped": "pytest is not installed on this machine"}
+    log = out_dir / "pytest_gpu.log"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/core", "-q", "-p", "no:cacheprovider"],
+                       cwd=REPO, capture_output=True, text=True, timeout=240)
+    log.write_text(r.stdout + r.stderr)
+    return {"ok": r.returncode == 0, "tail": (r.stdout + r.stderr).strip().splitlines()[-3:]}
+
+
+def bench(out_dir: Path, seconds) -> dict:
+    size = ["--model-shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--width", "64", "--height", "64"] \
+        if DRY["on"] else ["--model-shape", "1.3b", "--device", "cuda", "--dtype", "bf16", "--width", "832",
+                           "--height", "480"]
+    cmd = [sys.executable, "-m", "headforcing_core.bench", *size, "--seconds", *map(str, seconds), "--chunks", "3",
+           "--policy", *BOUNDED]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=330)
+    (out_dir / "bench.stderr.log").write_text(r.stderr)
+    if r.returncode != 0:
+        return {"ok": False, "command": " ".join(cmd[1:]), "error": r.stderr.strip().splitlines()[-5:]}
+    report = json.loads(r.stdout)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    lines = [f"Device: {report['device_name']}, torch {report['torch']}; matmul peak "
+             f"{report.get('matmul_peak_tflops', 0):.0f} TFLOP/s (bf16). Command: `{report['command']}`", "",
+             "| length | policy | s/chunk | video fps | × window | attended frames | KV GiB | peak GPU GiB | "
+             "attention TFLOP/s (% peak) | ATen ops/chunk (× window) | sync-prone in model calls |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for length, res in report["results"].items():
+        for name, row in res["policies"].items():
+            c = row.get("counters", {})
+            att = row.get("attention", {})
+            lines.append(
+                f"| {length} | {name} | {row['seconds_per_chunk']:.3f} | {row['video_fps']:.1f} | "
+                f"{row.get('speedup_vs_self_forcing_window', float('nan')):.2f} | {row['attended_frames']:.2f} | "
+                f"{row['kv_bytes'] / 2**30:.2f} | {row.get('peak_gpu_bytes', 0) / 2**30:.1f} | "
+                f"{att.get('tflops', float('nan')):.0f} ({100 * att.get('fraction_of_peak', float('nan')):.0f} %) | "
+                f"{c.get('aten_ops_per_chunk', 0)} ({c.get('ops_ratio_vs_self_forcing_window', float('nan')):.2f}) | "
+                f"{c.get('sync_ops_in_model_calls', 'n/a')} |")
+    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    return {"ok": True, "table": str(out_dir / "table.md")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
+    ap.add_argument("--seconds", type=float, nargs="+", default=[30.0, 60.0])
+    ap.add_argument("--only", nargs="*", default=None, help="run only these stages")
+    ap.add_argument("--dry-run", action="store_true", help="the same stages on the CPU at tiny sizes")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    DRY["on"] = args.dry_run
+    if not torch.cuda.is_available() and not args.dry_run:
+        print("no CUDA device: nothing to check (--dry-run runs the stages on the CPU at tiny sizes)", file=sys.stderr)
+        return 2
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    results = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(dev),
+               "torch": torch.__version__, "stages": {}}
+    stages = [("backends", lambda: backends(dev)), ("full_exact", lambda: full_exact(dev)),
+              ("sync_free", lambda: sync_free(dev)), ("shapes", lambda: shapes(dev)),
+              ("pytest", lambda: run_pytest(out_dir)), ("bench", lambda: bench(out_dir, args.seconds))]
+    failed = False
+    for name, fn in stages:
+        if args.only and name not in args.only:
+            continue
+        t = time.perf_counter()
+        try:
+            res = fn()
+        except Exception as e:  # noqa: BLE001 - record and go on: one stage must not hide the others
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        res["seconds"] = round(time.perf_counter() - t, 1)
+        results["stages"][name] = res
+        failed |= res.get("ok") is False
+        print(f"[gpu_check] {name}: {'skipped' if res.get('ok') is None else 'ok' if res['ok'] else 'FAILED'} "
+              f"({res['seconds']} s)", flush=True)
+        (out_dir / "checks.json").write_text(json.dumps(results, indent=2, default=str))
+    if (out_dir / "table.md").exists():
+        print((out_dir / "table.md").read_text())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
