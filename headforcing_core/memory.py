@@ -198,7 +198,13 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
         sequences = spec.num_heads * classes
         attention += spec.num_layers * batch * sequences * int(width) * (2 * spec.head_dim + 1) * itemsize
         attention += 2 * spec.num_layers * s * spec.dim * itemsize  # the clean pass's staged raw K/V
-        attention += 4 * PLAN_SLICE_BYTES  # planning: one slice of gathered K and V and their rotation
+        # planning: one slice of a type's gathered K and V (float32) and their rotation temporaries
+        heads_of = {}
+        for row in types:
+            for t in row:
+                heads_of[t] = heads_of.get(t, 0) + 1
+        gathered = max(heads_of[t] * (b.before + b.after) for t, b in budgets.items()) * batch * spec.head_dim * 4
+        attention += 4 * min(PLAN_SLICE_BYTES, int(gathered))
     attention += s * spec.dim * 4 * 4  # a model call's rotated queries and keys (float32), packed queries, output
     n_heads = spec.num_layers * spec.num_heads
     act = itemsize * s * (spec.dim * 6 + spec.ffn_width * 2)  # residual, norms/modulation, q/k/v/o, FFN hidden

@@ -483,8 +483,8 @@ class CachePolicy:
         return replace(self, labels=labels, note="")
 
     def describe(self) -> str:
-        rope = self.rope + (f" {self.clamp_min}–{self.clamp_max}" if self.rope == "window_clamp" else "")
-        return f"{self.preset} [{rope} RoPE] — " + "; ".join(f"{t}: {r.describe()}" for t, r in self.rules)
+        clamp = f" (sink time t - clamp(t, {self.clamp_min}, {self.clamp_max}))" if self.rope == "window_clamp" else ""
+        return f"{self.preset} [{self.rope} RoPE]{clamp} — " + "; ".join(f"{t}: {r.describe()}" for t, r in self.rules)
 
 
 def describe(policy: CachePolicy) -> str:

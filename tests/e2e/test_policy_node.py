@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from .conftest import ComfyError, expected_frames
 from .video_check import read_video
 
-PRESETS = ["full", "self_forcing_window", "sink_window", "pyramid_forcing", "head_forcing"]
+PRESETS = ["full", "self_forcing_window", "sink_window", "longlive", "pyramid_forcing", "head_forcing"]
 POLICY, SAMPLER, REPORT, SUMMARY = "10", "3", "20", "21"
 
 
@@ -50,7 +50,7 @@ def test_policy_schema(comfy):
     options = req["preset"][1].get("options") or req["preset"][0]
     assert options == PRESETS and req["preset"][1]["default"] == "head_forcing"
     rope = req["rope"][1].get("options") or req["rope"][0]
-    assert rope == ["preset default", "absolute", "window_clamp", "compact"]
+    assert rope == ["preset default", "absolute", "window_clamp", "window_shift", "compact"]
     # the sampler accepts it
     sampler = comfy.object_info("HeadForcingARSampler")["HeadForcingARSampler"]["input"]
     assert sampler["optional"]["kv_policy"][0] == "KV_POLICY"
@@ -68,8 +68,8 @@ def test_every_preset_drives_the_sampler(comfy, sampler_wf, preset):
 
     report = comfy.ui_text(entry, REPORT)[0]
     assert f"policy: {preset} [" in report, report
-    rope = {"full": "absolute", "self_forcing_window": "absolute", "sink_window": "window_clamp",
-            "pyramid_forcing": "window_clamp", "head_forcing": "compact"}[preset]
+    rope = {"full": "absolute", "self_forcing_window": "absolute", "sink_window": "window_shift",
+            "longlive": "absolute", "pyramid_forcing": "window_clamp", "head_forcing": "compact"}[preset]
     assert f"[{rope} RoPE]" in report, report
     summary = comfy.ui_text(entry, SUMMARY)[0]
     assert summary.startswith(f"{preset} [{rope} RoPE]"), summary
@@ -96,7 +96,7 @@ def test_memory_episodes_change_the_budget(comfy):
         return float(re.search(r"KV cache (\d+\.\d+) GiB", text).group(1))
 
     small, large = summary(2), summary(32)
-    assert "episodic(cap=2" in small and "episodic(cap=32" in large
+    assert "episodic memory (2 episodes" in small and "episodic memory (32 episodes" in large
     assert kv(small) < kv(large), (small, large)
     # the 1.3B preset labels are Pyramid Forcing's, mapped to head_forcing types (said so)
     assert "STAND-IN" in small
