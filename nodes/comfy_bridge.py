@@ -90,6 +90,110 @@ def parse_steps(text: str) -> tuple[float, ...]:
     return steps
 
 
+def parse_first_chunk_steps(text) -> tuple[float, ...] | None:
+    """The first-chunk step list widget: empty (or only spaces) = none, else a step list like ``steps``
+    (Causal Forcing++'s ``denoising_step_list_first_chunk``)."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        steps = parse_steps(text)
+        FlowMatchSchedule(steps, DEFAULT_SHIFT)  # order and range; the shift is checked with the main list
+    except ShapeError as e:
+        raise ShapeError(f"first_chunk_steps: {e} (leave it empty for no separate first-chunk list)") from None
+    return steps
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """The sampling settings of one public checkpoint, as its own inference config sets them."""
+
+    frames_per_block: int
+    steps: tuple[float, ...]
+    first_chunk_steps: tuple[float, ...] | None
+    shift: float
+    source: str  # checkpoint and config it comes from
+
+
+_FOUR = SELF_FORCING_STEPS  # (1000, 750, 500, 250)
+CUSTOM_PRESET = "custom"
+# the model_preset choices of the AR sampler (README "Model presets"; /work notes: each repository's configs/)
+MODEL_PRESETS: dict[str, ModelPreset | None] = {
+    CUSTOM_PRESET: None,
+    "Self Forcing chunk-wise": ModelPreset(
+        3, _FOUR, None, 5.0, "gdhe17/Self-Forcing checkpoints/self_forcing_dmd.pt, configs/self_forcing_dmd.yaml"),
+    "Causal Forcing chunk-wise": ModelPreset(
+        3, _FOUR, None, 5.0,
+        "zhuhz22/Causal-Forcing chunkwise/causal_forcing.pt, configs/causal_forcing_dmd_chunkwise.yaml"),
+    "Causal Forcing frame-wise 4-step": ModelPreset(
+        1, _FOUR, None, 5.0,
+        "zhuhz22/Causal-Forcing framewise/causal_forcing.pt, configs/causal_forcing_dmd_framewise.yaml"),
+    "Causal Forcing++ frame-wise 2-step": ModelPreset(
+        1, (1000.0, 500.0), _FOUR, 5.0,
+        "zhuhz22/Causal-Forcing causal-forcing++/framewise-2step.pt, configs/causal_forcing_dmd_framewise_2step.yaml"),
+    "Causal Forcing++ frame-wise 1-step": ModelPreset(
+        1, (1000.0,), _FOUR, 5.0,
+        "zhuhz22/Causal-Forcing causal-forcing++/framewise-1step.pt, configs/causal_forcing_dmd_framewise_1step.yaml"),
+    "LongLive": ModelPreset(
+        3, _FOUR, None, 5.0,
+        "Efficient-Large-Model/LongLive-1.3B longlive_base.pt + lora.pt, configs/longlive_interactive_inference.yaml"),
+}
+
+
+def steps_text(steps) -> str:
+    """``(1000.0, 750.0)`` → ``"1000,750"`` (what the widgets hold); None → ``""``."""
+    return "" if not steps else ",".join(f"{float(s):g}" for s in steps)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Frames per block, steps, first-chunk steps and shift after the model preset is applied."""
+
+    preset: str
+    frames_per_block: int
+    steps: str
+    first_chunk_steps: str
+    shift: float
+    source: str = ""
+    replaced: tuple[str, ...] = ()  # widget values the preset replaced ("steps 1000,750 -> 1000,500")
+
+
+def apply_model_preset(model_preset: str, *, frames_per_block: int, steps: str, first_chunk_steps: str,
+                       shift: float) -> SamplingSettings:
+    """The one rule: ``custom`` uses the four widgets as they are; any other preset uses the preset's
+    frames per block, steps, first-chunk steps and shift, and the widgets are not read (the report names
+    every widget value that differed and was replaced)."""
+    if model_preset not in MODEL_PRESETS:
+        raise ShapeError(f"unknown model_preset {model_preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    first_chunk_steps = "" if first_chunk_steps is None else str(first_chunk_steps)
+    preset = MODEL_PRESETS[model_preset]
+    if preset is None:
+        return SamplingSettings(CUSTOM_PRESET, int(frames_per_block), str(steps), first_chunk_steps, float(shift))
+    want = {"frames_per_block": preset.frames_per_block, "steps": steps_text(preset.steps),
+            "first_chunk_steps": steps_text(preset.first_chunk_steps), "shift": float(preset.shift)}
+    given = {"frames_per_block": frames_per_block, "steps": steps, "first_chunk_steps": first_chunk_steps,
+             "shift": shift}
+    replaced = []
+    for name, value in want.items():
+        old = given[name]
+        if name in ("steps", "first_chunk_steps"):
+            try:
+                same = (parse_first_chunk_steps(old) or ()) == (parse_first_chunk_steps(value) or ())
+            except ShapeError:
+                same = False
+        else:
+            same = float(old) == float(value)
+        if not same:
+            replaced.append(f"{name} {_widget_text(old)} -> {_widget_text(value)}")
+    return SamplingSettings(model_preset, want["frames_per_block"], want["steps"], want["first_chunk_steps"],
+                            want["shift"], preset.source, tuple(replaced))
+
+
+def _widget_text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "(empty)" if isinstance(value, str) and not value.strip() else str(value)
+
+
 def video_frames(length: int, unit: str = "frames") -> int:
     """Requested video frames: ``length`` frames, or ``length`` seconds at 16 fps (+1 first frame)."""
     if unit not in LENGTH_UNITS:
@@ -258,7 +362,8 @@ def policy_summary(policy: CachePolicy, *, width: int, height: int, frames: int,
 
 @dataclass(frozen=True)
 class SamplerRequest:
-    """Validated sampler inputs, in core terms."""
+    """Validated sampler inputs, in core terms. ``latent_frames`` are the frames to generate; with an
+    initial latent of ``initial_frames`` latent frames the whole video is ``initial_frames + latent_frames``."""
 
     width: int
     height: int
@@ -269,10 +374,18 @@ class SamplerRequest:
     shift: float
     frames_per_block: int
     policy: CachePolicy
+    first_chunk_steps: tuple[float, ...] | None = None
+    initial_frames: int = 0
+    sampling: SamplingSettings | None = None
+
+    @property
+    def total_latent_frames(self) -> int:
+        return self.initial_frames + self.latent_frames
 
     @property
     def frames(self) -> int:
-        return decoded_frames(self.latent_frames)
+        """Video frames of the whole video (the initial frames included)."""
+        return decoded_frames(self.total_latent_frames)
 
     @property
     def chunks(self) -> int:
@@ -285,17 +398,88 @@ class SamplerRequest:
 
 def make_request(*, width: int, height: int, length: int, length_unit: str = "frames", seed: int = 0,
                  steps: str = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT, frames_per_block: int = 3,
-                 policy: CachePolicy) -> SamplerRequest:
-    """Check every widget value before any work (no model load, no allocation)."""
+                 policy: CachePolicy, first_chunk_steps: str = "", initial_frames: int = 0,
+                 sampling: SamplingSettings | None = None) -> SamplerRequest:
+    """Check every widget value before any work (no model load, no allocation).
+
+    ``length`` is the whole video's length; with an initial latent of ``initial_frames`` latent frames
+    the sampler generates the latent frames after them (at least one chunk)."""
     check_video_size(width, height)
     frames = video_frames(length, length_unit)
     latent = latent_frames_for(frames)
-    check_length(frames, latent, frames_per_block)
+    if initial_frames:
+        new = latent - initial_frames
+        if new < frames_per_block:
+            least = decoded_frames(initial_frames + frames_per_block)
+            raise ShapeError(
+                f"length {frames} video frames is {latent} latent frames in all, but the initial latent already has "
+                f"{initial_frames} ({decoded_frames(initial_frames)} video frames), which leaves "
+                f"{max(new, 0)} new latent frame(s), less than one chunk of {frames_per_block}: length counts the "
+                f"whole video, initial frames included; ask for at least {least} frames "
+                f"({least / FPS:.2f} s)")
+        latent = new
+    else:
+        check_length(frames, latent, frames_per_block)
     step_values = parse_steps(steps)
     FlowMatchSchedule(step_values, float(shift))  # raises ShapeError for a bad list or shift
+    first = parse_first_chunk_steps(first_chunk_steps)
+    if first is not None:
+        FlowMatchSchedule(first, float(shift))
     policy.validate(frames_per_block)
     return SamplerRequest(int(width), int(height), frames, latent, int(seed), step_values, float(shift),
-                          int(frames_per_block), policy)
+                          int(frames_per_block), policy, first, int(initial_frames), sampling)
+
+
+def initial_latent_samples(initial_latent) -> torch.Tensor | None:
+    """The ``samples`` tensor of the sampler's optional ``initial_latent`` LATENT (None when not connected).
+    Only its form is checked here; :func:`check_initial_latent` checks it against the run."""
+    if initial_latent is None:
+        return None
+    samples = initial_latent.get("samples") if isinstance(initial_latent, dict) else None
+    if not torch.is_tensor(samples):
+        raise ShapeError(f"initial_latent must be a LATENT (VAEEncode's output), got {type(initial_latent).__name__}")
+    if samples.ndim != 5:
+        raise ShapeError(
+            f"initial_latent is {list(samples.shape)}, an image latent of {samples.ndim} dimensions; a Wan video "
+            "latent is [batch, 16, frames, height/8, width/8]: encode the image or video frames with VAEEncode and "
+            "the Wan 2.1 VAE (wan_2.1_vae.safetensors)")
+    if samples.shape[2] < 1:
+        raise ShapeError("initial_latent has no frames")
+    return samples
+
+
+def check_initial_latent(samples: torch.Tensor, req: SamplerRequest, channels: int) -> None:
+    """The initial latent against the run: size (the width / height widgets), channels, batch 1, whole chunks,
+    finite values (:func:`headforcing_core.sampler.validate_initial_latent`) — before anything is loaded."""
+    from headforcing_core.sampler import validate_initial_latent
+
+    if samples.shape[0] != 1:
+        raise ShapeError(
+            f"initial_latent holds a batch of {samples.shape[0]} latents; the sampler makes one video from one image "
+            "or one video (batch 1): pick one with Latent From Batch")
+    h, w = samples.shape[-2:]
+    lh, lw = req.height // SPACE_COMPRESSION, req.width // SPACE_COMPRESSION
+    if (h, w) != (lh, lw):
+        raise ShapeError(
+            f"initial_latent is {w * SPACE_COMPRESSION}x{h * SPACE_COMPRESSION} (latent {w}x{h}) but the sampler's "
+            f"width and height are {req.width}x{req.height}: set them to {w * SPACE_COMPRESSION}x"
+            f"{h * SPACE_COMPRESSION}, or resize the image / frames to {req.width}x{req.height} (ImageScale, crop "
+            "center) before VAEEncode")
+    if samples.shape[1] == channels and samples.shape[0] == 1 and samples.shape[2] % req.frames_per_block:
+        t0 = samples.shape[2]
+        fpb = req.frames_per_block
+        whole = max(fpb, t0 // fpb * fpb)
+        hint = (f"a single image (1 latent frame) needs a frame-wise model: frames_per_block 1 (model_preset "
+                f"'Causal Forcing frame-wise 4-step' or a Causal Forcing++ one)" if t0 == 1 else
+                f"trim the video to {decoded_frames(whole)} or {decoded_frames(whole + fpb)} frames (Image From Batch) "
+                "before VAEEncode")
+        raise ShapeError(
+            f"initial_latent has {_count(t0, 'latent frame')} ({_count(decoded_frames(t0), 'video frame')}); with "
+            f"{fpb} frames per block "
+            f"the cache takes whole chunks of {fpb} latent frames (as Self Forcing's and Causal Forcing's pipelines "
+            f"do): {hint}")
+    validate_initial_latent(samples, latent_shape(req.width, req.height, req.latent_frames), req.frames_per_block,
+                            channels)
 
 
 # =============================================================================================
@@ -471,24 +655,39 @@ def run_interruptible(fn, hooks: "ComfyHooks"):
 
 def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy_preset: str, width: int,
                    height: int, length: int, length_unit: str, seed: int, steps: str, shift: float,
-                   frames_per_block: int, prompt_schedule=None) -> tuple[dict, str, object]:
+                   frames_per_block: int, prompt_schedule=None, initial_latent=None, model_preset: str = CUSTOM_PRESET,
+                   first_chunk_steps: str = "") -> tuple[dict, str, object]:
     """HeadForcingARSampler's work: validate, pre-flight memory check, load, generate, un-normalize.
 
     Returns ``({"samples": latents}, report, ar_state)``. Every input error is raised (as a ValueError
     subclass) before the model is loaded or anything is allocated. A connected ``prompt_schedule``
     (PROMPT_SCHEDULE) replaces ``conditioning`` and ``length`` (multi-prompt glue and the AR_STATE:
     nodes/continuation.py; one segment from frame 0 samples exactly like ``generate``).
+
+    ``model_preset`` (:data:`MODEL_PRESETS`): ``custom`` uses ``frames_per_block`` / ``steps`` /
+    ``first_chunk_steps`` / ``shift`` as given, any other preset replaces them (:func:`apply_model_preset`).
+    ``initial_latent`` (a LATENT from VAEEncode, the VAE's raw space) is mapped into the model's space with
+    ``process_latent_in`` (as KSampler does) and put into the cache first; ``length`` then counts the whole
+    video and the output LATENT holds only the new frames (join them with LatentConcat).
     """
     import comfy.model_management as mm
     from headforcing_core.backbone import WanRunner
-    from headforcing_core.sampler import validate_inputs
+    from headforcing_core.memory import latent_bytes
+    from headforcing_core.prompts import TAIL_FRAMES, count_model_calls
+    from headforcing_core.sampler import chunk_bounds, validate_inputs
     from headforcing_core.state import generate_schedule
 
-    from .continuation import sampler_schedule, schedule_report, story_model_calls, story_noise
+    from .continuation import default_recache_mode, sampler_schedule, schedule_report, story_noise
 
     policy = sampler_policy(kv_policy, policy_preset)
+    sampling = apply_model_preset(model_preset, frames_per_block=frames_per_block, steps=steps,
+                                  first_chunk_steps=first_chunk_steps, shift=shift)
+    initial = initial_latent_samples(initial_latent)
+    t0 = 0 if initial is None else int(initial.shape[2])
     req = make_request(width=width, height=height, length=length, length_unit=length_unit, seed=seed,
-                       steps=steps, shift=shift, frames_per_block=frames_per_block, policy=policy)
+                       steps=sampling.steps, shift=sampling.shift, frames_per_block=sampling.frames_per_block,
+                       policy=policy, first_chunk_steps=sampling.first_chunk_steps, initial_frames=t0,
+                       sampling=sampling)
     module, spec = wan_backbone(model)
     schedule = sampler_schedule(prompt_schedule, conditioning, req.latent_frames, req.frames_per_block)
     req = replace(req, latent_frames=schedule.total_frames)
@@ -496,44 +695,68 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     # text width, channels, grid: checked on a shape-only tensor (nothing allocated yet)
     for segment in schedule:
         validate_inputs(WanRunner(module), segment.context, torch.empty(shape, device="meta"), req.frames_per_block)
+    if initial is not None:
+        check_initial_latent(initial, req, spec.in_dim)
 
     dtype = compute_dtype(model)
     text_tokens = max(seg.context.shape[1] for seg in schedule)
 
     def estimate_at(t: int, h: int, w: int):
-        return estimate_run(spec, policy, latent_frames=t, latent_height=h, latent_width=w,
+        # the cache covers the initial frames and the new ones; the initial latent is held on the device
+        # (the model's-space copy and the latents kept for a recache) next to the new frames' noise and output
+        return estimate_run(spec, policy, latent_frames=t0 + t, new_frames=t, latent_height=h, latent_width=w,
                             frames_per_block=req.frames_per_block, batch=1, dtype=dtype,
-                            state_on_device=on_host(model), output_copies=1, text_tokens=text_tokens)
+                            state_on_device=on_host(model), output_copies=1, text_tokens=text_tokens,
+                            extra_bytes=2 * latent_bytes(spec, t0, h, w) if t0 else 0,
+                            extra_label="initial latent")
 
+    if t0:
+        def describe_length(t: int) -> str:
+            return describe_video_length(length_unit)(t0 + t) + " in all, initial frames included"
+    else:
+        describe_length = describe_video_length(length_unit)
     # one pre-flight (refuse before anything is allocated; the runner reads its device off the
     # weights, so they are loaded whole, no lowvram split)
     estimate = preflight(
         model, spec, estimate_at, latent_frames=req.latent_frames, latent_height=shape[-2], latent_width=shape[-1],
         min_frames=req.frames_per_block,
-        describe_length=describe_schedule_length if prompt_schedule is not None else describe_video_length(length_unit),
-        describe_size=describe_pixels, what="the schedule" if prompt_schedule is not None else "the video",
+        describe_length=describe_schedule_length if prompt_schedule is not None else describe_length,
+        describe_size=None if t0 else describe_pixels,  # the initial latent fixes the size
+        what="the schedule" if prompt_schedule is not None else "the video",
         bounded_policy_hint=not policy.is_bounded())
     device = model.load_device
-    noise = story_noise(lambda n: latent_shape(req.width, req.height, n, channels=spec.in_dim), req.seed, 0, schedule)
-
-    hooks = ComfyHooks(model, story_model_calls(schedule, req.frames_per_block, len(req.steps)))
+    # the segment covering latent frames [s, e) starts from frames s..e-1 of a fresh e-frame draw (the new
+    # frames after an initial latent: frames t0.. of it)
+    noise = story_noise(lambda n: latent_shape(req.width, req.height, n, channels=spec.in_dim), req.seed, t0, schedule)
+    first = None if req.first_chunk_steps is None else len(req.first_chunk_steps)
+    calls = count_model_calls(schedule, req.frames_per_block, len(req.steps), first_steps=first,
+                              default_mode=default_recache_mode(policy),
+                              **({"start_frame": t0, "context": schedule[0].context, "started": True,
+                                  "tail_frames": min(t0, TAIL_FRAMES)} if t0 else {}))
+    calls += len(chunk_bounds(0, t0, req.frames_per_block)) if t0 else 0
+    hooks = ComfyHooks(model, calls)
     from . import messages  # the live panel: chunk k of n, seconds, segment, KV in use, newest chunk
     messages.describe_run(
-        total_latent_frames=req.latent_frames, frames_per_block=req.frames_per_block, policy=policy.preset,
-        latent_format=model.model.latent_format, segments=[(seg.label, seg.frames) for seg in schedule],
+        total_latent_frames=req.latent_frames, start_frame=t0, frames_per_block=req.frames_per_block,
+        policy=policy.preset, latent_format=model.model.latent_format,
+        segments=[(seg.label, seg.frames) for seg in schedule],
         kv_bytes_at=lambda n: estimate_run(spec, policy, latent_frames=max(1, n), latent_height=shape[-2],
                                            latent_width=shape[-1], frames_per_block=req.frames_per_block,
                                            dtype=dtype).kv_bytes,
         kv_budget_bytes=estimate.kv_bytes, width=req.width, height=req.height)
-    t0 = time.perf_counter()
+    # ComfyUI's LATENT is in the VAE's raw space; the model samples in the normalized one (KSampler's
+    # process_latent_in)
+    start = None if initial is None else model.model.process_latent_in(initial.float()).to(device)
+    t_start = time.perf_counter()
     latents, state = run_interruptible(lambda: generate_schedule(
         module, schedule, noise.to(device), steps=req.steps, shift=req.shift, frames_per_block=req.frames_per_block,
-        policy=policy, generator=renoise_generator(req.seed), progress=hooks.progress,
-        should_stop=hooks.should_stop, on_chunk=hooks.on_chunk, dtype=dtype), hooks)
-    seconds = time.perf_counter() - t0
+        policy=policy, generator=renoise_generator(req.seed), first_chunk_steps=req.first_chunk_steps,
+        initial_latent=start, progress=hooks.progress, should_stop=hooks.should_stop, on_chunk=hooks.on_chunk,
+        dtype=dtype), hooks)
+    seconds = time.perf_counter() - t_start
     samples = model.model.process_latent_out(latents.float()).to(mm.intermediate_device())
-    report = _report(req, policy, estimate, hooks.chunk_seconds, seconds, dtype, device)
-    extra = schedule_report(schedule)
+    report = _report(req, policy, estimate, hooks.chunk_seconds, seconds, dtype, device, initial_latent)
+    extra = schedule_report(schedule, t0 if prompt_schedule is not None else 0, default_recache_mode(policy))
     report += ("\n" + extra if extra else "") + f"\nAR_STATE: {state.nbytes / 2**20:.1f} MiB in CPU memory"
     report += "".join("\n" + line for line in model_patch_lines(model))
     log.info("headforcing: %s", report.replace("\n", " | "))
@@ -550,25 +773,67 @@ def model_patch_lines(model) -> list[str]:
     return patch_report(model)
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def sampling_lines(req: SamplerRequest) -> list[str]:
+    """The report's lines on what was sampled with what: model preset, frames per block, steps, first-chunk
+    steps, shift, and the widget values a preset replaced."""
+    sm = req.sampling
+    first = steps_text(req.first_chunk_steps) or "none"
+    lines = [f"model preset: {sm.preset if sm else CUSTOM_PRESET}"
+             + (f" ({sm.source})" if sm and sm.source else " (the frames_per_block, steps, first_chunk_steps and "
+                                                          "shift widgets)")
+             + f": frames per block {req.frames_per_block}, steps {steps_text(req.steps)}, first-chunk steps "
+             f"{first}, shift {req.shift:g}"]
+    if sm and sm.replaced:
+        lines.append("  the preset replaced the widget values " + "; ".join(sm.replaced)
+                     + " (model_preset 'custom' uses the widgets)")
+    return lines
+
+
 def _report(req: SamplerRequest, policy: CachePolicy, estimate, chunk_seconds: list[float], seconds: float,
-            dtype: torch.dtype, device) -> str:
+            dtype: torch.dtype, device, initial_latent=None) -> str:
     per_chunk = seconds / max(1, len(chunk_seconds))
     steady = sum(chunk_seconds[1:]) / (len(chunk_seconds) - 1) if len(chunk_seconds) > 1 else per_chunk
+    new_video = TIME_COMPRESSION * req.latent_frames if req.initial_frames else req.frames
+    if req.initial_frames:
+        t0 = req.initial_frames
+        head = (f"Head Forcing AR sampler: {new_video} new frames ({req.latent_frames} latent) after an initial latent "
+                f"of {_count(t0, 'latent frame')} ({_count(decoded_frames(t0), 'video frame')}); the whole video is "
+                f"{req.frames} frames "
+                f"({req.total_latent_frames} latent, {req.frames / FPS:.2f} s at {FPS} fps) at {req.width}x{req.height}, "
+                f"seed {req.seed}" + (f" (asked for {req.frames_requested} frames)"
+                                      if req.frames_requested != req.frames else ""))
+        ignored = sorted(k for k in (initial_latent or {}) if k != "samples")
+        passes = -(-t0 // req.frames_per_block)
+        init = [f"initial latent: {_count(t0, 'latent frame')} put into the cache first "
+                f"({_count(passes, 'clean pass', 'clean passes')} at timestep 0); the LATENT output "
+                "holds only the new frames: join them after it with LatentConcat (dim t) and decode once"
+                + (f"; its {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not used" if ignored else "")]
+    else:
+        head = (f"Head Forcing AR sampler: {req.frames} frames ({req.latent_frames} latent, "
+                f"{req.frames / FPS:.2f} s at {FPS} fps) at {req.width}x{req.height}, seed {req.seed}"
+                + (f" (asked for {req.frames_requested} frames)" if req.frames_requested != req.frames else ""))
+        init = []
+    first = (f"; the first chunk {len(req.first_chunk_steps)} steps ({steps_text(req.first_chunk_steps)})"
+             if req.first_chunk_steps is not None else "")
     lines = [
-        f"Head Forcing AR sampler: {req.frames} frames ({req.latent_frames} latent, "
-        f"{req.frames / FPS:.2f} s at {FPS} fps) at {req.width}x{req.height}, seed {req.seed}"
-        + (f" (asked for {req.frames_requested} frames)" if req.frames_requested != req.frames else ""),
+        head,
+        *init,
+        *sampling_lines(req),
         f"chunks: {req.chunks} of {req.frames_per_block} latent frames"
         + (f" (the last one {req.latent_frames % req.frames_per_block})" if req.latent_frames % req.frames_per_block
            else "")
-        + f", {len(req.steps)} steps + clean pass each, "
+        + f", {len(req.steps)} steps + clean pass each{first}, "
         f"steps {','.join(f'{s:g}' for s in req.steps)}, shift {req.shift:g}",
         f"policy: {describe(policy)}",
         *[f"  {n}" for n in estimate.notes],
         f"memory estimate: {estimate.breakdown()}; peak ≈ {estimate.run_bytes / GiB:.3f} GiB "
         f"({estimate.peak_phase}) + weights",
         f"time: {seconds:.2f} s, {per_chunk:.3f} s/chunk (steady {steady:.3f} s/chunk), "
-        f"{req.frames / seconds if seconds > 0 else 0:.2f} video frames/s on {device} in "
+        f"{new_video / seconds if seconds > 0 else 0:.2f} video frames/s on {device} in "
         f"{str(dtype).replace('torch.', '')}",
     ]
     return "\n".join(lines)

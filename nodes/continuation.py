@@ -65,20 +65,33 @@ def story_noise(shape_of, seed: int, start_frame: int, schedule: PromptSchedule)
     return segment_noise(lambda s, e: noise_frames(shape_of, seed, s, e), start_frame, [s.frames for s in schedule])
 
 
+def default_recache_mode(policy) -> str:
+    """The recache mode of segments that name none: what ``ScheduleSampler.default_recache_mode`` picks
+    (``longlive`` under the ``longlive`` preset, else ``block_causal``)."""
+    return "longlive" if getattr(policy, "preset", None) == "longlive" else "block_causal"
+
+
 def story_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: int,
                       state: ARState | None = None) -> int:
     where = {} if state is None else dict(start_frame=state.next_frame, context=state.context, started=True,
-                                          tail_frames=state.tail.shape[2])
+                                          tail_frames=state.tail.shape[2],
+                                          default_mode=default_recache_mode(state.policy))
     return count_model_calls(schedule, frames_per_block, steps, **where)
 
 
-def schedule_report(schedule: PromptSchedule, start_frame: int = 0) -> str:
+def schedule_report(schedule: PromptSchedule, start_frame: int = 0, default_mode: str | None = None) -> str:
+    """The schedule's segments for a report (nothing for one segment from frame 0); ``default_mode``: the
+    recache mode a recache segment that names none gets (said next to it)."""
     if len(schedule) == 1 and start_frame == 0:
         return ""
     lines = [f"prompt schedule ({len(schedule)} segment{'s' if len(schedule) > 1 else ''}):"]
     pos = start_frame
     for i, seg in enumerate(schedule):
-        lines.append(f"  {i + 1}. latent frames {pos}-{pos + seg.frames - 1}: {seg.describe()}")
+        text = seg.describe()
+        if seg.transition == "recache" and not seg.recache_mode and default_mode:
+            text = text.replace(f"recache {seg.transition_frames}",
+                                f"recache {seg.transition_frames} ({default_mode}, the policy's default)", 1)
+        lines.append(f"  {i + 1}. latent frames {pos}-{pos + seg.frames - 1}: {text}")
         pos += seg.frames
     return "\n".join(lines)
 
@@ -168,7 +181,7 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
         f"Head Forcing Continue: latent frames {first}-{last - 1} ({new_frames} new = {4 * new_frames} video "
         f"frames, {4 * new_frames / bridge.FPS:.2f} s at {bridge.FPS} fps) at {width}x{height}, seed {seed}; "
         f"the video is now {last} latent frames ({bridge.decoded_frames(last)} frames)",
-        schedule_report(schedule, first) or f"transition: {new_state.history[-1]['transition']}",
+        schedule_report(schedule, first, default_recache_mode(policy)) or f"transition: {new_state.history[-1]['transition']}",
         f"policy: {describe(policy)}",
         f"memory estimate: {estimate.breakdown()}; peak ≈ {estimate.run_bytes / GiB:.3f} GiB ({estimate.peak_phase}) "
         f"+ weights; AR_STATE {new_state.nbytes / 2**20:.1f} MiB in CPU memory",

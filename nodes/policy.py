@@ -63,8 +63,9 @@ class HeadForcingCachePolicy(io.ComfyNode):
                     "preset", options=list(PRESETS), default="head_forcing",
                     tooltip="full: keep everything (Self Forcing; only up to 21 latent frames = 81 frames). "
                             "self_forcing_window: last 21 frames. sink_window: 3 first + 9 last frames for every "
-                            "head. longlive: LongLive's interactive window (3 sink + 12 frames incl. the chunk, "
-                            "absolute positions). pyramid_forcing: Anchor/Wave/Veil heads exactly as Pyramid "
+                            "head (ours, positions renumbered into the last 21). longlive: LongLive's interactive window, "
+                            "12 frames: 3 sink + the 6 before the chunk + the chunk, absolute positions (its recache "
+                            "defaults to LongLive's). pyramid_forcing: Anchor/Wave/Veil heads exactly as Pyramid "
                             "Forcing's code runs them (its parameters below). head_forcing: Local/Anchor/Memory "
                             "heads with episodic memory (long videos)."),
                 io.Combo.Input(

@@ -105,6 +105,10 @@ def test_schemas(comfy):
     seg = info["HeadForcingPromptSegment"]
     assert seg["output"] == ["PROMPT_SCHEDULE", "STRING"]
     assert seg["input"]["optional"]["previous"][0] == "PROMPT_SCHEDULE"
+    mode = seg["input"]["optional"]["recache_mode"]  # issue 15: the recache mode, optional (older prompts run)
+    assert (mode[1].get("options") or mode[0]) == ["policy default", "block_causal", "longlive", "longlive_local_sink"]
+    assert mode[1]["default"] == "policy default"
+    assert all(w in mode[1]["tooltip"] for w in ("block_causal", "longlive", "no mask", "sink"))
     text = info["HeadForcingPromptScheduleFromText"]
     assert text["input"]["required"]["clip"][0] == "CLIP" and text["output"][0] == "PROMPT_SCHEDULE"
     cont = info["HeadForcingContinue"]
@@ -325,7 +329,16 @@ def test_text_node_encodes_every_line(pack_nodes):
     assert "blend 4" in summary
     assert pack_nodes.HeadForcingPromptScheduleFromText.validate_inputs(text="5 | ok\nbad line") == \
         "line 2 ('bad line'): no '|' between the length and the prompt; expected 'seconds | prompt' " \
-        "(optionally '| cut', '| recache N' or '| blend N')"
+        "(optionally '| cut', '| recache N [mode]' or '| blend N')"
+    # a recache line may name its mode (issue 15); without one the policy's default applies at sampling time
+    out = pack_nodes.HeadForcingPromptScheduleFromText.execute(
+        clip, "3 | a | cut\n3 | b | recache 12 longlive\n3 | c | recache 3\n3 | d | recache 12 longlive_local_sink")
+    schedule, summary = out.result if hasattr(out, "result") else out
+    assert [s.recache_mode for s in schedule] == [None, "longlive", None, "longlive_local_sink"]
+    assert "recache 12 (longlive)" in summary, summary
+    assert pack_nodes.HeadForcingPromptScheduleFromText.validate_inputs(text="3 | a | recache 3 sideways") == \
+        "line 1 ('3 | a | recache 3 sideways'): 'sideways' is not a recache mode (block_causal, longlive, " \
+        "longlive_local_sink); expected 'seconds | prompt' (optionally '| cut', '| recache N [mode]' or '| blend N')"
 
 
 # --------------------------------------------------------------------------------------------

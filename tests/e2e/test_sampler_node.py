@@ -80,7 +80,16 @@ def test_sampler_schema(comfy):
     assert opt["frames_per_block"][1]["default"] == 3
     assert opt["policy"][1]["default"] == "self_forcing_window"
     policies = opt["policy"][1].get("options") or opt["policy"][0]
-    assert policies == ["full", "self_forcing_window", "sink_window", "pyramid_forcing", "head_forcing"]
+    assert policies == ["full", "self_forcing_window", "sink_window", "longlive", "pyramid_forcing", "head_forcing"]
+    # issue 12: start from an image / a video, model presets, a first-chunk step list; added after every older
+    # input so that UI workflows saved before them keep their widget values in place
+    assert list(opt)[-3:] == ["initial_latent", "model_preset", "first_chunk_steps"]
+    assert opt["initial_latent"][0] == "LATENT"
+    presets = opt["model_preset"][1].get("options") or opt["model_preset"][0]
+    assert presets[0] == "custom" and opt["model_preset"][1]["default"] == "custom"
+    assert {"Self Forcing chunk-wise", "Causal Forcing chunk-wise", "Causal Forcing frame-wise 4-step",
+            "Causal Forcing++ frame-wise 2-step", "Causal Forcing++ frame-wise 1-step"} <= set(presets)
+    assert opt["first_chunk_steps"][1]["default"] == ""
     # every node of the pack carries the prefix (newer ComfyUI ships SamplerARVideo / EmptyARVideoLatent)
     everything = comfy.object_info()
     pack = [n for n, i in everything.items() if i.get("python_module") == "custom_nodes.headforcing"]
