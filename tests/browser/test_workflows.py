@@ -25,6 +25,9 @@ EXPECTED = [
     "headforcing_profile_then_generate.json",
     "headforcing_story.json",
     "headforcing_continuation.json",
+    "headforcing_image_to_video.json",
+    "headforcing_extend_video.json",
+    "headforcing_longlive_story.json",
 ]
 # node class -> the DOM widget the extension adds to it
 PACK_WIDGETS = {
@@ -64,13 +67,16 @@ def test_expected_workflows_exist():
 
 
 def test_generated_workflows_are_current(ui_server):
-    """workflows/ holds exactly what tools/make_workflows.py writes for this server's schemas."""
+    """workflows/ (and the API twins in workflows/api/) hold exactly what tools/make_workflows.py writes for
+    this server's schemas."""
     mw = _make_workflows()
     built = mw.build_workflows(ui_server.object_info())
+    assert set(EXPECTED) <= set(built) and {f"api/{n}" for n in EXPECTED} - set(built) == {
+        "api/headforcing_policy_comparison.json", "api/headforcing_profile_then_generate.json"}
     for name, wf in built.items():
         path = WORKFLOW_DIR / name
         assert path.exists(), f"{name} missing: run python3 tools/make_workflows.py"
-        assert path.read_text() == mw.dumps(wf), (
+        assert path.read_text() == mw.dumps(wf, name), (
             f"{name} is out of date with the node schemas: run python3 tools/make_workflows.py")
 
 
