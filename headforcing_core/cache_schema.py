@@ -36,7 +36,7 @@ def validate_cache_meta(cache: Mapping, tensors: Mapping[str, torch.Tensor], met
     from .retention import make_tracker
     from .rope import pooled_grid
     from .sampler import keys_stay_in_place
-    from .state import policy_from_dict
+    from .policies import policy_from_dict
 
     f = Fields(where, error)
     fp = meta["fingerprint"]

@@ -34,6 +34,7 @@ from .backbone import BackboneSpec
 from .errors import MemoryBudgetError
 from .policies import CachePolicy, PyramidRule, make_policy, resolve_labels
 from .plan import PLAN_SLICE_BYTES
+from .retention import make_tracker
 from .rope import pooled_grid
 
 GiB = 1024**3
@@ -182,7 +183,7 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     for row in types:
         for t in set(row):
             heads = row.count(t)
-            budget = budgets.setdefault(t, rules[t].budget(frames_per_block, latent_frames, tokens_of))
+            budget = budgets.setdefault(t, make_tracker(rules[t], frames_per_block).budget(latent_frames, tokens_of))
             by_type[t] = by_type.get(t, 0) + heads * budget.stored * per_token
             stored_sum += heads * budget.stored
             attended_sum += heads * budget.attended

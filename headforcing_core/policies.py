@@ -111,20 +111,6 @@ def _positive(where: str, obj, names: Sequence[str]) -> None:
 
 
 @dataclass(frozen=True)
-class TokenBudget:
-    """Tokens one head stores and attends (per query) at steady state; ``peak``: the most keys one
-    query attends (the chunk included); ``before`` / ``after``: the most history tokens a plan lays
-    out before the chunk's own keys (what every pass sees) and after them (what only the noisy
-    passes see, and episodic slots)."""
-
-    stored: float
-    attended: float
-    peak: float = 0.0
-    before: float = 0.0
-    after: float = 0.0
-
-
-@dataclass(frozen=True)
 class RetentionRule:
     """What one head type keeps (our family): ``sink`` first frames + ``recent`` last frames
     (+ an :class:`Episodic` memory of frames leaving the recent window).
@@ -171,22 +157,6 @@ class RetentionRule:
             _positive(where, self.middle, ("cap", "pool"))
             if not (-1.0 <= float(self.middle.similarity) <= 1.0):
                 raise PolicyError(f"{where}: episodic similarity must lie in [-1, 1], got {self.middle.similarity}")
-
-    def budget(self, frames_per_block: int, total_frames: int, tokens_of) -> TokenBudget:
-        """Tokens stored and attended per head at steady state (``tokens_of(pool)``: one frame's tokens)."""
-        full = tokens_of(1)
-        hist = self.history_frames(frames_per_block)
-        if hist is None:
-            everything = total_frames * full
-            return TokenBudget(everything, everything, everything, everything - frames_per_block * full, 0)
-        stored = attended = (self.sink + hist + frames_per_block) * full
-        peak, after = attended, 0
-        if self.middle is not None:
-            stored += (self.middle.cap + 1) * tokens_of(self.middle.pool)  # +1: headroom before a merge
-            attended += self.middle.cap * tokens_of(self.middle.pool)
-            after = (self.middle.cap + 1) * tokens_of(self.middle.pool)  # the slots the plan lays out
-            peak += after
-        return TokenBudget(stored, attended, peak, (self.sink + hist) * full, after)
 
     def describe(self) -> str:
         bits = [f"sink {self.sink}"] if self.sink else []
@@ -252,17 +222,6 @@ class PyramidRule:
                     f"head type {head_type!r}: the merge patch {p} does not divide the {grid[0]}×{grid[1]} token "
                     f"grid of this video; use a width and height whose latent patch grid is a multiple of {p} "
                     f"(multiples of {16 * p} pixels) or another merge patch")
-
-    def budget(self, frames_per_block: int, total_frames: int, tokens_of) -> TokenBudget:
-        """Steady-state tokens per head: stored (distinct frames and blocks) and attended per query
-        frame, averaged over the query frames of a chunk and the four noisy passes plus the clean pass."""
-        from .retention import pyramid_steady_budget  # the rule's frame logic lives there
-
-        b = pyramid_steady_budget(self, frames_per_block)
-        pool = self.middle.patch if isinstance(self.middle, Merge) else 1
-        full, pooled = tokens_of(1), tokens_of(pool)
-        tok = lambda frames_and_blocks: frames_and_blocks[0] * full + frames_and_blocks[1] * pooled  # noqa: E731
-        return TokenBudget(tok(b.stored), tok(b.attended), tok(b.peak), tok(b.before), tok(b.after))
 
     def describe(self) -> str:
         m = self.middle
@@ -489,6 +448,30 @@ class CachePolicy:
 
 def describe(policy: CachePolicy) -> str:
     return policy.describe()
+
+
+def policy_to_dict(policy: CachePolicy) -> dict:
+    """The policy as JSON-able data (AR_STATE files): the one codec of a policy."""
+    labels = None if policy.labels is None else {
+        "taxonomy": policy.labels.taxonomy, "types": [list(row) for row in policy.labels.types],
+        "source": policy.labels.source}
+    return {"preset": policy.preset, "rope": policy.rope, "window": policy.window, "clamp_min": policy.clamp_min,
+            "clamp_max": policy.clamp_max, "note": policy.note,
+            "rules": [[t, rule_to_dict(r)] for t, r in policy.rules], "labels": labels}
+
+
+def policy_from_dict(d: Mapping) -> CachePolicy:
+    """Inverse of :func:`policy_to_dict` (:class:`PolicyError` for anything it cannot read)."""
+    try:
+        rules = tuple((str(t), rule_from_dict(r)) for t, r in d["rules"])
+        lab = d.get("labels")
+        labels = None if lab is None else HeadLabels(lab["taxonomy"], tuple(tuple(row) for row in lab["types"]),
+                                                     lab.get("source", ""))
+        return CachePolicy(preset=str(d["preset"]), rules=rules, rope=str(d["rope"]), labels=labels,
+                           window=int(d["window"]), clamp_min=int(d.get("clamp_min", 18)),
+                           clamp_max=int(d.get("clamp_max", 21)), note=str(d.get("note", "")))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PolicyError(f"the policy record is unreadable ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------------------

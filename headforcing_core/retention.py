@@ -76,10 +76,30 @@ def _frame_key(frame: int, chunk_start: int, role: str, anchor: bool = False) ->
     return Key("frame", frame, float(frame), role, anchor)
 
 
+@dataclass(frozen=True)
+class TokenBudget:
+    """Tokens one head stores and attends (per query) at steady state; ``peak``: the most keys one
+    query attends (the chunk included); ``before`` / ``after``: the most history tokens a plan lays
+    out before the chunk's own keys (what every pass sees) and after them (what only the noisy
+    passes see, and episodic slots)."""
+
+    stored: float
+    attended: float
+    peak: float = 0.0
+    before: float = 0.0
+    after: float = 0.0
+
+
 class Tracker:
     """Base class; one per head type."""
 
     rule: Rule
+    frames_per_block: int
+
+    def budget(self, total_frames: int, tokens_of) -> TokenBudget:
+        """Tokens one head of this type stores and attends at steady state (``tokens_of(pool)``: the tokens
+        of one frame pooled ``pool×pool``)."""
+        raise NotImplementedError
 
     def keys(self, start: int, frames: int) -> ChunkKeys:
         raise NotImplementedError
@@ -106,7 +126,7 @@ class Tracker:
         """The prompt changes from ``first_frame`` on (only episodic memory reacts)."""
 
     def state(self) -> dict:
-        return copy.deepcopy({k: v for k, v in vars(self).items() if k != "rule"})
+        return copy.deepcopy({k: v for k, v in vars(self).items() if k not in ("rule", "frames_per_block")})
 
     def load_state(self, state: dict) -> None:
         for k, v in state.items():
@@ -124,6 +144,7 @@ class RetentionTracker(Tracker):
 
     def __init__(self, rule: RetentionRule, frames_per_block: int):
         self.rule = rule
+        self.frames_per_block = frames_per_block
         self.history = rule.history_frames(frames_per_block)  # None: keep everything
         self.committed = 0
         self.sinks: list[int] = []
@@ -166,6 +187,22 @@ class RetentionTracker(Tracker):
 
     def stored_frames(self) -> set[int]:
         return set(self.sinks) | set(self.recent)
+
+    def budget(self, total_frames: int, tokens_of) -> TokenBudget:
+        rule, frames_per_block = self.rule, self.frames_per_block
+        full = tokens_of(1)
+        hist = self.history
+        if hist is None:
+            everything = total_frames * full
+            return TokenBudget(everything, everything, everything, everything - frames_per_block * full, 0)
+        stored = attended = (rule.sink + hist + frames_per_block) * full
+        peak, after = attended, 0
+        if rule.middle is not None:
+            stored += (rule.middle.cap + 1) * tokens_of(rule.middle.pool)  # +1: headroom before a merge
+            attended += rule.middle.cap * tokens_of(rule.middle.pool)
+            after = (rule.middle.cap + 1) * tokens_of(rule.middle.pool)  # the slots the plan lays out
+            peak += after
+        return TokenBudget(stored, attended, peak, (rule.sink + hist) * full, after)
 
     def frame_capacity(self, frames_per_block: int, total_frames: int) -> int:
         if self.history is None:
@@ -210,8 +247,20 @@ class PyramidTracker(Tracker):
 
     def __init__(self, rule: PyramidRule, frames_per_block: int):
         self.rule = rule
+        self.frames_per_block = frames_per_block
         self.committed = 0
         self.stores = _PyramidStores()
+
+    def budget(self, total_frames: int, tokens_of) -> TokenBudget:
+        """Steady-state tokens per head: stored (distinct frames and blocks) and attended per query
+        frame, averaged over the query frames of a chunk and the four noisy passes plus the clean pass."""
+        b = pyramid_steady_budget(self.rule, self.frames_per_block)
+        m = self.rule.middle
+        pool = m.patch if isinstance(m, Merge) else 1
+        full, pooled = tokens_of(1), tokens_of(pool)
+        tok = lambda frames_and_blocks: frames_and_blocks[0] * full + frames_and_blocks[1] * pooled  # noqa: E731
+        return TokenBudget(tok(b.stored), tok(b.attended), tok(b.peak), tok(b.before), tok(b.after))
+
 
     # -- the stores after a chunk ----------------------------------------------------------
     def _after(self, start: int, frames: int) -> _PyramidStores:

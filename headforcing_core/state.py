@@ -48,43 +48,28 @@ import torch
 from .backbone import BackboneSpec, WanRunner
 from .errors import HeadForcingError, ShapeError, StateError
 from .errors import PolicyError
-from .policies import CachePolicy, HeadLabels, rule_from_dict, rule_to_dict
+from .policies import CachePolicy
+from .policies import policy_from_dict as _policy_from_dict
+from .policies import policy_to_dict  # noqa: F401 (re-export: the one policy codec lives with the policy)
 from .prompts import PromptSchedule, ScheduleSampler, as_schedule
 from .sampler import Hooks, build_sampler, chunk_bounds, validate_initial_latent, validate_inputs
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 
 log = logging.getLogger("headforcing")
 
-STATE_FORMAT = "headforcing.ar_state"
-STATE_VERSION = 2  # 2: per-type stores (head-wise cache redesign)
-STATE_META_KEY = "headforcing_state"
-STATE_SUFFIX = ".safetensors"
+from .state_format import STATE_FORMAT, STATE_META_KEY, STATE_SUFFIX, STATE_VERSION  # noqa: F401 (re-export)
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 # ---------------------------------------------------------------------------------------------
 # policy <-> JSON
 
-def policy_to_dict(policy: CachePolicy) -> dict:
-    labels = None if policy.labels is None else {
-        "taxonomy": policy.labels.taxonomy, "types": [list(row) for row in policy.labels.types],
-        "source": policy.labels.source}
-    return {"preset": policy.preset, "rope": policy.rope, "window": policy.window, "clamp_min": policy.clamp_min,
-            "clamp_max": policy.clamp_max, "note": policy.note,
-            "rules": [[t, rule_to_dict(r)] for t, r in policy.rules], "labels": labels}
-
-
 def policy_from_dict(d: Mapping) -> CachePolicy:
+    """A state's policy record (:func:`headforcing_core.policies.policy_from_dict`), as a :class:`StateError`."""
     try:
-        rules = tuple((str(t), rule_from_dict(r)) for t, r in d["rules"])
-        lab = d.get("labels")
-        labels = None if lab is None else HeadLabels(lab["taxonomy"], tuple(tuple(row) for row in lab["types"]),
-                                                     lab.get("source", ""))
-        return CachePolicy(preset=str(d["preset"]), rules=rules, rope=str(d["rope"]), labels=labels,
-                           window=int(d["window"]), clamp_min=int(d.get("clamp_min", 18)),
-                           clamp_max=int(d.get("clamp_max", 21)), note=str(d.get("note", "")))
-    except (KeyError, TypeError, ValueError, PolicyError) as e:
-        raise StateError(f"the AR_STATE's policy record is unreadable ({type(e).__name__}: {e})") from None
+        return _policy_from_dict(d)
+    except PolicyError as e:
+        raise StateError(f"the AR_STATE's {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,6 +424,7 @@ def load_state(path: str | os.PathLike) -> ARState:
     inconsistent or of another version (see :mod:`headforcing_core.validation`)."""
     from safetensors import safe_open
 
+    from .cache_schema import validate_cache_meta
     from .validation import validate_state
 
     path = Path(path)
@@ -459,7 +445,9 @@ def load_state(path: str | os.PathLike) -> ARState:
         meta = json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise StateError(f"{path.name}: the AR_STATE metadata is not valid JSON ({e})") from None
-    validate_state(meta, tensors, f"AR_STATE {path.name!r}", StateError)
+    where = f"AR_STATE {path.name!r}"
+    validate_state(meta, tensors, where, StateError)
+    validate_cache_meta(meta["cache"], tensors, meta, where=where, error=StateError)  # once the rest is known good
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise StateError(f"{path.name}: tensor(s) {', '.join(bad[:4])} hold NaN/inf values (damaged file?)")

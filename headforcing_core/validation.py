@@ -181,7 +181,7 @@ _RULE_FIELDS = {"retention": {"sink": "count", "recent": "optional", "window": b
 
 
 def _check_policy_record(f: Fields, rec, fingerprint: dict) -> None:
-    """Types and ranges of the JSON policy record (``state.policy_to_dict``)."""
+    """Types and ranges of the JSON policy record (``policies.policy_to_dict``)."""
     rec = f.mapping(rec, "policy")
     f.text(f.get(rec, "preset", "policy.preset"), "policy.preset", max_len=200)
     f.text(f.get(rec, "rope", "policy.rope"), "policy.rope", max_len=200)
@@ -245,13 +245,13 @@ def validate_state(meta, tensors: Mapping[str, torch.Tensor], where: str, error:
 
     ``meta`` is the decoded JSON of the file, ``tensors`` all its tensors. The cache section
     (``meta["cache"]`` and the ``cache.*`` tensors) goes to
-    :func:`headforcing_core.cache_schema.validate_cache_meta` once everything else is known good.
+    :func:`headforcing_core.cache_schema.validate_cache_meta`, which the caller runs once this passed.
     """
-    from .cache_schema import validate_cache_meta
     from .policies import resolve_labels
     from .prompts import TAIL_FRAMES, TRANSITIONS
     from .schedule import FlowMatchSchedule
-    from .state import STATE_FORMAT, STATE_VERSION, policy_from_dict
+    from .policies import policy_from_dict
+    from .state_format import STATE_FORMAT, STATE_VERSION
 
     f = Fields(where, error)
     meta = f.mapping(meta, "metadata")
@@ -347,8 +347,7 @@ def validate_state(meta, tensors: Mapping[str, torch.Tensor], where: str, error:
     elif rng_device is not None:
         f.fail("rng_device", f"is {rng_device!r} but the file has no rng tensor")
 
-    cache = f.mapping(f.get(meta, "cache"), "cache")
-    validate_cache_meta(cache, tensors, meta, where=where, error=error)
+    f.mapping(f.get(meta, "cache"), "cache")  # its contents: cache_schema.validate_cache_meta, called next
     return policy
 
 

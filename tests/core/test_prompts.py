@@ -237,7 +237,8 @@ def test_recache_reruns_exactly_the_last_frames_at_t0(tiny_model):
     kinds = [(c["start"], c["kind"]) for c in spy.calls]
     i = kinds.index((3, "replace"))
     assert kinds[i - 1] == (6, "commit") and kinds[i + 2][0] == 7
-    assert sampler.events == [dict(frame=7, transition="recache", switch=True, frames=4, replaced=2 * 4)]
+    assert sampler.events == [dict(frame=7, transition="recache", switch=True, frames=4, replaced=2 * 4,
+                                   mode="block_causal")]
 
 
 def test_recache_replaces_kv_where_frames_are_kept_whole(tiny_model):
