@@ -31,6 +31,7 @@ import time
 import torch
 
 from .backbone import BackboneSpec, WanRunner
+from .geometry import TIME_COMPRESSION, latent_frames_for_seconds
 from .memory import estimate_run
 from .policies import PRESETS, make_policy
 from .sampler import ARSampler, Hooks
@@ -44,11 +45,6 @@ MODEL_SHAPES = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_POLICIES = ("self_forcing_window", "sink_window", "longlive", "pyramid_forcing", "head_forcing")
-
-
-def latent_frames_for(seconds: float, fps: int = 16) -> int:
-    frames = max(1, round(seconds * fps))
-    return (frames - 1) // 4 + 1
 
 
 def _sync(device: torch.device) -> None:
@@ -176,7 +172,7 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
         "attended_frames_measured": attended / tokens,
         "seconds_per_chunk": spc,
         "chunk_seconds": chunk_times,
-        "video_fps": 4 * f / spc,
+        "video_fps": TIME_COMPRESSION * f / spc,
         "timed_chunks": len(chunk_times),
         "start_frame": start_frame,
         "backend": sampler.backend_name,
@@ -228,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = measure_matmul_peak(device, DTYPES[args.dtype])
         report["matmul_peak_tflops"] = peak / 1e12
     for seconds in args.seconds:
-        frames = latent_frames_for(seconds)
+        frames = latent_frames_for_seconds(seconds)
         per_policy = {}
         for name in args.policy:
             est = estimate_run(spec, name, latent_frames=frames, latent_height=args.height // 8,

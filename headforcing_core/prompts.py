@@ -53,7 +53,8 @@ from .errors import HeadForcingError, ShapeError
 from .plan import ChunkAttention, plan_chunk
 from .retention import ChunkKeys, Key
 from .policies import TRAINING_WINDOW
-from .sampler import ARSampler, Hooks, chunk_bounds
+from .geometry import FPS, chunk_bounds, seconds_to_chunked_frames
+from .sampler import ARSampler, Hooks
 
 TRANSITIONS = ("cut", "recache", "blend")
 # how a recache re-runs the frames before a switch (see the module docstring)
@@ -61,8 +62,6 @@ RECACHE_MODES = ("block_causal", "longlive", "longlive_local_sink")
 LONGLIVE_SINK = 3  # LongLive's sink_size (configs/longlive_interactive_inference.yaml)
 MAX_TRANSITION_FRAMES = TRAINING_WINDOW  # recache re-runs at most this many frames (the latents kept)
 TAIL_FRAMES = TRAINING_WINDOW  # committed latents a sampler / AR_STATE keeps for recache
-FPS = 16  # Self Forcing / Wan 2.1 frame rate
-TIME_COMPRESSION = 4  # Wan VAE: one latent frame = 4 video frames
 
 
 class ScheduleError(HeadForcingError):
@@ -150,14 +149,8 @@ class PromptSegment:
 
 
 def seconds_to_latent_frames(seconds: float, frames_per_block: int, fps: float = FPS) -> int:
-    """Latent frames for ``seconds`` of video, rounded to whole chunks (at least one chunk).
-
-    One latent frame is 4 video frames; at 16 fps a second is 4 latent frames, so
-    5 s with 3-frame chunks → 20 → 21 latent frames.
-    """
-    latent = seconds * fps / TIME_COMPRESSION
-    chunks = max(1, math.floor(latent / frames_per_block + 0.5))
-    return chunks * frames_per_block
+    """Latent frames for ``seconds`` of video, rounded to whole chunks (:func:`geometry.seconds_to_chunked_frames`)."""
+    return seconds_to_chunked_frames(seconds, frames_per_block, fps)
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,7 +212,7 @@ class PromptSchedule:
 
     def bounds(self) -> list[tuple[int, int]]:
         """(first latent frame, frames) of every segment, from 0 (lengths must be resolved)."""
-        out, pos = [], self.total_frames and 0
+        out, pos = [], 0
         for s in self.segments:
             out.append((pos, s.frames))
             pos += s.frames

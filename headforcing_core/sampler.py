@@ -26,6 +26,7 @@ from .attention import select_backend
 from .backbone import TextContext, WanRunner
 from .cache import HeadwiseKVCache
 from .errors import Interrupted, ShapeError
+from .geometry import chunk_bounds, video_frames_for
 from .plan import ChunkAttention, ChunkPlan, Observer, plan_chunk
 from .policies import CachePolicy, RetentionRule, make_policy, resolve_labels
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
@@ -47,18 +48,6 @@ class Hooks:
     progress: ProgressFn | None = None
     should_stop: StopFn | None = None
     on_chunk: ChunkFn | None = None
-
-
-def chunk_bounds(start_frame: int, num_frames: int, frames_per_block: int) -> list[tuple[int, int]]:
-    """(first frame, frames) of every chunk; the last one may be shorter."""
-    if frames_per_block < 1:
-        raise ShapeError(f"frames per block must be ≥ 1, got {frames_per_block}")
-    out, s = [], start_frame
-    end = start_frame + num_frames
-    while s < end:
-        out.append((s, min(frames_per_block, end - s)))
-        s += frames_per_block
-    return out
 
 
 def as_policy(policy: str | CachePolicy) -> CachePolicy:
@@ -266,7 +255,7 @@ def validate_inputs(runner: WanRunner, context: torch.Tensor, noise: torch.Tenso
     if t < frames_per_block:
         raise ShapeError(
             f"{t} latent frame(s) is shorter than one chunk of {frames_per_block}; "
-            f"ask for at least {4 * frames_per_block - 3} video frames"
+            f"ask for at least {video_frames_for(frames_per_block)} video frames"
         )
     if context.ndim != 3 or context.shape[-1] != spec.text_dim:
         raise ShapeError(
@@ -300,7 +289,7 @@ def validate_initial_latent(initial: torch.Tensor | None, noise_shape: tuple, fr
         raise ShapeError(
             f"initial_latent has {t0} latent frame(s); the cache takes whole chunks of {frames_per_block} frames "
             f"(as Self Forcing's and Causal Forcing's pipelines do): use {whole} or {whole + frames_per_block} "
-            f"frames ({4 * whole - 3} or {4 * (whole + frames_per_block) - 3} video frames)"
+            f"frames ({video_frames_for(whole)} or {video_frames_for(whole + frames_per_block)} video frames)"
             + ("; a single image (1 latent frame) needs a frame-wise model (frames_per_block 1)"
                if t0 == 1 else ""))
     if not bool(torch.isfinite(initial).all()):

@@ -52,7 +52,8 @@ from .policies import CachePolicy
 from .policies import policy_from_dict as _policy_from_dict
 from .policies import policy_to_dict  # noqa: F401 (re-export: the one policy codec lives with the policy)
 from .prompts import PromptSchedule, ScheduleSampler, as_schedule
-from .sampler import Hooks, build_sampler, chunk_bounds, validate_initial_latent, validate_inputs
+from .geometry import chunk_bounds, video_frames_for
+from .sampler import Hooks, build_sampler, validate_initial_latent, validate_inputs
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 
 log = logging.getLogger("headforcing")
@@ -210,7 +211,7 @@ class ARState:
     def describe(self) -> str:
         m = self.meta
         h, w = self.latent_size
-        lines = [f"AR_STATE: {self.next_frame} latent frames so far ({4 * self.next_frame - 3} video frames) at "
+        lines = [f"AR_STATE: {self.next_frame} latent frames so far ({video_frames_for(self.next_frame)} video frames) at "
                  f"{w * 8}x{h * 8}, batch {self.batch}, policy {m['policy']['preset']}, "
                  f"{self.nbytes / 2**20:.1f} MiB"]
         for i, seg in enumerate(self.history):
