@@ -119,19 +119,24 @@ class ARSampler:
         n = len(chunk_bounds(0, num_frames, self.frames_per_block))
         return sum(len(self.schedule_for_chunk(self.chunks_generated + i).timesteps) + 1 for i in range(n))
 
+    def _check_started(self, latents: torch.Tensor, what: str) -> int:
+        """Frames of ``latents`` once they fit the started batch and size (``start`` / ``set_prompt`` done)."""
+        if self.cache is None or self.text is None:
+            raise RuntimeError("call start() and set_prompt() first")
+        b, _, t, h, w = latents.shape
+        if (h, w) != self.latent_hw or b != self.batch:
+            raise ShapeError(f"{what} {tuple(latents.shape)} does not match the started size {self.latent_hw}, "
+                             f"batch {self.batch}")
+        return t
+
     @torch.no_grad()
     def prefill(self, latents: torch.Tensor, hooks: Hooks | None = None, calls_done: int = 0,
                 calls_total: int | None = None) -> int:
         """Put clean latents (``[B, C, T0, H, W]``) into the cache, chunk by chunk, at timestep 0 — what Self
         Forcing's and Causal Forcing's ``inference(..., initial_latent=…)`` do before generating. Each chunk is
         one clean pass that attends the cache and itself and commits its K/V. Returns the model calls done."""
-        if self.cache is None or self.text is None:
-            raise RuntimeError("call start() and set_prompt() before prefill()")
+        t = self._check_started(latents, "initial latent")
         hooks = hooks or Hooks()
-        b, _, t, h, w = latents.shape
-        if (h, w) != self.latent_hw or b != self.batch:
-            raise ShapeError(f"initial latent {tuple(latents.shape)} does not match the started size "
-                             f"{self.latent_hw}, batch {self.batch}")
         total = calls_total or len(chunk_bounds(0, t, self.frames_per_block))
         latents = latents.to(self.runner.device, self.runner.dtype if latents.dtype != torch.float64 else latents.dtype)
         done = calls_done
@@ -147,13 +152,8 @@ class ARSampler:
     def sample(self, noise: torch.Tensor, generator: torch.Generator | None = None, hooks: Hooks | None = None,
                calls_done: int = 0, calls_total: int | None = None) -> torch.Tensor:
         """Generate the frames of ``noise`` (``[B, C, f, H, W]``), continuing from the cache."""
-        if self.cache is None or self.text is None:
-            raise RuntimeError("call start() and set_prompt() before sample()")
+        t = self._check_started(noise, "noise")
         hooks = hooks or Hooks()
-        b, c, t, h, w = noise.shape
-        if (h, w) != self.latent_hw or b != self.batch:
-            raise ShapeError(f"noise {tuple(noise.shape)} does not match the started size {self.latent_hw}, "
-                             f"batch {self.batch}")
         calls_total = calls_total or self.total_model_calls(t)
         source_device = noise.device
         noise = noise.to(self.runner.device)  # the chunk math runs where the model runs
