@@ -158,16 +158,17 @@ def compute_estimate(values: dict, profile_name: str | None = None) -> dict:
         "summary": summary,
         "preset": values.get("preset"),
         "profile": profile_name,
-        "kv_bytes": est.kv_bytes,
-        "kv_bytes_by_type": dict(est.kv_bytes_by_type),
-        "activation_bytes": est.activation_bytes,
-        "text_bytes": est.text_bytes,
-        "total_bytes": est.total_bytes,
+        # byte counts as whole numbers (the core's per-type budgets may come as floats, e.g. pyramid_forcing's)
+        "kv_bytes": round(est.kv_bytes),
+        "kv_bytes_by_type": {t: round(b) for t, b in est.kv_bytes_by_type.items()},
+        "activation_bytes": round(est.activation_bytes),
+        "text_bytes": round(est.text_bytes),
+        "total_bytes": round(est.total_bytes),
         "attended_frames": round(est.attended_tokens / est.tokens_per_frame, 3),
         "latent_frames": latent,
         "frames": bridge.decoded_frames(latent),
         "seconds": round(bridge.decoded_frames(latent) / bridge.FPS, 3),
-        "window_kv_bytes": window.kv_bytes,
+        "window_kv_bytes": round(window.kv_bytes),
         "notes": list(est.notes),
     }
 
