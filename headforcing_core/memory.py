@@ -221,9 +221,10 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     # each copy the caller makes (e.g. ComfyUI's ``process_latent_out``: ``x * std + mean``) briefly holds
     # a temporary of the same size next to its result
     copies = 2 * output_copies * latent_bytes(spec, new, latent_height, latent_width, batch)
+    by_type = {t: int(round(b)) for t, b in by_type.items()}  # whole bytes (budgets may be averages)
     return RunEstimate(pol.preset, latent_frames, sum(by_type.values()), by_type, attended_sum / n_heads,
                        stored_sum / n_heads, tokens, act, text, weights_bytes,
-                       (pol.note,) if pol.note else (), attention_bytes=attention, latent_bytes=latents,
+                       (pol.note,) if pol.note else (), attention_bytes=int(attention), latent_bytes=latents,
                        state_bytes=state, input_state_bytes=input_state_bytes if state_on_device else 0,
                        output_copy_bytes=copies, text_encode_bytes=text_encode, extra_bytes=extra_bytes,
                        extra_label=extra_label)

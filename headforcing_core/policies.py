@@ -497,8 +497,8 @@ PRESET_TABLE: dict[str, Preset] = {
     "sink_window": Preset((("all", RetentionRule(sink=3, recent=9), ("sink", "recent")),), "window_shift",
                           summary="3 sink + 9 recent frames for every head, renumbered into the last 21"),
     "longlive": Preset((("all", RetentionRule(sink=3, recent=6), ("sink", "recent")),), "absolute",
-                       summary="LongLive's interactive window: 3 sink frames + 12 frames incl. the chunk, "
-                               "absolute positions"),
+                       summary="LongLive's interactive window: 12 frames in all (local_attn_size) = 3 sink "
+                               "frames + the 6 newest + the chunk, absolute positions"),
     "pyramid_forcing": Preset((("anchor", PyramidRule(3, 4, Stride(6, 4), stable_stride=True), ("sink", "recent")),
                                ("wave", PyramidRule(1, 4, Cyclic(6, 4)), ("recent",)),
                                ("veil", PyramidRule(3, 4, Merge(2, 4)), ("sink", "recent"))),

@@ -447,11 +447,16 @@ class ScheduleSampler(ARSampler):
     def plan_schedule(self, schedule: PromptSchedule) -> list[_SegmentPlan]:
         return plan_segments(schedule, self.frames_per_block, **self._where())
 
-    def schedule_model_calls(self, schedule: PromptSchedule) -> int:
+    def schedule_model_calls(self, schedule: PromptSchedule, start_frame: int | None = None) -> int:
+        """Model calls running ``schedule`` makes from here (or, for a run that first puts ``start_frame``
+        initial frames into the cache, from there)."""
         first = len(self.first_schedule.timesteps) if (self.first_schedule is not None
                                                         and self.chunks_generated == 0) else None
+        where = self._where()
+        if start_frame is not None:
+            where["start_frame"] = start_frame
         return count_model_calls(schedule, self.frames_per_block, len(self.schedule.timesteps), first_steps=first,
-                                 **self._where())
+                                 **where)
 
     def _where(self) -> dict:
         return dict(start_frame=self.next_frame, context=self.context, started=self.text is not None,

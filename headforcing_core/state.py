@@ -355,9 +355,9 @@ def generate_schedule(backbone: torch.nn.Module, schedule: PromptSchedule | torc
     if t0:
         sampler.set_prompt(sched[0].context)
         sampler.context = sched[0].context
-        total = len(chunk_bounds(0, t0, frames_per_block)) + sampler.schedule_model_calls(sched)
+        sampler.remember(initial_latent.to(sampler.runner.device))  # a recache may reach into these frames
+        total = len(chunk_bounds(0, t0, frames_per_block)) + sampler.schedule_model_calls(sched, start_frame=t0)
         done = sampler.prefill(initial_latent, hooks, 0, total)
-        sampler.remember(initial_latent.to(sampler.runner.device))
         history = [{"start": 0, "frames": t0, "transition": "cut", "transition_frames": 0, "switch": False,
                     "replaced": 0, "label": "initial latent"}]
     out = sampler.run_schedule(sched, noise, generator, hooks, done, total)

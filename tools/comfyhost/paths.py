@@ -52,7 +52,7 @@ BUILD_VERSION = 1  # bump to force a rebuild of every stage
 
 # Standard model file names (what the ComfyUI Wan examples use); `demo` uses them when present.
 REAL_MODELS = {
-    "diffusion_models": ["self_forcing_dmd.safetensors", "causal_forcing.safetensors"],
+    "diffusion_models": ["self_forcing_dmd.safetensors", "causal_forcing_chunkwise.safetensors"],  # chunk-wise: the demo workflow
     "text_encoders": ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "umt5_xxl_fp16.safetensors"],
     "vae": ["wan_2.1_vae.safetensors"],
 }
