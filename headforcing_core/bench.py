@@ -128,6 +128,36 @@ def count_chunk(sampler: ARSampler, noise: torch.Tensor, generator: torch.Genera
             "sync_ops_by_name": dict(outer.sync_ops)}
 
 
+def phase_times(sampler: ARSampler, noise: torch.Tensor, generator: torch.Generator) -> dict:
+    """Seconds one chunk spends planning, in its model calls and committing (synchronised around each, so
+    the total exceeds an overlapped chunk's; for where the time goes, not for throughput)."""
+    from . import sampler as sampler_module
+
+    dev = sampler.runner.device
+    times = {"plan": 0.0, "model_calls": 0.0, "commit": 0.0}
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            _sync(dev)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                _sync(dev)
+                times[key] += time.perf_counter() - t
+        return wrapper
+
+    plan, forward, commit = sampler_module.plan_chunk, sampler.runner.forward, sampler.cache.commit
+    sampler_module.plan_chunk = timed("plan", plan)
+    sampler.runner.forward = timed("model_calls", forward)
+    sampler.cache.commit = timed("commit", commit)
+    try:
+        sampler.sample(noise, generator)
+    finally:
+        sampler_module.plan_chunk, sampler.runner.forward, sampler.cache.commit = plan, forward, commit
+    return {k: round(v, 4) for k, v in times.items()}
+
+
 def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.device) -> dict:
     dtype = DTYPES[args.dtype]
     runner = WanRunner(model, dtype=dtype, device=device)
@@ -137,14 +167,15 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
     f = args.frames_per_block
     # time whole chunks at the end of the video; everything before is prefilled
     timed_frames = min(args.chunks, max(latent_frames // f, 1)) * f
-    start_frame = max(0, (latent_frames - timed_frames - f) // f * f)
+    start_frame = max(0, (latent_frames - timed_frames - 2 * f) // f * f)
     sampler.start(1, lh, lw, latent_frames)
     gen = torch.Generator().manual_seed(0)
     renoise = torch.Generator(device=device).manual_seed(1)  # noise drawn where the model runs
     sampler.set_prompt(torch.randn(1, 64, runner.spec.text_dim, generator=gen) * 0.1)
     prefill(sampler, start_frame, torch.Generator(device=device).manual_seed(2))
-    noise = torch.randn(1, runner.spec.in_dim, timed_frames + f, lh, lw, generator=gen).to(device)
+    noise = torch.randn(1, runner.spec.in_dim, timed_frames + 2 * f, lh, lw, generator=gen).to(device)
     counters = count_chunk(sampler, noise[:, :, :f], renoise)  # one steady-state chunk, counted (not timed)
+    phases = phase_times(sampler, noise[:, :, f:2 * f], renoise)  # one more, its phases timed apart
     plan = sampler.last_plan
     counters.update(gathered_bytes_per_chunk=plan.gathered_bytes, chunk_bytes_written_per_model_call=plan.chunk_write_bytes(),
                     query_frame_classes=plan.classes)
@@ -162,7 +193,7 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
 
     _sync(device)
     last[0] = time.perf_counter()
-    sampler.sample(noise[:, :, f:], renoise, Hooks(on_chunk=on_chunk))
+    sampler.sample(noise[:, :, 2 * f:], renoise, Hooks(on_chunk=on_chunk))
     measured = chunk_times[args.warmup:] or chunk_times
     spc = sum(measured) / len(measured)
     tokens = plan.tokens
@@ -177,6 +208,7 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
         "start_frame": start_frame,
         "backend": sampler.backend_name,
         "counters": counters,
+        "phase_seconds": phases,
     }
     flops = runner.spec.forward_flops(f * tokens, attended)
     calls = len(sampler.schedule.timesteps) + 1
