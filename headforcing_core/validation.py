@@ -361,11 +361,12 @@ _CALIBRATION_INTS = ("prompts", "frames", "frames_per_block", "latent_height", "
 def validate_profile_meta(meta, where: str, error: type[HeadForcingError]) -> dict:
     """Check a head profile's JSON metadata; returns it with ``model`` in canonical form.
 
-    The tensors (labels and statistics) are checked against the validated model shape by
-    :func:`headforcing_core.profiling.profile_io.load_profile`.
+    The tensors (labels and statistics) are checked against the validated model shape, and the
+    thresholds for usability by their classifier, in
+    :func:`headforcing_core.profiling.profile_io.load_profile` (the profiling package sits above
+    this module and owns both).
     """
     from .policies import TAXONOMIES
-    from .profiling.classify import CLASSIFIED_TAXONOMIES, thresholds_for
 
     f = Fields(where, error)
     meta = dict(f.mapping(meta, "metadata"))
@@ -379,11 +380,6 @@ def validate_profile_meta(meta, where: str, error: type[HeadForcingError]) -> di
         values = f.mapping(values, f"thresholds.{tax}")
         for key, value in values.items():
             f.number(value, f"thresholds.{tax}.{key}")
-        if tax in CLASSIFIED_TAXONOMIES:
-            try:
-                thresholds_for(tax, dict(values))
-            except (HeadForcingError, TypeError, ValueError) as e:
-                f.fail(f"thresholds.{tax}", f"are not usable: {e}")
     calibration = meta.get("calibration")
     if calibration is not None:
         calibration = f.mapping(calibration, "calibration")

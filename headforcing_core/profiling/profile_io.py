@@ -35,7 +35,7 @@ from ..validation import validate_profile_meta
 from ..policies import (PYRAMID_PRESET_SOURCE, PYRAMID_TO_HEAD_FORCING, TAXONOMIES, TRAINING_WINDOW,
                         pyramid_forcing_preset_labels)
 from ..wan_model import WanConfig
-from .classify import label_codes, labels_from_codes
+from .classify import CLASSIFIED_TAXONOMIES, label_codes, labels_from_codes, thresholds_for
 from .profile import HeadProfile
 from .stats import STAT_NAMES, FrameStats, summarize
 
@@ -159,6 +159,7 @@ def load_profile(path, *, expect=None, name: str | None = None) -> HeadProfile:
     except (ValueError, RecursionError) as e:
         raise ProfileError(f"{where}: the metadata is not valid JSON ({e})") from None
     meta = validate_profile_meta(meta, where, ProfileError)
+    _check_thresholds_usable(meta, where)
     try:
         profile = _profile_from(meta, tensors, label, where)
     except HeadForcingError as e:  # checks of the labels / statistics classes: say which file
@@ -167,6 +168,16 @@ def load_profile(path, *, expect=None, name: str | None = None) -> HeadProfile:
     if expect is not None:
         profile.check_model(expect)
     return profile
+
+
+def _check_thresholds_usable(meta: dict, where: str) -> None:
+    """Stored thresholds of a classified taxonomy must be ones its classifier accepts."""
+    for tax, values in (meta.get("thresholds") or {}).items():
+        if tax in CLASSIFIED_TAXONOMIES:
+            try:
+                thresholds_for(tax, dict(values))
+            except (HeadForcingError, TypeError, ValueError) as e:
+                raise ProfileError(f"{where}: field 'thresholds.{tax}' are not usable: {e}") from None
 
 
 def _profile_from(meta: dict, tensors: dict, label: str, where: str) -> HeadProfile:

@@ -131,6 +131,18 @@ def test_corrupt_files_give_a_clear_error(tiny_profile, tmp_path):
         load_profile(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize("thresholds, why", [({"recent_frames": -1}, "must be ≥ 0"),
+                                             ({"no_such_knob": 1}, "unknown pyramid_forcing threshold")])
+def test_stored_thresholds_the_classifier_refuses_are_refused(tiny_profile, tmp_path, thresholds, why):
+    meta = {"model": tiny_profile.model, "taxonomy": "pyramid_forcing", "thresholds": {"pyramid_forcing": thresholds}}
+    bad = tmp_path / "bad_thresholds.safetensors"
+    save_file({"labels.pyramid_forcing": torch.zeros(2, 2, dtype=torch.int8)}, str(bad),
+              metadata={"format": "headforcing.head_profile", "format_version": "1", "headforcing": json.dumps(meta)})
+    with pytest.raises(ProfileError, match=f"head profile 'bad_thresholds.safetensors': field 'thresholds.pyramid_forcing' "
+                                           f"are not usable: .*{why}"):
+        load_profile(bad)
+
+
 def test_pyramid_preset_is_a_labels_only_profile_with_attribution(tmp_path):
     assert preset_names() == [PRESET_PREFIX + "pyramid_forcing_self_forcing_1p3b"]
     p = preset_profile(preset_names()[0])
