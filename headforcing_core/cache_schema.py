@@ -35,7 +35,6 @@ def validate_cache_meta(cache: Mapping, tensors: Mapping[str, torch.Tensor], met
     from .policies import Merge, PyramidRule, RetentionRule, resolve_labels
     from .retention import make_tracker
     from .rope import pooled_grid
-    from .sampler import keys_stay_in_place
     from .policies import policy_from_dict
 
     f = Fields(where, error)
@@ -62,7 +61,7 @@ def validate_cache_meta(cache: Mapping, tensors: Mapping[str, torch.Tensor], met
                       LIMITS["latent_frames"])
     if total < next_frame:
         f.fail("cache.total_frames", f"is {total}, below the {next_frame} frames the state has made")
-    if f.boolean(cache.get("prerotated", False), "cache.prerotated") != keys_stay_in_place(policy):
+    if f.boolean(cache.get("prerotated", False), "cache.prerotated") != policy.keys_stay_in_place():
         f.fail("cache.prerotated", "does not match how the state's policy stores keys")
     order = [t for t in rules if any(t in row for row in labels)]
     types = f.array(f.get(cache, "types", "cache.types"), "cache.types", len(order), len(order))

@@ -32,7 +32,7 @@ import torch
 
 from .backbone import BackboneSpec
 from .errors import MemoryBudgetError
-from .policies import CachePolicy, PyramidRule, make_policy, resolve_labels
+from .policies import CachePolicy, make_policy, resolve_labels
 from .plan import PLAN_SLICE_BYTES
 from .retention import make_tracker
 from .rope import pooled_grid
@@ -131,18 +131,6 @@ def _size(b: int) -> str:
     return f"{b / GiB:.2f} GiB" if b >= 0.1 * GiB else f"{b / MiB:.1f} MiB"
 
 
-def keys_stay_in_place(policy: CachePolicy) -> bool:
-    """Whether the policy's pool is read in place (see :func:`headforcing_core.sampler.keys_stay_in_place`)."""
-    from .sampler import keys_stay_in_place as in_place
-    return in_place(policy)
-
-
-def depends_on_query_frame_policy(policy: CachePolicy, frames_per_block: int) -> bool:
-    """Whether key sets can differ by query frame within a chunk (Pyramid Forcing's rules, window_clamp)."""
-    return frames_per_block > 1 and (policy.rope == "window_clamp" or any(
-        isinstance(r, PyramidRule) for r in policy.rule_map.values()))
-
-
 def latent_bytes(spec: BackboneSpec, frames: int, latent_height: int, latent_width: int, batch: int = 1) -> int:
     """One float32 latent ``[B, C, frames, H, W]``."""
     return batch * spec.in_dim * frames * latent_height * latent_width * LATENT_ITEMSIZE
@@ -190,12 +178,12 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     alloc = sum(by_type.values())  # what a captured state copies: every pool
     s = batch * frames_per_block * tokens  # query tokens of one chunk
     attention = 0
-    if not keys_stay_in_place(pol):
+    if not pol.keys_stay_in_place():
         # per-chunk buffers [layers, B, sequences, keys, D] for K and V (+ an additive mask): every sequence
         # puts the chunk's keys at one offset, after the longest history that precedes them
         width = max(b.before for b in budgets.values()) + frames_per_block * tokens + \
             max(b.after for b in budgets.values())
-        classes = frames_per_block if depends_on_query_frame_policy(pol, frames_per_block) else 1
+        classes = frames_per_block if pol.key_sets_differ_by_query_frame(frames_per_block) else 1
         sequences = spec.num_heads * classes
         attention += spec.num_layers * batch * sequences * int(width) * (2 * spec.head_dim + 1) * itemsize
         attention += 2 * spec.num_layers * s * spec.dim * itemsize  # the clean pass's staged raw K/V

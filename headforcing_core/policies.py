@@ -427,6 +427,20 @@ class CachePolicy:
         """Whether memory stays bounded however long the video runs (every rule evicts)."""
         return all(isinstance(r, PyramidRule) or r.recent is not None for _, r in self.rules)
 
+    def keys_stay_in_place(self) -> bool:
+        """Whether keys never change position: one head type, our rule without a middle, absolute RoPE.
+        The cache then stores keys rotated at their own time and attention reads the pool in place (no
+        per-chunk gather; :mod:`headforcing_core.plan`)."""
+        rules = list(self.rule_map.values())
+        return (self.rope == "absolute" and len(rules) == 1 and isinstance(rules[0], RetentionRule)
+                and rules[0].middle is None)
+
+    def key_sets_differ_by_query_frame(self, frames_per_block: int) -> bool:
+        """Whether key sets can differ by query frame within a chunk (Pyramid Forcing's rules,
+        ``window_clamp``): the plan then makes one sequence per (head, query frame)."""
+        return frames_per_block > 1 and (self.rope == "window_clamp" or any(
+            isinstance(r, PyramidRule) for r in self.rule_map.values()))
+
     def validate(self, frames_per_block: int) -> None:
         for t, r in self.rules:
             if not isinstance(r, (RetentionRule, PyramidRule)):

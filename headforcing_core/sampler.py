@@ -28,7 +28,7 @@ from .cache import HeadwiseKVCache
 from .errors import Interrupted, ShapeError
 from .geometry import chunk_bounds, video_frames_for
 from .plan import ChunkAttention, ChunkPlan, Observer, plan_chunk
-from .policies import CachePolicy, RetentionRule, make_policy, resolve_labels
+from .policies import CachePolicy, make_policy, resolve_labels
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 
 log = logging.getLogger("headforcing")
@@ -96,7 +96,7 @@ class ARSampler:
         self.cache = HeadwiseKVCache(self.head_types, self.policy.rule_map, batch=batch, grid=grid,
                                      head_dim=spec.head_dim, frames_per_block=self.frames_per_block,
                                      total_frames=total_frames, dtype=self.runner.dtype, device=self.runner.device,
-                                     prerotated=keys_stay_in_place(self.policy))
+                                     prerotated=self.policy.keys_stay_in_place())
         self.next_frame = 0
 
     def set_prompt(self, context: torch.Tensor) -> None:
@@ -228,14 +228,6 @@ class ARSampler:
     def _report(hooks: Hooks, done: int, total: int) -> None:
         if hooks.progress is not None:
             hooks.progress(done, total)
-
-
-def keys_stay_in_place(policy: CachePolicy) -> bool:
-    """Whether a policy's keys never change position: one head type, our rule without a middle, absolute
-    RoPE. Its pool then stores rotated keys and is read in place (no per-chunk gather)."""
-    rules = list(policy.rule_map.values())
-    return (policy.rope == "absolute" and len(rules) == 1 and isinstance(rules[0], RetentionRule)
-            and rules[0].middle is None)
 
 
 def _draw_noise(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ import torch
 
 from headforcing_core.cache import HeadwiseKVCache
 from headforcing_core.plan import plan_chunk
-from headforcing_core.sampler import keys_stay_in_place
 
 GRID = (2, 2)
 HEAD_DIM = 8
@@ -18,7 +17,7 @@ def build(policy, head_types, total=400, fpb=F, batch=1, layers=1):
     policy.validate(fpb)
     return HeadwiseKVCache((tuple(head_types),) * layers, policy.rule_map, batch=batch, grid=GRID, head_dim=HEAD_DIM,
                            frames_per_block=fpb, total_frames=total, dtype=torch.float64,
-                           device=torch.device("cpu"), prerotated=keys_stay_in_place(policy))
+                           device=torch.device("cpu"), prerotated=policy.keys_stay_in_place())
 
 
 def frame_kv(cache, frame, key_fn=None):
