@@ -1,7 +1,8 @@
 """Head Forcing for ComfyUI: head-aware KV caches for autoregressive video diffusion.
 
-ComfyUI entry point (V3 route): ``comfy_entrypoint`` returns the extension that registers
-the nodes of ``nodes/``; ``WEB_DIRECTORY`` serves the frontend extension in ``web/``.
+ComfyUI entry point (V3 route): ``comfy_entrypoint`` registers the pack's HTTP routes
+(``nodes/routes.py``) and returns the extension that registers the nodes of ``nodes/``;
+``WEB_DIRECTORY`` serves the frontend extension in ``web/``.
 This module deliberately exports no ``NODE_CLASS_MAPPINGS``: ComfyUI 0.3.75 would then
 register those and ignore ``comfy_entrypoint``.
 
@@ -32,6 +33,7 @@ if ComfyExtension is not None:
     from typing_extensions import override
 
     from .nodes import NODE_LIST
+    from .nodes.routes import register_routes
 
     class HeadForcingExtension(ComfyExtension):
         @override
@@ -39,6 +41,7 @@ if ComfyExtension is not None:
             return list(NODE_LIST)
 
     async def comfy_entrypoint() -> HeadForcingExtension:
+        register_routes()  # GET /headforcing/estimate: the policy node's memory figure for the browser
         return HeadForcingExtension()
 
     __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

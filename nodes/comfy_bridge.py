@@ -1,57 +1,44 @@
-"""The ONLY place that turns ComfyUI objects into core arguments (and core results back).
+"""The conversion helpers: ComfyUI values (ModelPatcher, CONDITIONING, LATENT, widget values and the
+pack's socket values) into core arguments, checked before any work.
 
-Nodes stay thin: they declare a schema and hand their inputs to one function here, which
-converts ComfyUI values (ModelPatcher, CONDITIONING, widget values) into what
-:mod:`headforcing_core` takes and calls one core function.
-
-The module imports ComfyUI lazily (inside the functions that need it), so the pure helpers
-at the top (step parsing, frame arithmetic, noise, policy building) can be tested without a
-ComfyUI install.
+The nodes and :mod:`.run` (the run sequence every sampling node shares) call these; this module
+imports no other module of ``nodes/`` and imports ComfyUI nowhere (it reads a MODEL by attribute),
+so it loads on its own, without a ComfyUI install (tests load it from its file). Video geometry
+(fps, latent ↔ video frames, sizes) comes from :mod:`headforcing_core.geometry`.
 
 Facts this module relies on (ComfyUI 0.3.75):
 
 * ``patcher.model.diffusion_model`` is the Wan module (``comfy.ldm.wan.model.WanModel``); its
   layers are ComfyUI ops that cast weights on the fly, so the core calls them, never copies.
-* The diffusion model works in the *normalized* latent space (``latent_format.process_in``:
-  ``(x - mean) / std`` per channel for Wan 2.1). KSampler turns the LATENT it is given into
-  that space before sampling and back with ``process_latent_out`` after. Our initial noise is
-  already a sample of that space, so the core's output goes through ``process_latent_out``
-  (``x * std + mean``) before it leaves as a LATENT that ``VAEDecode`` understands.
-* Progress: ``comfy.utils.ProgressBar`` → the server's global hook, which sends a websocket
-  ``progress`` message (and a preview image when one is attached) and *also* raises
-  ``InterruptProcessingException`` when the interrupt flag is set.
-* Interruption: ``comfy.model_management.processing_interrupted()`` is the flag POST
-  /interrupt sets; ``throw_exception_if_processing_interrupted()`` clears it and raises.
-* Previews: ``latent_preview.get_previewer(device, latent_format)`` honours the server's
-  ``--preview-method`` (``auto`` → latent2rgb unless a TAE decoder is installed) and decodes
-  a *normalized* latent.
+* ComfyUI's model config, latent format and unet ``model_type`` name the model family
+  (:func:`check_model_family`).
+* ``model.model.manual_cast_dtype`` / ``model.model_dtype()`` give the dtype ComfyUI computes in
+  (:func:`compute_dtype`).
 """
 from __future__ import annotations
 
-import logging
 import math
 import re
-import time
 from dataclasses import dataclass, replace
 
 import torch
 
 from headforcing_core.backbone import BackboneSpec, inspect_backbone
-from headforcing_core.errors import HeadForcingError, Interrupted, ModelFamilyError, ShapeError
-from headforcing_core.memory import GiB, estimate_run, with_weights
-from headforcing_core.memory import preflight as core_preflight
-from headforcing_core.noise import initial_noise as core_initial_noise
+from headforcing_core.errors import HeadForcingError, ModelFamilyError, ProfileError, ShapeError, StateError
+from headforcing_core.geometry import (FPS, SIZE_MULTIPLE, SPACE_COMPRESSION, TIME_COMPRESSION, added_video_frames,
+                                       chunk_bounds, latent_frames_for, seconds_of, video_frames_for)
+from headforcing_core.memory import estimate_run
+from headforcing_core.noise import initial_noise  # noqa: F401  (the tests draw the sampler's noise through here)
 from headforcing_core.policies import (PRESETS, CachePolicy, Cyclic, Episodic, HeadLabels, Merge, PyramidRule, Stride,
                                       describe, make_policy)
+from headforcing_core.profiling import HeadProfile
+from headforcing_core.prompts import PromptSchedule, ScheduleError
 from headforcing_core.schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
+from headforcing_core.state import ARState
 from headforcing_core.wan_model import WanConfig
 
-log = logging.getLogger("headforcing")
+decoded_frames = video_frames_for  # the name the tests know: T latent frames decode to 4T-3 video frames
 
-FPS = 16                    # Self Forcing / Causal Forcing / Wan 2.1 frame rate
-TIME_COMPRESSION = 4        # Wan VAE: T latent frames <-> 4T-3 video frames
-SPACE_COMPRESSION = 8       # Wan VAE: 8x8 pixels per latent cell
-SIZE_MULTIPLE = 16          # VAE 8x * patch 2x
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 LENGTH_UNITS = ("frames", "seconds")
 DEFAULT_STEPS = ",".join(str(int(s)) for s in SELF_FORCING_STEPS)   # "1000,750,500,250"
@@ -68,7 +55,7 @@ WAN_1_3B = WanConfig()      # the shape the policy node's memory figure assumes
 
 
 # =============================================================================================
-# pure helpers (no ComfyUI)
+# widget values, CONDITIONING, LATENT and the pack's socket values
 # =============================================================================================
 
 def parse_steps(text: str) -> tuple[float, ...]:
@@ -90,14 +77,21 @@ def parse_steps(text: str) -> tuple[float, ...]:
     return steps
 
 
+def schedule_steps(text: str, shift: float) -> tuple[float, ...]:
+    """A step-list widget that makes a flow-matching schedule with ``shift`` (order, range and shift
+    checked: ShapeError naming the problem), as :func:`parse_steps` values."""
+    steps = parse_steps(text)
+    FlowMatchSchedule(steps, float(shift))
+    return steps
+
+
 def parse_first_chunk_steps(text) -> tuple[float, ...] | None:
     """The first-chunk step list widget: empty (or only spaces) = none, else a step list like ``steps``
     (Causal Forcing++'s ``denoising_step_list_first_chunk``)."""
     if text is None or not str(text).strip():
         return None
     try:
-        steps = parse_steps(text)
-        FlowMatchSchedule(steps, DEFAULT_SHIFT)  # order and range; the shift is checked with the main list
+        steps = schedule_steps(text, DEFAULT_SHIFT)  # order and range; the shift is checked with the main list
     except ShapeError as e:
         raise ShapeError(f"first_chunk_steps: {e} (leave it empty for no separate first-chunk list)") from None
     return steps
@@ -203,16 +197,6 @@ def video_frames(length: int, unit: str = "frames") -> int:
     return int(length) * FPS + 1 if unit == "seconds" else int(length)
 
 
-def latent_frames_for(frames: int) -> int:
-    """Latent frames for ``frames`` video frames (ComfyUI's Wan rule): ``(frames - 1) // 4 + 1``."""
-    return (int(frames) - 1) // TIME_COMPRESSION + 1
-
-
-def decoded_frames(latent_frames: int) -> int:
-    """Video frames VAEDecode makes from ``latent_frames``: ``4T - 3``."""
-    return TIME_COMPRESSION * int(latent_frames) - 3
-
-
 def check_video_size(width: int, height: int) -> None:
     bad = [f"{name} {v}" for name, v in (("width", width), ("height", height)) if v % SIZE_MULTIPLE or v <= 0]
     if bad:
@@ -233,7 +217,7 @@ def check_length(frames: int, latent_frames: int, frames_per_block: int) -> None
     if latent_frames < frames_per_block:
         raise ShapeError(
             f"length {frames} video frames is {latent_frames} latent frame(s), shorter than one chunk of "
-            f"{frames_per_block} latent frames; ask for at least {decoded_frames(frames_per_block)} frames "
+            f"{frames_per_block} latent frames; ask for at least {video_frames_for(frames_per_block)} frames "
             f"(or lower frames_per_block)"
         )
 
@@ -241,14 +225,6 @@ def check_length(frames: int, latent_frames: int, frames_per_block: int) -> None
 def latent_shape(width: int, height: int, latent_frames: int, batch: int = 1, channels: int = 16) -> tuple:
     """ComfyUI's Wan video latent layout ``[B, 16, T, H/8, W/8]``."""
     return (batch, channels, latent_frames, height // SPACE_COMPRESSION, width // SPACE_COMPRESSION)
-
-
-def initial_noise(shape, seed: int) -> torch.Tensor:
-    """The sampler's starting noise: float32 on the CPU, bit-identical to
-    ``comfy.sample.prepare_noise(torch.zeros(shape), seed)`` (what KSampler draws for an empty
-    latent of the same shape), but from a private generator instead of the global one
-    (:func:`headforcing_core.noise.initial_noise`)."""
-    return core_initial_noise(shape, seed)
 
 
 def renoise_generator(seed: int) -> torch.Generator:
@@ -274,6 +250,11 @@ def conditioning_tensor(conditioning) -> torch.Tensor:
     return cond
 
 
+def check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise HeadForcingError(f"unknown policy preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
 def build_policy(preset: str, *, rope: str = "preset default", sink_frames: int = -1, recent_frames: int = -1,
                  memory_episodes: int | None = None, memory_similarity: float | None = None,
                  labels: HeadLabels | None = None, pyramid: dict | None = None) -> CachePolicy:
@@ -287,8 +268,7 @@ def build_policy(preset: str, *, rope: str = "preset default", sink_frames: int 
     ``recent_frames``). ``labels`` (from a HEAD_PROFILE) type every (layer, head); without them
     the typed presets use their defaults for the model's shape at sampling time.
     """
-    if preset not in PRESETS:
-        raise HeadForcingError(f"unknown policy preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    check_preset(preset)
     if rope not in ROPE_CHOICES:
         raise HeadForcingError(f"unknown RoPE mode {rope!r}; choose one of {', '.join(ROPE_CHOICES)}")
     kw = dict(labels=labels, rope=None if rope == "preset default" else rope)
@@ -329,14 +309,49 @@ def sampler_policy(kv_policy: CachePolicy | None, preset: str) -> CachePolicy:
             raise HeadForcingError(f"kv_policy must come from a Head Forcing Cache Policy node, got "
                                    f"{type(kv_policy).__name__}")
         return kv_policy
-    if preset not in PRESETS:
-        raise HeadForcingError(f"unknown policy preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    check_preset(preset)
     return make_policy(preset)
 
 
-def spec_of(config: WanConfig) -> BackboneSpec:
-    return BackboneSpec(config.dim, config.num_heads, config.num_layers, tuple(config.patch_size), config.in_dim,
-                        config.out_dim, config.text_dim, config.freq_dim, config.text_len)
+# the pack's socket values (nodes/types.py), checked where a node takes them
+
+TYPED_PRESETS = ("pyramid_forcing", "head_forcing")  # the presets that type heads (a HEAD_PROFILE labels them)
+
+
+def check_profile(value) -> HeadProfile:
+    if not isinstance(value, HeadProfile):
+        raise ProfileError(f"head_profile must come from a Head Forcing profile node, got {type(value).__name__}")
+    return value
+
+
+def check_schedule(value) -> PromptSchedule:
+    if not isinstance(value, PromptSchedule):
+        raise ScheduleError(f"prompt_schedule must come from a Head Forcing prompt node, got {type(value).__name__}")
+    return value
+
+
+def check_state(value) -> ARState:
+    if not isinstance(value, ARState):
+        raise StateError(f"ar_state must come from a Head Forcing sampler, Continue or Load AR State node, got "
+                         f"{type(value).__name__}")
+    return value
+
+
+def profile_labels(head_profile, preset: str) -> HeadLabels | None:
+    """The labels a HEAD_PROFILE gives ``preset``: its labels of the preset's taxonomy
+    (classified with default thresholds if the profile has statistics but no such labels);
+    None for presets that do not type heads or when no profile is connected."""
+    if head_profile is None or preset not in TYPED_PRESETS:
+        return None
+    return check_profile(head_profile).labels_for(preset)
+
+
+def profile_spec(head_profile: HeadProfile) -> BackboneSpec:
+    """A BackboneSpec of the profile's model shape (for the policy node's memory figure); what a profile
+    does not store (time-embedding width, text length, FFN width) is Wan's."""
+    m = head_profile.model
+    return BackboneSpec(m["dim"], m["num_heads"], m["num_layers"], tuple(m["patch_size"]), m["in_dim"], m["out_dim"],
+                        m["text_dim"], freq_dim=WAN_1_3B.freq_dim, text_len=WAN_1_3B.text_len)
 
 
 def policy_summary(policy: CachePolicy, *, width: int, height: int, frames: int, frames_per_block: int = 3,
@@ -346,15 +361,15 @@ def policy_summary(policy: CachePolicy, *, width: int, height: int, frames: int,
     latent = latent_frames_for(frames)
     check_length(frames, latent, frames_per_block)
     shape_note = "" if spec is not None else "Wan2.1-T2V-1.3B, "
-    spec = spec or spec_of(WAN_1_3B)
+    spec = spec or BackboneSpec.from_config(WAN_1_3B)
     est = estimate_run(spec, policy, latent_frames=latent, latent_height=height // SPACE_COMPRESSION,
                        latent_width=width // SPACE_COMPRESSION, frames_per_block=frames_per_block, batch=1,
                        dtype=dtype)
     dtype_name = str(dtype).replace("torch.", "")
     return "\n".join([
         describe(policy),
-        f"estimate for {shape_note}{width}x{height}, {decoded_frames(latent)} frames "
-        f"({latent} latent, {decoded_frames(latent) / FPS:.1f} s at {FPS} fps), {dtype_name}, "
+        f"estimate for {shape_note}{width}x{height}, {video_frames_for(latent)} frames "
+        f"({latent} latent, {seconds_of(latent):.1f} s at {FPS} fps), {dtype_name}, "
         f"{frames_per_block} frames per block:",
         est.describe(),
     ])
@@ -385,11 +400,11 @@ class SamplerRequest:
     @property
     def frames(self) -> int:
         """Video frames of the whole video (the initial frames included)."""
-        return decoded_frames(self.total_latent_frames)
+        return video_frames_for(self.total_latent_frames)
 
     @property
     def chunks(self) -> int:
-        return -(-self.latent_frames // self.frames_per_block)
+        return len(chunk_bounds(0, self.latent_frames, self.frames_per_block))
 
     @property
     def shape(self) -> tuple:
@@ -410,18 +425,17 @@ def make_request(*, width: int, height: int, length: int, length_unit: str = "fr
     if initial_frames:
         new = latent - initial_frames
         if new < frames_per_block:
-            least = decoded_frames(initial_frames + frames_per_block)
+            least = initial_frames + frames_per_block
             raise ShapeError(
                 f"length {frames} video frames is {latent} latent frames in all, but the initial latent already has "
-                f"{initial_frames} ({decoded_frames(initial_frames)} video frames), which leaves "
+                f"{initial_frames} ({video_frames_for(initial_frames)} video frames), which leaves "
                 f"{max(new, 0)} new latent frame(s), less than one chunk of {frames_per_block}: length counts the "
-                f"whole video, initial frames included; ask for at least {least} frames "
-                f"({least / FPS:.2f} s)")
+                f"whole video, initial frames included; ask for at least {video_frames_for(least)} frames "
+                f"({seconds_of(least):.2f} s)")
         latent = new
     else:
         check_length(frames, latent, frames_per_block)
-    step_values = parse_steps(steps)
-    FlowMatchSchedule(step_values, float(shift))  # raises ShapeError for a bad list or shift
+    step_values = schedule_steps(steps, shift)  # raises ShapeError for a bad list or shift
     first = parse_first_chunk_steps(first_chunk_steps)
     if first is not None:
         FlowMatchSchedule(first, float(shift))
@@ -469,13 +483,13 @@ def check_initial_latent(samples: torch.Tensor, req: SamplerRequest, channels: i
         t0 = samples.shape[2]
         fpb = req.frames_per_block
         whole = max(fpb, t0 // fpb * fpb)
-        hint = (f"a single image (1 latent frame) needs a frame-wise model: frames_per_block 1 (model_preset "
-                f"'Causal Forcing frame-wise 4-step' or a Causal Forcing++ one)" if t0 == 1 else
-                f"trim the video to {decoded_frames(whole)} or {decoded_frames(whole + fpb)} frames (Image From Batch) "
-                "before VAEEncode")
+        hint = ("a single image (1 latent frame) needs a frame-wise model: frames_per_block 1 (model_preset "
+                "'Causal Forcing frame-wise 4-step' or a Causal Forcing++ one)" if t0 == 1 else
+                f"trim the video to {video_frames_for(whole)} or {video_frames_for(whole + fpb)} frames "
+                "(Image From Batch) before VAEEncode")
         raise ShapeError(
-            f"initial_latent has {_count(t0, 'latent frame')} ({_count(decoded_frames(t0), 'video frame')}); with "
-            f"{fpb} frames per block "
+            f"initial_latent has {count_noun(t0, 'latent frame')} ({count_noun(video_frames_for(t0), 'video frame')}); "
+            f"with {fpb} frames per block "
             f"the cache takes whole chunks of {fpb} latent frames (as Self Forcing's and Causal Forcing's pipelines "
             f"do): {hint}")
     validate_initial_latent(samples, latent_shape(req.width, req.height, req.latent_frames), req.frames_per_block,
@@ -483,7 +497,7 @@ def check_initial_latent(samples: torch.Tensor, req: SamplerRequest, channels: i
 
 
 # =============================================================================================
-# ComfyUI-facing
+# the MODEL (a ComfyUI ModelPatcher, read by attribute)
 # =============================================================================================
 
 # ComfyUI's model configs (comfy/supported_models.py) of the Wan transformer family, by what they are
@@ -545,28 +559,6 @@ def wan_backbone(model):
     return module, spec
 
 
-def preflight(model, spec: BackboneSpec, estimate_at, *, latent_frames: int, latent_height: int,
-              latent_width: int, min_frames: int, describe_length=None, describe_size=None,
-              what: str = "the video", bounded_policy_hint: bool = False):
-    """The one pre-flight of every node that allocates: refuse (naming the input that drives the cost)
-    what cannot fit in an empty device before evicting or loading anything, load the model, then
-    refuse what does not fit next to its weights. Returns the run's estimate.
-
-    ``estimate_at(latent_frames, latent_height, latent_width)`` is the run's
-    :func:`~headforcing_core.memory.estimate_run` at another length or size."""
-    import comfy.model_management as mm
-
-    device = model.load_device
-    weights = int(model.model_size())
-    kw = dict(latent_frames=latent_frames, latent_height=latent_height, latent_width=latent_width,
-              patch=tuple(spec.patch_size[1:]), min_frames=min_frames, describe_length=describe_length,
-              describe_size=describe_size, what=what, bounded_policy_hint=bounded_policy_hint)
-    est = core_preflight(lambda t, h, w: with_weights(estimate_at(t, h, w), weights),
-                         free_bytes=mm.get_total_memory(device), **kw)
-    mm.load_models_gpu([model], memory_required=est.run_bytes, force_full_load=True)
-    return core_preflight(estimate_at, free_bytes=mm.get_free_memory(device), **kw)
-
-
 def on_host(model) -> bool:
     """Whether the model runs on the CPU (then AR_STATE copies share its memory)."""
     return torch.device(model.load_device).type == "cpu"
@@ -575,10 +567,10 @@ def on_host(model) -> bool:
 def describe_video_length(unit: str):
     """``describe_length`` for the sampler's length widget: latent frames → the user's unit."""
     def text(t: int) -> str:
-        frames = decoded_frames(t)
+        frames = video_frames_for(t)
         if unit == "seconds":
             return f"{max(1, (t - 1) // TIME_COMPRESSION)} seconds ({frames} frames)"
-        return f"{frames} frames ({frames / FPS:.1f} s)"
+        return f"{frames} frames ({seconds_of(t):.1f} s)"
     return text
 
 
@@ -587,7 +579,7 @@ def describe_pixels(h: int, w: int) -> str:
 
 
 def describe_schedule_length(t: int) -> str:
-    return f"{t} latent frames ({t / (FPS / TIME_COMPRESSION):g} s) in total"
+    return f"{t} latent frames ({added_video_frames(t) / FPS:g} s) in total"
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -600,240 +592,6 @@ def compute_dtype(model) -> torch.dtype:
     return dtype
 
 
-class ComfyHooks:
-    """Core hooks wired to ComfyUI: progress bar, interrupt flag, per-chunk previews, chunk timing."""
-
-    def __init__(self, model, total_calls: int):
-        import comfy.model_management
-        import comfy.utils
-        import latent_preview
-
-        self._mm = comfy.model_management
-        self.pbar = comfy.utils.ProgressBar(total_calls)
-        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
-        self.done = 0
-        self.total = total_calls
-        self.chunk_seconds: list[float] = []
-        self._chunk_started = time.perf_counter()
-
-    def progress(self, done: int, total: int) -> None:
-        self.done = done
-        self.pbar.update_absolute(done, total)
-
-    def should_stop(self) -> bool:
-        return self._mm.processing_interrupted()
-
-    def on_chunk(self, index: int, x0: torch.Tensor) -> None:
-        now = time.perf_counter()
-        self.chunk_seconds.append(now - self._chunk_started)
-        self._chunk_started = now
-        from . import messages
-        messages.chunk_done(x0)  # the node's live panel in the browser, if one is open (nodes/messages.py)
-        if self.previewer is None:
-            return
-        # the chunk's newest latent frame (normalized space, what the previewers expect)
-        preview = self.previewer.decode_latent_to_preview_image("JPEG", x0[:1, :, -1:].float())
-        self.pbar.update_absolute(self.done, self.total, preview)
-
-
-def run_interruptible(fn, hooks: "ComfyHooks"):
-    """Run a core call whose hooks watch ComfyUI's interrupt flag, and end the node the way
-    ComfyUI expects when it is set: the core's ``should_stop`` hook (before every model call)
-    raises :class:`Interrupted`, ComfyUI's progress hook (after every call) raises its own
-    ``InterruptProcessingException``; both leave the server ready for the next prompt."""
-    import comfy.model_management as mm
-
-    try:
-        return fn()
-    except (Interrupted, mm.InterruptProcessingException) as e:
-        log.info("headforcing: interrupted after %d of %d model calls", hooks.done, hooks.total)
-        if isinstance(e, mm.InterruptProcessingException):
-            raise
-        mm.throw_exception_if_processing_interrupted()  # clears the flag and raises
-        raise mm.InterruptProcessingException() from None
-
-
-def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy_preset: str, width: int,
-                   height: int, length: int, length_unit: str, seed: int, steps: str, shift: float,
-                   frames_per_block: int, prompt_schedule=None, initial_latent=None, model_preset: str = CUSTOM_PRESET,
-                   first_chunk_steps: str = "") -> tuple[dict, str, object]:
-    """HeadForcingARSampler's work: validate, pre-flight memory check, load, generate, un-normalize.
-
-    Returns ``({"samples": latents}, report, ar_state)``. Every input error is raised (as a ValueError
-    subclass) before the model is loaded or anything is allocated. A connected ``prompt_schedule``
-    (PROMPT_SCHEDULE) replaces ``conditioning`` and ``length`` (multi-prompt glue and the AR_STATE:
-    nodes/continuation.py; one segment from frame 0 samples exactly like ``generate``).
-
-    ``model_preset`` (:data:`MODEL_PRESETS`): ``custom`` uses ``frames_per_block`` / ``steps`` /
-    ``first_chunk_steps`` / ``shift`` as given, any other preset replaces them (:func:`apply_model_preset`).
-    ``initial_latent`` (a LATENT from VAEEncode, the VAE's raw space) is mapped into the model's space with
-    ``process_latent_in`` (as KSampler does) and put into the cache first; ``length`` then counts the whole
-    video and the output LATENT holds only the new frames (join them with LatentConcat).
-    """
-    import comfy.model_management as mm
-    from headforcing_core.backbone import WanRunner
-    from headforcing_core.memory import latent_bytes
-    from headforcing_core.prompts import TAIL_FRAMES, count_model_calls
-    from headforcing_core.sampler import chunk_bounds, validate_inputs
-    from headforcing_core.state import generate_schedule
-
-    from .continuation import default_recache_mode, sampler_schedule, schedule_report, story_noise
-
-    policy = sampler_policy(kv_policy, policy_preset)
-    sampling = apply_model_preset(model_preset, frames_per_block=frames_per_block, steps=steps,
-                                  first_chunk_steps=first_chunk_steps, shift=shift)
-    initial = initial_latent_samples(initial_latent)
-    t0 = 0 if initial is None else int(initial.shape[2])
-    req = make_request(width=width, height=height, length=length, length_unit=length_unit, seed=seed,
-                       steps=sampling.steps, shift=sampling.shift, frames_per_block=sampling.frames_per_block,
-                       policy=policy, first_chunk_steps=sampling.first_chunk_steps, initial_frames=t0,
-                       sampling=sampling)
-    module, spec = wan_backbone(model)
-    schedule = sampler_schedule(prompt_schedule, conditioning, req.latent_frames, req.frames_per_block)
-    req = replace(req, latent_frames=schedule.total_frames)
-    shape = latent_shape(req.width, req.height, req.latent_frames, channels=spec.in_dim)
-    # text width, channels, grid: checked on a shape-only tensor (nothing allocated yet)
-    for segment in schedule:
-        validate_inputs(WanRunner(module), segment.context, torch.empty(shape, device="meta"), req.frames_per_block)
-    if initial is not None:
-        check_initial_latent(initial, req, spec.in_dim)
-
-    dtype = compute_dtype(model)
-    text_tokens = max(seg.context.shape[1] for seg in schedule)
-
-    def estimate_at(t: int, h: int, w: int):
-        # the cache covers the initial frames and the new ones; the initial latent is held on the device
-        # (the model's-space copy and the latents kept for a recache) next to the new frames' noise and output
-        return estimate_run(spec, policy, latent_frames=t0 + t, new_frames=t, latent_height=h, latent_width=w,
-                            frames_per_block=req.frames_per_block, batch=1, dtype=dtype,
-                            state_on_device=on_host(model), output_copies=1, text_tokens=text_tokens,
-                            extra_bytes=2 * latent_bytes(spec, t0, h, w) if t0 else 0,
-                            extra_label="initial latent")
-
-    if t0:
-        def describe_length(t: int) -> str:
-            return describe_video_length(length_unit)(t0 + t) + " in all, initial frames included"
-    else:
-        describe_length = describe_video_length(length_unit)
-    # one pre-flight (refuse before anything is allocated; the runner reads its device off the
-    # weights, so they are loaded whole, no lowvram split)
-    estimate = preflight(
-        model, spec, estimate_at, latent_frames=req.latent_frames, latent_height=shape[-2], latent_width=shape[-1],
-        min_frames=req.frames_per_block,
-        describe_length=describe_schedule_length if prompt_schedule is not None else describe_length,
-        describe_size=None if t0 else describe_pixels,  # the initial latent fixes the size
-        what="the schedule" if prompt_schedule is not None else "the video",
-        bounded_policy_hint=not policy.is_bounded())
-    device = model.load_device
-    # the segment covering latent frames [s, e) starts from frames s..e-1 of a fresh e-frame draw (the new
-    # frames after an initial latent: frames t0.. of it)
-    noise = story_noise(lambda n: latent_shape(req.width, req.height, n, channels=spec.in_dim), req.seed, t0, schedule)
-    first = None if req.first_chunk_steps is None else len(req.first_chunk_steps)
-    calls = count_model_calls(schedule, req.frames_per_block, len(req.steps), first_steps=first,
-                              default_mode=default_recache_mode(policy),
-                              **({"start_frame": t0, "context": schedule[0].context, "started": True,
-                                  "tail_frames": min(t0, TAIL_FRAMES)} if t0 else {}))
-    calls += len(chunk_bounds(0, t0, req.frames_per_block)) if t0 else 0
-    hooks = ComfyHooks(model, calls)
-    from . import messages  # the live panel: chunk k of n, seconds, segment, KV in use, newest chunk
-    messages.describe_run(
-        total_latent_frames=req.latent_frames, start_frame=t0, frames_per_block=req.frames_per_block,
-        policy=policy.preset, latent_format=model.model.latent_format,
-        segments=[(seg.label, seg.frames) for seg in schedule],
-        kv_bytes_at=lambda n: estimate_run(spec, policy, latent_frames=max(1, n), latent_height=shape[-2],
-                                           latent_width=shape[-1], frames_per_block=req.frames_per_block,
-                                           dtype=dtype).kv_bytes,
-        kv_budget_bytes=estimate.kv_bytes, width=req.width, height=req.height)
-    # ComfyUI's LATENT is in the VAE's raw space; the model samples in the normalized one (KSampler's
-    # process_latent_in)
-    start = None if initial is None else model.model.process_latent_in(initial.float()).to(device)
-    t_start = time.perf_counter()
-    latents, state = run_interruptible(lambda: generate_schedule(
-        module, schedule, noise.to(device), steps=req.steps, shift=req.shift, frames_per_block=req.frames_per_block,
-        policy=policy, generator=renoise_generator(req.seed), first_chunk_steps=req.first_chunk_steps,
-        initial_latent=start, progress=hooks.progress, should_stop=hooks.should_stop, on_chunk=hooks.on_chunk,
-        dtype=dtype), hooks)
-    seconds = time.perf_counter() - t_start
-    samples = model.model.process_latent_out(latents.float()).to(mm.intermediate_device())
-    report = _report(req, policy, estimate, hooks.chunk_seconds, seconds, dtype, device, initial_latent)
-    extra = schedule_report(schedule, t0 if prompt_schedule is not None else 0, default_recache_mode(policy))
-    report += ("\n" + extra if extra else "") + f"\nAR_STATE: {state.nbytes / 2**20:.1f} MiB in CPU memory"
-    report += "".join("\n" + line for line in model_patch_lines(model))
-    log.info("headforcing: %s", report.replace("\n", " | "))
-    return {"samples": samples}, report, state
-
-
-def model_patch_lines(model) -> list[str]:
-    """The MODEL's patches for the report: the LoRA / weight patches applied, and every patch the
-    sampler does not apply (nodes/model_patches.py), each also logged as a warning."""
-    from .model_patches import patch_report, unhonoured_patches
-
-    for note in unhonoured_patches(model):
-        log.warning("headforcing: model patch not applied: %s", note)
-    return patch_report(model)
-
-
-def _count(n: int, one: str, many: str | None = None) -> str:
+def count_noun(n: int, one: str, many: str | None = None) -> str:
+    """``count_noun(1, "chunk")`` → ``"1 chunk"``, ``count_noun(2, "pass", "passes")`` → ``"2 passes"``."""
     return f"{n} {one if n == 1 else (many or one + 's')}"
-
-
-def sampling_lines(req: SamplerRequest) -> list[str]:
-    """The report's lines on what was sampled with what: model preset, frames per block, steps, first-chunk
-    steps, shift, and the widget values a preset replaced."""
-    sm = req.sampling
-    first = steps_text(req.first_chunk_steps) or "none"
-    lines = [f"model preset: {sm.preset if sm else CUSTOM_PRESET}"
-             + (f" ({sm.source})" if sm and sm.source else " (the frames_per_block, steps, first_chunk_steps and "
-                                                          "shift widgets)")
-             + f": frames per block {req.frames_per_block}, steps {steps_text(req.steps)}, first-chunk steps "
-             f"{first}, shift {req.shift:g}"]
-    if sm and sm.replaced:
-        lines.append("  the preset replaced the widget values " + "; ".join(sm.replaced)
-                     + " (model_preset 'custom' uses the widgets)")
-    return lines
-
-
-def _report(req: SamplerRequest, policy: CachePolicy, estimate, chunk_seconds: list[float], seconds: float,
-            dtype: torch.dtype, device, initial_latent=None) -> str:
-    per_chunk = seconds / max(1, len(chunk_seconds))
-    steady = sum(chunk_seconds[1:]) / (len(chunk_seconds) - 1) if len(chunk_seconds) > 1 else per_chunk
-    new_video = TIME_COMPRESSION * req.latent_frames if req.initial_frames else req.frames
-    if req.initial_frames:
-        t0 = req.initial_frames
-        head = (f"Head Forcing AR sampler: {new_video} new frames ({req.latent_frames} latent) after an initial latent "
-                f"of {_count(t0, 'latent frame')} ({_count(decoded_frames(t0), 'video frame')}); the whole video is "
-                f"{req.frames} frames "
-                f"({req.total_latent_frames} latent, {req.frames / FPS:.2f} s at {FPS} fps) at {req.width}x{req.height}, "
-                f"seed {req.seed}" + (f" (asked for {req.frames_requested} frames)"
-                                      if req.frames_requested != req.frames else ""))
-        ignored = sorted(k for k in (initial_latent or {}) if k != "samples")
-        passes = -(-t0 // req.frames_per_block)
-        init = [f"initial latent: {_count(t0, 'latent frame')} put into the cache first "
-                f"({_count(passes, 'clean pass', 'clean passes')} at timestep 0); the LATENT output "
-                "holds only the new frames: join them after it with LatentConcat (dim t) and decode once"
-                + (f"; its {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not used" if ignored else "")]
-    else:
-        head = (f"Head Forcing AR sampler: {req.frames} frames ({req.latent_frames} latent, "
-                f"{req.frames / FPS:.2f} s at {FPS} fps) at {req.width}x{req.height}, seed {req.seed}"
-                + (f" (asked for {req.frames_requested} frames)" if req.frames_requested != req.frames else ""))
-        init = []
-    first = (f"; the first chunk {len(req.first_chunk_steps)} steps ({steps_text(req.first_chunk_steps)})"
-             if req.first_chunk_steps is not None else "")
-    lines = [
-        head,
-        *init,
-        *sampling_lines(req),
-        f"chunks: {req.chunks} of {req.frames_per_block} latent frames"
-        + (f" (the last one {req.latent_frames % req.frames_per_block})" if req.latent_frames % req.frames_per_block
-           else "")
-        + f", {len(req.steps)} steps + clean pass each{first}, "
-        f"steps {','.join(f'{s:g}' for s in req.steps)}, shift {req.shift:g}",
-        f"policy: {describe(policy)}",
-        *[f"  {n}" for n in estimate.notes],
-        f"memory estimate: {estimate.breakdown()}; peak ≈ {estimate.run_bytes / GiB:.3f} GiB "
-        f"({estimate.peak_phase}) + weights",
-        f"time: {seconds:.2f} s, {per_chunk:.3f} s/chunk (steady {steady:.3f} s/chunk), "
-        f"{new_video / seconds if seconds > 0 else 0:.2f} video frames/s on {device} in "
-        f"{str(dtype).replace('torch.', '')}",
-    ]
-    return "\n".join(lines)

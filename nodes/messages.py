@@ -7,7 +7,9 @@ Two channels, both plain JSON:
   ``/history`` and re-sends it when the node's result comes from the cache. Every value of a
   ``ui`` dict must be a list (ComfyUI concatenates the lists of list-mapped calls).
   :func:`head_map_ui` builds the ``headforcing_head_map`` entry the profile nodes add next to
-  their heat-map PNG; the extension draws it as an interactive head map.
+  their heat-map PNG; the extension draws it as an interactive head map. :data:`TYPE_COLORS` is
+  the one palette of head types: the payload carries it, and the PNG (``nodes/heat_map.py``)
+  is drawn with it, so the two never disagree.
 * **Progress events** (:func:`send_progress`): ``PromptServer.instance.send_sync(
   "headforcing.progress", payload, client_id)`` — a websocket message to the client that
   queued the prompt (``client_id`` is the server's ``client_id`` of the running prompt; ComfyUI's
@@ -23,6 +25,9 @@ map, ~1 ms). It does not depend on the server's ``--preview-method`` (ComfyUI's 
 stay as they are, shown by ComfyUI on the node when that flag is on).
 
 Nothing here may break a run: every send is wrapped, a failure is logged once and dropped.
+
+Imports nothing from ComfyUI at load (the server only inside :func:`send_progress`) and nothing
+of the other node modules: it sits below them all.
 """
 from __future__ import annotations
 
@@ -35,22 +40,23 @@ import math
 import time
 from typing import Any
 
+from headforcing_core.geometry import chunk_bounds, seconds_of
+
 log = logging.getLogger("headforcing")
 
 PAYLOAD_VERSION = 1
 EVENT_PROGRESS = "headforcing.progress"
 HEAD_MAP_KEY = "headforcing_head_map"
 PREVIEW_MAX_SIDE = 192
-FPS = 16
 
-# head type -> RGB; the same colours as the heat-map PNG of nodes/profiling.py (read from there
-# when it is importable, so the two never disagree)
-DEFAULT_TYPE_COLORS = {
-    "local": (232, 126, 34),
-    "anchor": (52, 101, 164),
-    "memory": (46, 160, 90),
-    "wave": (142, 68, 173),
-    "veil": (22, 160, 160),
+# head type -> RGB: the one palette of the head map, drawn by the browser from this payload and into
+# the heat-map PNG by nodes/heat_map.py
+TYPE_COLORS = {
+    "local": (232, 126, 34),     # orange
+    "anchor": (52, 101, 164),    # blue
+    "memory": (46, 160, 90),     # green
+    "wave": (142, 68, 173),      # purple
+    "veil": (22, 160, 160),      # teal
     "all": (140, 140, 140),
 }
 # per-head statistics shown on hover (HeadSummary attribute -> label)
@@ -78,13 +84,7 @@ def _warn_once(key: str, msg: str, *args) -> None:
 
 def type_colors() -> dict[str, str]:
     """``{type: "#rrggbb"}`` for every head type."""
-    colors = dict(DEFAULT_TYPE_COLORS)
-    try:
-        from .profiling import TYPE_COLORS
-        colors.update(TYPE_COLORS)
-    except Exception:  # outside ComfyUI (no folder_paths) or renamed: keep the defaults
-        pass
-    return {t: "#%02x%02x%02x" % tuple(int(c) for c in rgb) for t, rgb in colors.items()}
+    return {t: "#%02x%02x%02x" % rgb for t, rgb in TYPE_COLORS.items()}
 
 
 def _num(x) -> float | None:
@@ -273,7 +273,7 @@ class SamplerPanel:
                   height: int | None = None) -> None:
         self.total = int(total_latent_frames)
         self.fpb = max(1, int(frames_per_block))
-        self.chunks = -(-self.total // self.fpb)
+        self.chunks = len(chunk_bounds(0, self.total, self.fpb))
         self.policy = policy
         self.latent_format = latent_format
         self.segments = [(str(t), int(n)) for t, n in (segments or [])]
@@ -283,11 +283,6 @@ class SamplerPanel:
         self.size = (width, height)
         self.configured = True
         self.begin()
-
-    @staticmethod
-    def video_seconds(latent_frames: int) -> float:
-        """Seconds of 16-fps video that ``latent_frames`` decode to (4T-3 frames)."""
-        return max(0, 4 * int(latent_frames) - 3) / FPS if latent_frames > 0 else 0.0
 
     def _segment(self, frame: int) -> tuple[int, str] | None:
         edge = 0
@@ -305,8 +300,8 @@ class SamplerPanel:
             "chunks": max(self.chunks, self.done_chunks),
             "latent_frames": self.done_frames,
             "latent_frames_total": max(self.total, self.done_frames),
-            "seconds_done": round(self.video_seconds(absolute), 3),
-            "seconds_total": round(self.video_seconds(self.start_frame + max(self.total, self.done_frames)), 3),
+            "seconds_done": round(seconds_of(absolute), 3),
+            "seconds_total": round(seconds_of(self.start_frame + max(self.total, self.done_frames)), 3),
             "elapsed": round(time.perf_counter() - self.t0, 3),
             "policy": self.policy,
         }

@@ -51,10 +51,6 @@ def _count(value: Any) -> int:
     return 0 if value is None else 1
 
 
-def _names(value: Mapping) -> str:
-    return ", ".join(str(k) for k in value)
-
-
 def _transformer_option_notes(to: Mapping) -> list[str]:
     notes = []
     for key, value in to.items():

@@ -1,16 +1,21 @@
-"""HeadForcingCachePolicy: choose and tune a head-aware KV-cache policy (KV_POLICY)."""
+"""HeadForcingCachePolicy: choose and tune a head-aware KV-cache policy (KV_POLICY).
+
+:func:`policy_output` is what the node outputs for its widget values; the browser's memory figure
+(``GET /headforcing/estimate``, ``nodes/routes.py``) calls the same function.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
 
 from comfy_api.latest import io
 
-from headforcing_core.policies import PRESETS, make_policy
+from headforcing_core.backbone import BackboneSpec
+from headforcing_core.policies import PRESETS, CachePolicy, make_policy
 
-from . import comfy_bridge as bridge
-from .profiling import profile_labels, profile_note, profile_spec
-from .routes import register_routes
+from .comfy_bridge import (PYRAMID_DEFAULTS, ROPE_CHOICES, TYPED_PRESETS, WAN_1_3B, build_policy, check_profile,
+                           policy_summary, profile_labels, profile_spec)
 from .types import HEAD_PROFILE, KV_POLICY
-
-register_routes()  # GET /headforcing/estimate: this node's memory figure for the browser (nodes/routes.py)
 
 _HEAD_FORCING = make_policy("head_forcing").rule_map["memory"].middle  # episodic defaults
 
@@ -40,9 +45,9 @@ _PYRAMID_TOOLTIPS = {  # Pyramid Forcing's names (configs/pyramid-forcing.yaml) 
 
 def pyramid_inputs() -> list:
     # optional: prompts and workflows made before these widgets existed still run with the defaults
-    return [io.Int.Input(name, default=bridge.PYRAMID_DEFAULTS[name], min=0 if name.endswith("sink_frames") else 1,
+    return [io.Int.Input(name, default=PYRAMID_DEFAULTS[name], min=0 if name.endswith("sink_frames") else 1,
                          max=1024, optional=True,
-                         tooltip=tip + f" Pyramid Forcing's default: {bridge.PYRAMID_DEFAULTS[name]}.")
+                         tooltip=tip + f" Pyramid Forcing's default: {PYRAMID_DEFAULTS[name]}.")
             for name, tip in _PYRAMID_TOOLTIPS.items()]
 
 
@@ -69,7 +74,7 @@ class HeadForcingCachePolicy(io.ComfyNode):
                             "Forcing's code runs them (its parameters below). head_forcing: Local/Anchor/Memory "
                             "heads with episodic memory (long videos)."),
                 io.Combo.Input(
-                    "rope", options=list(bridge.ROPE_CHOICES), default="preset default",
+                    "rope", options=list(ROPE_CHOICES), default="preset default",
                     tooltip="How kept frames are positioned. absolute: true frame index (Self Forcing, "
                             "LongLive). window_clamp: Pyramid Forcing's dynamic RoPE - sinks and strided / "
                             "cyclic frames sit 21 frames behind the query frame (clamp below), recent frames at "
@@ -123,10 +128,42 @@ class HeadForcingCachePolicy(io.ComfyNode):
     @classmethod
     def execute(cls, preset, rope, sink_frames, recent_frames, memory_episodes, memory_similarity, width,
                 height, length, head_profile=None, **pyramid) -> io.NodeOutput:
-        labels = profile_labels(head_profile, preset)
-        policy = bridge.build_policy(preset, rope=rope, sink_frames=sink_frames, recent_frames=recent_frames,
-                                     memory_episodes=memory_episodes, memory_similarity=memory_similarity,
-                                     labels=labels, pyramid=pyramid)
-        summary = bridge.policy_summary(policy, width=width, height=height, frames=length,
-                                        spec=profile_spec(head_profile) if labels is not None else None)
-        return io.NodeOutput(policy, summary + profile_note(head_profile, preset))
+        out = policy_output(dict(preset=preset, rope=rope, sink_frames=sink_frames, recent_frames=recent_frames,
+                                 memory_episodes=memory_episodes, memory_similarity=memory_similarity, width=width,
+                                 height=height, length=length, **pyramid), head_profile)
+        return io.NodeOutput(out.policy, out.summary)
+
+
+@dataclass(frozen=True)
+class PolicyOutput:
+    policy: CachePolicy
+    summary: str
+    spec: BackboneSpec  # the model shape of the summary's memory figure (the profile's, else Wan2.1-T2V-1.3B)
+
+
+def policy_output(values: Mapping, head_profile=None) -> PolicyOutput:
+    """The Cache Policy node's outputs for its widget ``values`` (by input name; Pyramid Forcing's may be
+    left out) and an optional HEAD_PROFILE, whose labels type the heads of the typed presets."""
+    preset = values["preset"]
+    labels = profile_labels(head_profile, preset)
+    pyramid = {k: values[k] for k in PYRAMID_DEFAULTS if k in values}
+    policy = build_policy(preset, rope=values["rope"], sink_frames=values["sink_frames"],
+                                 recent_frames=values["recent_frames"], memory_episodes=values["memory_episodes"],
+                                 memory_similarity=values["memory_similarity"], labels=labels, pyramid=pyramid)
+    spec = profile_spec(head_profile) if labels is not None else None
+    summary = policy_summary(policy, width=values["width"], height=values["height"], frames=values["length"],
+                                    spec=spec)
+    return PolicyOutput(policy, summary + profile_note(head_profile, preset),
+                        spec or BackboneSpec.from_config(WAN_1_3B))
+
+
+def profile_note(head_profile, preset: str) -> str:
+    """The summary's line on the connected profile: whose labels the preset uses, or that it ignores them."""
+    if head_profile is None:
+        return ""
+    head_profile = check_profile(head_profile)
+    if preset not in TYPED_PRESETS:
+        return f"\nhead profile {head_profile.display_name}: ignored by the {preset} preset (it treats all heads alike)"
+    lab = head_profile.labels_for(preset)
+    counts = ", ".join(f"{t} {n}" for t, n in lab.counts().items())
+    return f"\nhead labels from profile {head_profile.display_name} ({lab.source}): {counts}"

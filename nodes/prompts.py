@@ -14,10 +14,11 @@ import math
 
 from comfy_api.latest import io
 
+from headforcing_core.geometry import TIME_COMPRESSION
 from headforcing_core.prompts import (MAX_TRANSITION_FRAMES, RECACHE_MODES, TRANSITIONS, PromptSchedule,
                                       PromptSegment, ScheduleError, parse_schedule_text)
 
-from . import comfy_bridge as bridge
+from .comfy_bridge import check_schedule, conditioning_tensor
 from .types import PROMPT_SCHEDULE
 
 CATEGORY = "sampling/head_forcing/multi-prompt"
@@ -53,23 +54,22 @@ def segment_length(length: float, unit: str) -> dict:
             raise ScheduleError(f"length {length:g} is not a whole number of latent frames")
         return {"frames": int(length)}
     # video frames: 4 per latent frame (a continuation adds 4 video frames per latent frame)
-    return {"frames": max(1, math.ceil(float(length) / bridge.TIME_COMPRESSION))}
+    return {"frames": max(1, math.ceil(float(length) / TIME_COMPRESSION))}
+
+
+def transition_frames_for(transition: str, frames: int) -> int:
+    """The transition_frames widget for ``transition``: a cut has none."""
+    return 0 if transition == "cut" else int(frames)
 
 
 def make_segment(context, length: float, unit: str, transition: str, transition_frames: int,
                  label: str = "", recache_mode: str = "policy default") -> PromptSegment:
-    frames = int(transition_frames) if transition != "cut" else 0
+    frames = transition_frames_for(transition, transition_frames)
     if recache_mode not in RECACHE_CHOICES:
         raise ScheduleError(f"recache_mode must be one of {', '.join(RECACHE_CHOICES)}, got {recache_mode!r}")
     mode = None if recache_mode == "policy default" or transition != "recache" else recache_mode
     return PromptSegment(context, transition=transition, transition_frames=frames, label=str(label or "").strip(),
                          recache_mode=mode, **segment_length(length, unit))
-
-
-def check_schedule(value) -> PromptSchedule:
-    if not isinstance(value, PromptSchedule):
-        raise ScheduleError(f"prompt_schedule must come from a Head Forcing prompt node, got {type(value).__name__}")
-    return value
 
 
 def length_inputs(default: float = 5.0) -> list:
@@ -122,7 +122,7 @@ class HeadForcingPromptSegment(io.ComfyNode):
     @classmethod
     def execute(cls, conditioning, length, length_unit, transition, transition_frames, previous=None,
                 label="", recache_mode="policy default") -> io.NodeOutput:
-        segment = make_segment(bridge.conditioning_tensor(conditioning), length, length_unit, transition,
+        segment = make_segment(conditioning_tensor(conditioning), length, length_unit, transition,
                                transition_frames, label, recache_mode)
         if previous is None:
             schedule = PromptSchedule((segment,))
@@ -185,10 +185,10 @@ class HeadForcingPromptScheduleFromText(io.ComfyNode):
     @classmethod
     def execute(cls, clip, text, default_transition="cut", default_transition_frames=3) -> io.NodeOutput:
         lines = parse_schedule_text(text, default_transition,
-                                    _frames_for(default_transition, default_transition_frames))
+                                    transition_frames_for(default_transition, default_transition_frames))
         segments = []
         for line in lines:
-            cond = bridge.conditioning_tensor(encode_prompt(clip, line.prompt))
+            cond = conditioning_tensor(encode_prompt(clip, line.prompt))
             try:
                 segments.append(PromptSegment(cond, seconds=line.seconds, transition=line.transition,
                                               transition_frames=line.transition_frames, label=line.prompt,
@@ -197,10 +197,3 @@ class HeadForcingPromptScheduleFromText(io.ComfyNode):
                 raise ScheduleError(f"line {line.line}: {e}") from None
         schedule = PromptSchedule(tuple(segments))
         return io.NodeOutput(schedule, schedule.describe())
-
-
-def _frames_for(transition: str, frames: int) -> int:
-    return 0 if transition == "cut" else int(frames)
-
-
-NODES = [HeadForcingPromptSegment, HeadForcingPromptScheduleFromText]

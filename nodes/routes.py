@@ -1,9 +1,11 @@
-"""HTTP routes of the pack (registered on ComfyUI's server at import, once).
+"""HTTP routes of the pack, registered on ComfyUI's server by the pack's entry point (``__init__.py``
+calls :func:`register_routes` once).
 
 ``GET /headforcing/estimate`` — the policy node's memory figure for the browser, computed by
-the node itself: the query string carries the policy node's widget values (``preset``,
-``rope``, ``sink_frames``, ``recent_frames``, ``memory_episodes``, ``memory_similarity``,
-``width``, ``height``, ``length``; missing ones take the node's defaults) and optionally
+the function the node itself calls (:func:`~.policy.policy_output`): the query string carries
+the policy node's widget values (``preset``, ``rope``, ``sink_frames``, ``recent_frames``,
+``memory_episodes``, ``memory_similarity``, ``width``, ``height``, ``length``, Pyramid
+Forcing's parameters; missing ones take the node's defaults) and optionally
 ``profile`` (a name Load Head Profile lists: ``preset: …`` or a file in models/headforcing),
 whose labels type the heads as when that node feeds the policy's ``head_profile`` input.
 Values are checked against the node's own schema (type, min, max, options) before anything
@@ -24,11 +26,22 @@ import asyncio
 import logging
 import math
 
+from headforcing_core.errors import HeadForcingError, ProfileError
+from headforcing_core.geometry import SPACE_COMPRESSION, latent_frames_for, seconds_of, video_frames_for
+from headforcing_core.memory import estimate_run
+from headforcing_core.names import check_name
+from headforcing_core.policies import make_policy
+from headforcing_core.profiling import is_preset, resolve_profile
+
+from .files import profile_folders
+from .policy import HeadForcingCachePolicy, policy_output
+
 log = logging.getLogger("headforcing")
 
 ESTIMATE_PATH = "/headforcing/estimate"
 _registered = False
 MAX_QUERY_VALUE_LEN = 512
+WIDGET_TYPES = ("INT", "FLOAT", "COMBO", "STRING", "BOOLEAN")
 
 
 class BadRequest(ValueError):
@@ -36,20 +49,13 @@ class BadRequest(ValueError):
 
 
 def _policy_inputs() -> dict[str, tuple]:
-    """``{name: (io_type, options)}`` of the policy node's widget inputs, from its schema."""
-    from .policy import HeadForcingCachePolicy
-
-    spec = HeadForcingCachePolicy.INPUT_TYPES()
+    """``{name: (io_type, options)}`` of the policy node's widget inputs (default, min, max, options), from its
+    V3 schema."""
     out = {}
-    for group in ("required", "optional"):
-        for name, value in (spec.get(group) or {}).items():
-            io_type = value[0]
-            opts = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
-            if isinstance(io_type, (list, tuple)):
-                opts = dict(opts, options=list(io_type))
-                io_type = "COMBO"
-            if io_type in ("INT", "FLOAT", "COMBO", "STRING", "BOOLEAN"):
-                out[name] = (io_type, opts)
+    for inp in HeadForcingCachePolicy.define_schema().inputs:
+        io_type = inp.get_io_type()
+        if io_type in WIDGET_TYPES:
+            out[inp.id] = (io_type, inp.as_dict())
     return out
 
 
@@ -105,10 +111,6 @@ def parse_estimate_query(query) -> dict:
         profile = str(profile)
         if not profile.strip() or len(profile) > MAX_QUERY_VALUE_LEN or "\x00" in profile:
             raise BadRequest("profile must be a profile name listed by Load Head Profile")
-        from headforcing_core.errors import HeadForcingError
-        from headforcing_core.names import check_name
-        from headforcing_core.profiling import is_preset
-
         if not is_preset(profile):
             try:
                 check_name(profile, kind="head profile")
@@ -119,43 +121,23 @@ def parse_estimate_query(query) -> dict:
 
 def _load_profile(name: str):
     """A HEAD_PROFILE by the names Load Head Profile accepts (a preset or a file in its folders)."""
-    from headforcing_core.profiling import resolve_profile
-
-    from .profiling import profile_folders
-
     return resolve_profile(name, profile_folders())
 
 
 def compute_estimate(values: dict, profile_name: str | None = None) -> dict:
     """The policy node's output for these widget values, plus the numbers behind its summary."""
-    from headforcing_core.memory import estimate_run
-    from headforcing_core.policies import make_policy
-
-    from . import comfy_bridge as bridge
-    from .policy import HeadForcingCachePolicy
-
     profile = _load_profile(profile_name) if profile_name else None
-    kwargs = dict(values)
-    if profile is not None:
-        kwargs["head_profile"] = profile
-    out = HeadForcingCachePolicy.execute(**kwargs)
-    policy, summary = out.args[0], out.args[1]
-    spec = bridge.spec_of(bridge.WAN_1_3B)
-    if profile is not None and getattr(policy, "labels", None) is not None:
-        try:
-            from .profiling import profile_spec
-            spec = profile_spec(profile)
-        except Exception:
-            pass
+    out = policy_output(values, profile)
     width, height, frames = int(values["width"]), int(values["height"]), int(values["length"])
-    latent = bridge.latent_frames_for(frames)
-    lh, lw = height // bridge.SPACE_COMPRESSION, width // bridge.SPACE_COMPRESSION
-    est = estimate_run(spec, policy, latent_frames=latent, latent_height=lh, latent_width=lw, frames_per_block=3)
-    window = estimate_run(spec, make_policy("self_forcing_window"), latent_frames=latent, latent_height=lh,
+    latent = latent_frames_for(frames)
+    lh, lw = height // SPACE_COMPRESSION, width // SPACE_COMPRESSION
+    est = estimate_run(out.spec, out.policy, latent_frames=latent, latent_height=lh, latent_width=lw,
+                       frames_per_block=3)
+    window = estimate_run(out.spec, make_policy("self_forcing_window"), latent_frames=latent, latent_height=lh,
                           latent_width=lw, frames_per_block=3)
     return {
         "ok": True,
-        "summary": summary,
+        "summary": out.summary,
         "preset": values.get("preset"),
         "profile": profile_name,
         # byte counts as whole numbers (the core's per-type budgets may come as floats, e.g. pyramid_forcing's)
@@ -166,8 +148,8 @@ def compute_estimate(values: dict, profile_name: str | None = None) -> dict:
         "total_bytes": round(est.total_bytes),
         "attended_frames": round(est.attended_tokens / est.tokens_per_frame, 3),
         "latent_frames": latent,
-        "frames": bridge.decoded_frames(latent),
-        "seconds": round(bridge.decoded_frames(latent) / bridge.FPS, 3),
+        "frames": video_frames_for(latent),
+        "seconds": round(seconds_of(latent), 3),
         "window_kv_bytes": round(window.kv_bytes),
         "notes": list(est.notes),
     }
@@ -180,8 +162,6 @@ def estimate_response(query) -> tuple[int, dict]:
     profile file is damaged or does not fit (its schema error names the field); 422 also for
     anything else that goes wrong computing the figure (logged with its traceback).
     """
-    from headforcing_core.errors import HeadForcingError, ProfileError
-
     try:
         parsed = parse_estimate_query(query)
     except (BadRequest, HeadForcingError, ValueError) as e:

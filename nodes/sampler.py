@@ -1,12 +1,33 @@
-"""HeadForcingARSampler: chunk-wise autoregressive sampling of a Self Forcing / Causal Forcing model."""
+"""HeadForcingARSampler: chunk-wise autoregressive sampling of a Self Forcing / Causal Forcing model.
+
+:func:`run_ar_sampler` is the node's work: check every input (``comfy_bridge``), then the run
+sequence every sampling node shares (``nodes/run.py``: pre-flight and load, the core's
+``generate_schedule`` with progress, interrupt, previews and the live panel, the report).
+"""
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
 from comfy_api.latest import io
 
-from headforcing_core.policies import PRESETS
+from headforcing_core.backbone import WanRunner
+from headforcing_core.errors import StateError
+from headforcing_core.geometry import FPS, added_video_frames, chunk_bounds, video_frames_for
+from headforcing_core.memory import estimate_run, latent_bytes
+from headforcing_core.policies import PRESETS, CachePolicy, describe
+from headforcing_core.prompts import TAIL_FRAMES, PromptSchedule
+from headforcing_core.sampler import validate_inputs
+from headforcing_core.state import generate_schedule
 
-from . import comfy_bridge as bridge
-from . import messages
+from .comfy_bridge import (CUSTOM_PRESET, DEFAULT_SAMPLER_POLICY, DEFAULT_SHIFT, DEFAULT_STEPS, LENGTH_UNITS,
+                           MAX_SEED, MODEL_PRESETS, SamplerRequest, apply_model_preset, check_initial_latent,
+                           check_schedule, compute_dtype, conditioning_tensor, count_noun, describe_pixels,
+                           describe_schedule_length, describe_video_length, initial_latent_samples, latent_shape,
+                           make_request, on_host, renoise_generator, sampler_policy, steps_text, wan_backbone)
+from .messages import live_panel
+from .run import (ModelRun, default_recache_mode, finish_report, memory_line, schedule_report, story_model_calls,
+                  story_noise, story_panel)
 from .types import AR_STATE, KV_POLICY, PROMPT_SCHEDULE
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -47,7 +68,7 @@ class HeadForcingARSampler(io.ComfyNode):
                             "(81 frames = 21 latent frames = 5 s; 961 = 60 s). Seconds give 16*s+1 frames. With an "
                             "initial_latent it counts the whole video, the initial frames included."),
                 io.Int.Input(
-                    "seed", default=0, min=0, max=bridge.MAX_SEED, control_after_generate=True,
+                    "seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                     tooltip="Initial noise seed (same noise as KSampler's for an empty latent of this size); "
                             "the re-noising between steps uses seed+1."),
                 # optional: an API prompt may leave these out and gets the defaults
@@ -56,17 +77,17 @@ class HeadForcingARSampler(io.ComfyNode):
                     tooltip="A cache policy from 'Head Forcing Cache Policy'. When connected it replaces the "
                             "'policy' dropdown."),
                 io.Combo.Input(
-                    "length_unit", options=list(bridge.LENGTH_UNITS), default="frames", optional=True,
+                    "length_unit", options=list(LENGTH_UNITS), default="frames", optional=True,
                     tooltip="'frames': length counts video frames. 'seconds': length counts seconds at 16 fps "
                             "(60 -> 961 frames)."),
                 io.String.Input(
-                    "steps", default=bridge.DEFAULT_STEPS, optional=True,
+                    "steps", default=DEFAULT_STEPS, optional=True,
                     tooltip="Comma-separated nominal timesteps, highest first. Self Forcing / Causal Forcing "
                             "use 1000,750,500,250; they are warped through the shifted schedule "
                             "(-> about 1000, 937.5, 833.3, 625). Each chunk also gets one clean pass. Used with "
                             "model_preset 'custom'."),
                 io.Float.Input(
-                    "shift", default=bridge.DEFAULT_SHIFT, min=0.01, max=100.0, step=0.01, optional=True,
+                    "shift", default=DEFAULT_SHIFT, min=0.01, max=100.0, step=0.01, optional=True,
                     tooltip="Flow-matching shift of the schedule. 5.0 is Self Forcing's training value; "
                             "ComfyUI's Wan default of 8.0 (ModelSamplingSD3) is wrong for these models. Used with "
                             "model_preset 'custom'."),
@@ -75,7 +96,7 @@ class HeadForcingARSampler(io.ComfyNode):
                     tooltip="Latent frames generated per chunk: 3 for chunk-wise checkpoints, 1 for frame-wise "
                             "ones. A last chunk may be shorter. Used with model_preset 'custom'."),
                 io.Combo.Input(
-                    "policy", options=list(PRESETS), default=bridge.DEFAULT_SAMPLER_POLICY, optional=True,
+                    "policy", options=list(PRESETS), default=DEFAULT_SAMPLER_POLICY, optional=True,
                     tooltip="KV-cache preset used when no kv_policy is connected. self_forcing_window keeps "
                             "the last 21 latent frames (identical to 'full', i.e. Self Forcing, up to 81 "
                             "frames; bounded beyond). Use the Cache Policy node to tune a policy."),
@@ -94,7 +115,7 @@ class HeadForcingARSampler(io.ComfyNode):
                             "whole video; the LATENT output holds only the NEW frames: join them after the initial "
                             "latent with LatentConcat (dim t) and decode once."),
                 io.Combo.Input(
-                    "model_preset", options=list(bridge.MODEL_PRESETS), default=bridge.CUSTOM_PRESET, optional=True,
+                    "model_preset", options=list(MODEL_PRESETS), default=CUSTOM_PRESET, optional=True,
                     tooltip="The sampling settings of a public checkpoint, from its own inference config: "
                             "frames per block, steps, first-chunk steps and shift. Any preset but 'custom' REPLACES "
                             "the frames_per_block, steps, first_chunk_steps and shift widgets (the report says "
@@ -125,13 +146,171 @@ class HeadForcingARSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, width, height, length, seed, conditioning=None, kv_policy=None, length_unit="frames",
-                steps=bridge.DEFAULT_STEPS, shift=bridge.DEFAULT_SHIFT, frames_per_block=3,
-                policy=bridge.DEFAULT_SAMPLER_POLICY, prompt_schedule=None, initial_latent=None,
-                model_preset=bridge.CUSTOM_PRESET, first_chunk_steps="") -> io.NodeOutput:
-        with messages.live_panel():  # per-chunk progress events for the browser panel (web/headforcing.js)
-            latent, report, state = bridge.run_ar_sampler(
+                steps=DEFAULT_STEPS, shift=DEFAULT_SHIFT, frames_per_block=3,
+                policy=DEFAULT_SAMPLER_POLICY, prompt_schedule=None, initial_latent=None,
+                model_preset=CUSTOM_PRESET, first_chunk_steps="") -> io.NodeOutput:
+        with live_panel():  # per-chunk progress events for the browser panel (web/headforcing.js)
+            latent, report, state = run_ar_sampler(
                 model, conditioning, kv_policy=kv_policy, policy_preset=policy, width=width, height=height,
                 length=length, length_unit=length_unit, seed=seed, steps=steps, shift=shift,
                 frames_per_block=frames_per_block, prompt_schedule=prompt_schedule, initial_latent=initial_latent,
                 model_preset=model_preset, first_chunk_steps=first_chunk_steps)
         return io.NodeOutput(latent, report, state)
+
+
+def sampler_schedule(prompt_schedule, conditioning, latent_frames: int, frames_per_block: int) -> PromptSchedule:
+    """What the AR sampler generates: the connected schedule (it wins), else the conditioning for
+    ``latent_frames``. Lengths in seconds are resolved to whole chunks of ``frames_per_block``."""
+    if prompt_schedule is not None:
+        return check_schedule(prompt_schedule).resolve(frames_per_block)
+    if conditioning is None:
+        raise StateError("connect a conditioning (one prompt) or a prompt_schedule (several prompts)")
+    return PromptSchedule.single(conditioning_tensor(conditioning), latent_frames)
+
+
+def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy_preset: str, width: int,
+                   height: int, length: int, length_unit: str, seed: int, steps: str, shift: float,
+                   frames_per_block: int, prompt_schedule=None, initial_latent=None, model_preset: str = CUSTOM_PRESET,
+                   first_chunk_steps: str = "") -> tuple[dict, str, object]:
+    """HeadForcingARSampler's work: validate, pre-flight memory check, load, generate, un-normalize.
+
+    Returns ``({"samples": latents}, report, ar_state)``. Every input error is raised (as a ValueError
+    subclass) before the model is loaded or anything is allocated. A connected ``prompt_schedule``
+    (PROMPT_SCHEDULE) replaces ``conditioning`` and ``length`` (one segment from frame 0 samples exactly
+    like ``generate``).
+
+    ``model_preset`` (:data:`~.comfy_bridge.MODEL_PRESETS`): ``custom`` uses ``frames_per_block`` / ``steps`` /
+    ``first_chunk_steps`` / ``shift`` as given, any other preset replaces them
+    (:func:`~.comfy_bridge.apply_model_preset`). ``initial_latent`` (a LATENT from VAEEncode, the VAE's raw
+    space) is mapped into the model's space with ``process_latent_in`` (as KSampler does) and put into the
+    cache first; ``length`` then counts the whole video and the output LATENT holds only the new frames (join
+    them with LatentConcat).
+    """
+    policy = sampler_policy(kv_policy, policy_preset)
+    sampling = apply_model_preset(model_preset, frames_per_block=frames_per_block, steps=steps,
+                                         first_chunk_steps=first_chunk_steps, shift=shift)
+    initial = initial_latent_samples(initial_latent)
+    t0 = 0 if initial is None else int(initial.shape[2])
+    req = make_request(width=width, height=height, length=length, length_unit=length_unit, seed=seed,
+                              steps=sampling.steps, shift=sampling.shift, frames_per_block=sampling.frames_per_block,
+                              policy=policy, first_chunk_steps=sampling.first_chunk_steps, initial_frames=t0,
+                              sampling=sampling)
+    module, spec = wan_backbone(model)
+    schedule = sampler_schedule(prompt_schedule, conditioning, req.latent_frames, req.frames_per_block)
+    req = replace(req, latent_frames=schedule.total_frames)
+    shape = latent_shape(req.width, req.height, req.latent_frames, channels=spec.in_dim)
+    # text width, channels, grid: checked on a shape-only tensor (nothing allocated yet)
+    for segment in schedule:
+        validate_inputs(WanRunner(module), segment.context, torch.empty(shape, device="meta"), req.frames_per_block)
+    if initial is not None:
+        check_initial_latent(initial, req, spec.in_dim)
+
+    dtype = compute_dtype(model)
+    text_tokens = max(seg.context.shape[1] for seg in schedule)
+
+    def estimate_at(t: int, h: int, w: int):
+        # the cache covers the initial frames and the new ones; the initial latent is held on the device
+        # (the model's-space copy and the latents kept for a recache) next to the new frames' noise and output
+        return estimate_run(spec, policy, latent_frames=t0 + t, new_frames=t, latent_height=h, latent_width=w,
+                            frames_per_block=req.frames_per_block, batch=1, dtype=dtype,
+                            state_on_device=on_host(model), output_copies=1, text_tokens=text_tokens,
+                            extra_bytes=2 * latent_bytes(spec, t0, h, w) if t0 else 0,
+                            extra_label="initial latent")
+
+    if t0:
+        def describe_length(t: int) -> str:
+            return describe_video_length(length_unit)(t0 + t) + " in all, initial frames included"
+    else:
+        describe_length = describe_video_length(length_unit)
+    # one pre-flight (refuse before anything is allocated; the runner reads its device off the
+    # weights, so they are loaded whole, no lowvram split)
+    run = ModelRun.load(
+        model, spec, estimate_at, dtype=dtype, latent_frames=req.latent_frames, latent_height=shape[-2],
+        latent_width=shape[-1], min_frames=req.frames_per_block,
+        describe_length=describe_schedule_length if prompt_schedule is not None else describe_length,
+        describe_size=None if t0 else describe_pixels,  # the initial latent fixes the size
+        what="the schedule" if prompt_schedule is not None else "the video",
+        bounded_policy_hint=not policy.is_bounded())
+    device = run.device
+    # the segment covering latent frames [s, e) starts from frames s..e-1 of a fresh e-frame draw (the new
+    # frames after an initial latent: frames t0.. of it)
+    noise = story_noise(lambda n: latent_shape(req.width, req.height, n, channels=spec.in_dim), req.seed, t0,
+                        schedule)
+    first = None if req.first_chunk_steps is None else len(req.first_chunk_steps)
+    calls = story_model_calls(schedule, req.frames_per_block, len(req.steps), first_steps=first, start_frame=t0,
+                              context=schedule[0].context, tail_frames=min(t0, TAIL_FRAMES), policy=policy)
+    calls += len(chunk_bounds(0, t0, req.frames_per_block)) if t0 else 0  # the initial latent's clean passes
+    # ComfyUI's LATENT is in the VAE's raw space; the model samples in the normalized one (KSampler's
+    # process_latent_in)
+    start = None if initial is None else model.model.process_latent_in(initial.float()).to(device)
+    latents, state = run.call(
+        lambda hooks: generate_schedule(
+            module, schedule, noise.to(device), steps=req.steps, shift=req.shift,
+            frames_per_block=req.frames_per_block, policy=policy, generator=renoise_generator(req.seed),
+            first_chunk_steps=req.first_chunk_steps, initial_latent=start, hooks=hooks, dtype=dtype),
+        model_calls=calls,
+        panel=story_panel(model, spec, policy, schedule, start_frame=t0, frames_per_block=req.frames_per_block,
+                          latent_size=shape[-2:], width=req.width, height=req.height, dtype=dtype))
+    report = finish_report(model, [
+        *_report_lines(req, policy, run, initial_latent),
+        schedule_report(schedule, t0 if prompt_schedule is not None else 0, default_recache_mode(policy)),
+        f"AR_STATE: {state.nbytes / 2**20:.1f} MiB in CPU memory",
+    ])
+    return run.latent_output(latents), report, state
+
+
+def sampling_lines(req: SamplerRequest) -> list[str]:
+    """The report's lines on what was sampled with what: model preset, frames per block, steps, first-chunk
+    steps, shift, and the widget values a preset replaced."""
+    sm = req.sampling
+    first = steps_text(req.first_chunk_steps) or "none"
+    lines = [f"model preset: {sm.preset if sm else CUSTOM_PRESET}"
+             + (f" ({sm.source})" if sm and sm.source else " (the frames_per_block, steps, first_chunk_steps and "
+                                                          "shift widgets)")
+             + f": frames per block {req.frames_per_block}, steps {steps_text(req.steps)}, first-chunk steps "
+             f"{first}, shift {req.shift:g}"]
+    if sm and sm.replaced:
+        lines.append("  the preset replaced the widget values " + "; ".join(sm.replaced)
+                     + " (model_preset 'custom' uses the widgets)")
+    return lines
+
+
+def _report_lines(req: SamplerRequest, policy: CachePolicy, run: ModelRun, initial_latent=None) -> list[str]:
+    seconds, chunk_seconds = run.seconds, run.chunk_seconds
+    per_chunk = seconds / max(1, len(chunk_seconds))
+    steady = sum(chunk_seconds[1:]) / (len(chunk_seconds) - 1) if len(chunk_seconds) > 1 else per_chunk
+    new_video = added_video_frames(req.latent_frames) if req.initial_frames else req.frames
+    asked = f" (asked for {req.frames_requested} frames)" if req.frames_requested != req.frames else ""
+    if req.initial_frames:
+        t0 = req.initial_frames
+        head = (f"Head Forcing AR sampler: {new_video} new frames ({req.latent_frames} latent) after an initial latent "
+                f"of {count_noun(t0, 'latent frame')} ({count_noun(video_frames_for(t0), 'video frame')}); the whole "
+                f"video is {req.frames} frames ({req.total_latent_frames} latent, {req.frames / FPS:.2f} s at {FPS} "
+                f"fps) at {req.width}x{req.height}, seed {req.seed}" + asked)
+        ignored = sorted(k for k in (initial_latent or {}) if k != "samples")
+        passes = len(chunk_bounds(0, t0, req.frames_per_block))
+        init = [f"initial latent: {count_noun(t0, 'latent frame')} put into the cache first "
+                f"({count_noun(passes, 'clean pass', 'clean passes')} at timestep 0); the LATENT output "
+                "holds only the new frames: join them after it with LatentConcat (dim t) and decode once"
+                + (f"; its {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not used" if ignored else "")]
+    else:
+        head = (f"Head Forcing AR sampler: {req.frames} frames ({req.latent_frames} latent, "
+                f"{req.frames / FPS:.2f} s at {FPS} fps) at {req.width}x{req.height}, seed {req.seed}" + asked)
+        init = []
+    first = (f"; the first chunk {len(req.first_chunk_steps)} steps ({steps_text(req.first_chunk_steps)})"
+             if req.first_chunk_steps is not None else "")
+    return [
+        head,
+        *init,
+        *sampling_lines(req),
+        f"chunks: {req.chunks} of {req.frames_per_block} latent frames"
+        + (f" (the last one {req.latent_frames % req.frames_per_block})" if req.latent_frames % req.frames_per_block
+           else "")
+        + f", {len(req.steps)} steps + clean pass each{first}, "
+        f"steps {','.join(f'{s:g}' for s in req.steps)}, shift {req.shift:g}",
+        f"policy: {describe(policy)}",
+        *[f"  {n}" for n in run.estimate.notes],
+        memory_line(run.estimate),
+        f"time: {seconds:.2f} s, {per_chunk:.3f} s/chunk (steady {steady:.3f} s/chunk), "
+        f"{new_video / seconds if seconds > 0 else 0:.2f} video frames/s on {run.computed_on()}",
+    ]
