@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
 
 PLANTED_PROFILE = "hf_planted_heads.safetensors"
 PLANTED_LAYERS, PLANTED_HEADS = 6, 4
-# the head map palette (nodes/profiling.py TYPE_COLORS, forwarded by nodes/messages.py)
+# the head map palette (nodes/messages.py TYPE_COLORS, also drawn into the heat-map PNG by nodes/heat_map.py)
 PALETTE = {
     "local": (232, 126, 34),
     "anchor": (52, 101, 164),
