@@ -712,6 +712,24 @@ def continuation(info: dict) -> Graph:
     return g
 
 
+def _continue_encoded(g: Graph, unet: Node, clip: Node, vae: Node, encoded: Node, prompt_text: str, title: str,
+                      join_title: str, prefix: str, **sampler_widgets) -> None:
+    """Sample new frames after an encoded image or video, join them to it and decode once."""
+    prompt = g.add("CLIPTextEncode", (370, 40), (400, 200), "Prompt", color=PROMPT_COLOR, text=prompt_text)
+    g.link(clip, prompt, "clip")
+    smp = g.add("HeadForcingARSampler", (820, 40), (360, 420), title, width=832, height=480, seed=42,
+                length_unit="frames", **sampler_widgets)
+    g.link(unet, smp, "model")
+    g.link(prompt, smp, "conditioning")
+    g.link(encoded, smp, "initial_latent")
+    join = g.add("LatentConcat", (1230, 40), (270, 100), join_title, dim="t")
+    g.link(encoded, join, "samples1")
+    g.link(smp.out("latent"), join, "samples2")
+    _decode_save(g, join, vae, 1230, 200, prefix, "VAE Decode (once)")
+    report = g.add("PreviewAny", (1230, 420), (300, 240), "Sampler Report")
+    g.link(smp.out("report"), report, "source")
+
+
 def image_to_video(info: dict) -> Graph:
     g = Graph(info, "headforcing_image_to_video")
     unet = g.add("UNETLoader", (-420, 40), (380, 82), "Load Diffusion Model (Causal Forcing frame-wise)",
@@ -725,20 +743,9 @@ def image_to_video(info: dict) -> Graph:
     enc = g.add("VAEEncode", (0, 650), (210, 46), "VAE Encode (1 latent frame)")
     g.link(scale, enc, "pixels")
     g.link(vae, enc, "vae")
-    prompt = g.add("CLIPTextEncode", (370, 40), (400, 200), "Prompt", color=PROMPT_COLOR, text=I2V_PROMPT)
-    g.link(clip, prompt, "clip")
-    smp = g.add("HeadForcingARSampler", (820, 40), (360, 420), "Head Forcing AR Sampler (image-to-video)", width=832,
-                height=480, length=81, seed=42, length_unit="frames", frames_per_block=1,
-                policy="self_forcing_window", model_preset="Causal Forcing frame-wise 4-step")
-    g.link(unet, smp, "model")
-    g.link(prompt, smp, "conditioning")
-    g.link(enc, smp, "initial_latent")
-    join = g.add("LatentConcat", (1230, 40), (270, 100), "Image + new frames (t)", dim="t")
-    g.link(enc, join, "samples1")
-    g.link(smp.out("latent"), join, "samples2")
-    _decode_save(g, join, vae, 1230, 200, "video/headforcing_image_to_video", "VAE Decode (once)")
-    report = g.add("PreviewAny", (1230, 420), (300, 240), "Sampler Report")
-    g.link(smp.out("report"), report, "source")
+    _continue_encoded(g, unet, clip, vae, enc, I2V_PROMPT, "Head Forcing AR Sampler (image-to-video)",
+                      "Image + new frames (t)", "video/headforcing_image_to_video", length=81, frames_per_block=1,
+                      policy="self_forcing_window", model_preset="Causal Forcing frame-wise 4-step")
     g.note(I2V_NOTE, (-420, 450), (380, 640), "Read me: Head Forcing image-to-video")
     return g
 
@@ -760,20 +767,9 @@ def extend_video(info: dict) -> Graph:
     enc = g.add("VAEEncode", (0, 920), (240, 46), "VAE Encode (21 latent frames)")
     g.link(scale, enc, "pixels")
     g.link(vae, enc, "vae")
-    prompt = g.add("CLIPTextEncode", (370, 40), (400, 200), "Prompt", color=PROMPT_COLOR, text=EXTEND_PROMPT)
-    g.link(clip, prompt, "clip")
-    smp = g.add("HeadForcingARSampler", (820, 40), (360, 420), "Head Forcing AR Sampler (extension)", width=832,
-                height=480, length=161, seed=42, length_unit="frames", policy="self_forcing_window",
-                model_preset="Self Forcing chunk-wise")
-    g.link(unet, smp, "model")
-    g.link(prompt, smp, "conditioning")
-    g.link(enc, smp, "initial_latent")
-    join = g.add("LatentConcat", (1230, 40), (270, 100), "Video + new frames (t)", dim="t")
-    g.link(enc, join, "samples1")
-    g.link(smp.out("latent"), join, "samples2")
-    _decode_save(g, join, vae, 1230, 200, "video/headforcing_extended", "VAE Decode (once)")
-    report = g.add("PreviewAny", (1230, 420), (300, 240), "Sampler Report")
-    g.link(smp.out("report"), report, "source")
+    _continue_encoded(g, unet, clip, vae, enc, EXTEND_PROMPT, "Head Forcing AR Sampler (extension)",
+                      "Video + new frames (t)", "video/headforcing_extended", length=161, policy="self_forcing_window",
+                      model_preset="Self Forcing chunk-wise")
     g.note(EXTEND_NOTE, (-420, 450), (380, 700), "Read me: Head Forcing video extension")
     return g
 
