@@ -60,6 +60,17 @@ class BackboneSpec:
         return cls(cfg.dim, cfg.num_heads, cfg.num_layers, tuple(cfg.patch_size), cfg.in_dim, cfg.out_dim,
                    cfg.text_dim, cfg.freq_dim, cfg.text_len, cfg.ffn_dim)
 
+    @classmethod
+    def from_fingerprint(cls, fingerprint: dict) -> "BackboneSpec":
+        """The spec of a model known only by its :meth:`fingerprint` (a head profile's or an AR state's
+        ``model``): what a fingerprint does not store — time-embedding width, text length, FFN width —
+        is Wan 2.1's."""
+        from .wan_model import WanConfig  # Wan's defaults; the module itself stays shape-agnostic
+
+        wan, m = WanConfig(), fingerprint
+        return cls(int(m["dim"]), int(m["num_heads"]), int(m["num_layers"]), tuple(int(p) for p in m["patch_size"]),
+                   int(m["in_dim"]), int(m["out_dim"]), int(m["text_dim"]), wan.freq_dim, wan.text_len)
+
     @property
     def ffn_width(self) -> int:
         return self.ffn_dim or int(self.dim * 5.84)  # Wan: 8960 for 1536
@@ -67,6 +78,19 @@ class BackboneSpec:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    def check_context(self, context: torch.Tensor, batch: int | None = None, what: str = "conditioning") -> None:
+        """A text-encoder output must be ``[1 or batch, tokens ≤ text_len, text_dim]`` (the one check of
+        a conditioning's shape; :exc:`ShapeError` saying what to change)."""
+        if context.ndim != 3 or context.shape[-1] != self.text_dim:
+            raise ShapeError(
+                f"{what} of shape {tuple(context.shape)} does not fit the model's text width {self.text_dim} "
+                f"([batch, tokens, {self.text_dim}]): encode the prompt with the umT5-XXL text encoder "
+                "(CLIPLoader type 'wan')")
+        if batch is not None and context.shape[0] not in (1, batch):
+            raise ShapeError(f"{what} batch {context.shape[0]} does not match the latent batch {batch}")
+        if context.shape[1] > self.text_len:
+            raise ShapeError(f"{what} has {context.shape[1]} text tokens; the model takes at most {self.text_len}")
 
     def token_grid(self, latent_height: int, latent_width: int) -> tuple[int, int]:
         """(h, w) patch grid of one latent frame."""
@@ -187,15 +211,7 @@ class WanRunner:
     def encode_text(self, context: torch.Tensor) -> TextContext:
         """Embed a ``[B, L, text_dim]`` text-encoder output and precompute cross-attn K/V."""
         spec = self.spec
-        if context.ndim != 3:
-            raise ShapeError(f"text context must be [batch, tokens, {spec.text_dim}], got {tuple(context.shape)}")
-        if context.shape[-1] != spec.text_dim:
-            raise ShapeError(
-                f"conditioning width {context.shape[-1]} does not match the model's text width {spec.text_dim}: "
-                "encode the prompt with the umT5-XXL text encoder (CLIPLoader type 'wan')"
-            )
-        if context.shape[1] > spec.text_len:
-            raise ShapeError(f"text context has {context.shape[1]} tokens; the model takes at most {spec.text_len}")
+        spec.check_context(context)
         ctx = context.to(self.device, self.dtype)
         # Wan pads *after* the text encoder: zero rows still pass through text_embedding.
         ctx = F.pad(ctx, (0, 0, 0, spec.text_len - ctx.shape[1]))

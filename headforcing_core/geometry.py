@@ -33,9 +33,16 @@ def added_video_frames(latent_frames: int) -> int:
     return TIME_COMPRESSION * int(latent_frames)
 
 
+def video_frames_for_seconds(seconds: float) -> int:
+    """Video frames of a new ``seconds``-long video at 16 fps: the first frame plus 16 per second
+    (5 s → 81 frames, Wan's convention)."""
+    return round(seconds * FPS) + 1
+
+
 def latent_frames_for_seconds(seconds: float) -> int:
-    """Latent frames of a ``seconds``-long video at 16 fps (the first frame plus 16 per second)."""
-    return latent_frames_for(max(1, round(seconds * FPS)))
+    """Latent frames that *add* ``seconds`` of video at 16 fps: 4 per second (at least 1) — the
+    rule of a continuation (:func:`added_video_frames`) and of the benchmark's lengths."""
+    return max(1, round(seconds * FPS / TIME_COMPRESSION))
 
 
 def seconds_of(latent_frames: int) -> float:

@@ -387,6 +387,14 @@ def plan_segments(schedule: PromptSchedule, frames_per_block: int, *, start_fram
     return plans
 
 
+def default_recache_mode(policy) -> str:
+    """The recache mode of a segment that names none: LongLive's own (``longlive``) under the
+    ``longlive`` preset — the model was trained for it — and ``block_causal`` otherwise. ``policy``:
+    a :class:`CachePolicy`, a preset name, or ``None``."""
+    preset = policy if isinstance(policy, str) else getattr(policy, "preset", None)
+    return "longlive" if preset == "longlive" else "block_causal"
+
+
 def count_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: int, *, first_steps: int | None = None,
                       **where) -> int:
     """Model calls a schedule run makes: ``steps + 1`` per chunk (``first_steps + 1`` for the run's very first
@@ -441,9 +449,6 @@ class ScheduleSampler(ARSampler):
     events: list = field(default_factory=list)
 
     # ---- planning --------------------------------------------------------------------------
-    def default_recache_mode(self) -> str:
-        return "longlive" if self.policy.preset == "longlive" else "block_causal"
-
     def plan_schedule(self, schedule: PromptSchedule) -> list[_SegmentPlan]:
         return plan_segments(schedule, self.frames_per_block, **self._where())
 
@@ -461,7 +466,7 @@ class ScheduleSampler(ARSampler):
     def _where(self) -> dict:
         return dict(start_frame=self.next_frame, context=self.context, started=self.text is not None,
                     tail_frames=0 if self.tail is None else self.tail.shape[2],
-                    default_mode=self.default_recache_mode())
+                    default_mode=default_recache_mode(self.policy))
 
     # ---- running ---------------------------------------------------------------------------
     @torch.no_grad()

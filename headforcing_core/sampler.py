@@ -249,13 +249,7 @@ def validate_inputs(runner: WanRunner, context: torch.Tensor, noise: torch.Tenso
             f"{t} latent frame(s) is shorter than one chunk of {frames_per_block}; "
             f"ask for at least {video_frames_for(frames_per_block)} video frames"
         )
-    if context.ndim != 3 or context.shape[-1] != spec.text_dim:
-        raise ShapeError(
-            f"conditioning of shape {tuple(context.shape)} does not fit the model's text width {spec.text_dim}: "
-            "encode the prompt with the umT5-XXL text encoder (CLIPLoader type 'wan')"
-        )
-    if context.shape[0] not in (1, b):
-        raise ShapeError(f"conditioning batch {context.shape[0]} does not match the latent batch {b}")
+    spec.check_context(context, b)
 
 
 def validate_initial_latent(initial: torch.Tensor | None, noise_shape: tuple, frames_per_block: int,

@@ -303,18 +303,6 @@ def _history(sampler: ScheduleSampler, schedule: PromptSchedule, first_frame: in
     return out
 
 
-def check_context(spec: BackboneSpec, context: torch.Tensor, batch: int) -> None:
-    """A conditioning must be ``[1 or batch, tokens ≤ text_len, text_dim]``."""
-    if context.ndim != 3 or context.shape[-1] != spec.text_dim:
-        raise ShapeError(
-            f"conditioning of shape {tuple(context.shape)} does not fit the model's text width {spec.text_dim}: "
-            "encode the prompt with the umT5-XXL text encoder (CLIPLoader type 'wan')")
-    if context.shape[0] not in (1, batch):
-        raise ShapeError(f"conditioning batch {context.shape[0]} does not match the latent batch {batch}")
-    if context.shape[1] > spec.text_len:
-        raise ShapeError(f"text context has {context.shape[1]} tokens; the model takes at most {spec.text_len}")
-
-
 def _hooks(progress, should_stop, on_chunk, hooks: Hooks | None) -> Hooks:
     return hooks if hooks is not None else Hooks(progress, should_stop, on_chunk)
 
@@ -389,7 +377,7 @@ def continue_generation(backbone: torch.nn.Module, state: ARState, schedule: Pro
     sampler, gen = restore_sampler(state, backbone, sched.total_frames, generator=generator, dtype=dtype,
                                    attention_backend=attention_backend, device=device)
     for seg in sched:
-        check_context(sampler.runner.spec, seg.context, state.batch)
+        sampler.runner.spec.check_context(seg.context, state.batch)
     first = sampler.next_frame
     out = sampler.run_schedule(sched, noise.to(sampler.runner.device), gen,
                                _hooks(progress, should_stop, on_chunk, hooks))

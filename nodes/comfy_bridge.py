@@ -26,7 +26,8 @@ import torch
 from headforcing_core.backbone import BackboneSpec, inspect_backbone
 from headforcing_core.errors import HeadForcingError, ModelFamilyError, ProfileError, ShapeError, StateError
 from headforcing_core.geometry import (FPS, SIZE_MULTIPLE, SPACE_COMPRESSION, TIME_COMPRESSION, added_video_frames,
-                                       chunk_bounds, latent_frames_for, seconds_of, video_frames_for)
+                                       chunk_bounds, latent_frames_for, seconds_of, video_frames_for,
+                                       video_frames_for_seconds)
 from headforcing_core.memory import estimate_run
 from headforcing_core.noise import initial_noise  # noqa: F401  (the tests draw the sampler's noise through here)
 from headforcing_core.policies import (PRESETS, CachePolicy, Cyclic, Episodic, HeadLabels, Merge, PyramidRule, Stride,
@@ -194,7 +195,7 @@ def video_frames(length: int, unit: str = "frames") -> int:
         raise ShapeError(f"length_unit must be one of {', '.join(LENGTH_UNITS)}, got {unit!r}")
     if length < 1:
         raise ShapeError(f"length must be at least 1, got {length}")
-    return int(length) * FPS + 1 if unit == "seconds" else int(length)
+    return video_frames_for_seconds(int(length)) if unit == "seconds" else int(length)
 
 
 def check_video_size(width: int, height: int) -> None:
@@ -347,11 +348,8 @@ def profile_labels(head_profile, preset: str) -> HeadLabels | None:
 
 
 def profile_spec(head_profile: HeadProfile) -> BackboneSpec:
-    """A BackboneSpec of the profile's model shape (for the policy node's memory figure); what a profile
-    does not store (time-embedding width, text length, FFN width) is Wan's."""
-    m = head_profile.model
-    return BackboneSpec(m["dim"], m["num_heads"], m["num_layers"], tuple(m["patch_size"]), m["in_dim"], m["out_dim"],
-                        m["text_dim"], freq_dim=WAN_1_3B.freq_dim, text_len=WAN_1_3B.text_len)
+    """A BackboneSpec of the profile's model shape (for the policy node's memory figure)."""
+    return BackboneSpec.from_fingerprint(head_profile.model)
 
 
 def policy_summary(policy: CachePolicy, *, width: int, height: int, frames: int, frames_per_block: int = 3,

@@ -47,7 +47,7 @@ from headforcing_core.errors import Interrupted
 from headforcing_core.memory import GiB, estimate_run, with_weights
 from headforcing_core.memory import preflight as core_preflight
 from headforcing_core.noise import noise_frames
-from headforcing_core.prompts import PromptSchedule, count_model_calls, segment_noise
+from headforcing_core.prompts import PromptSchedule, count_model_calls, default_recache_mode, segment_noise
 from headforcing_core.sampler import Hooks
 
 from .messages import chunk_done, describe_run
@@ -226,12 +226,6 @@ def story_noise(shape_of, seed: int, start_frame: int, schedule: PromptSchedule)
     gives what one Sampler run of the schedule [A, B, C] gives. Each segment's frames are drawn on their
     own (same values as the whole draw, bounded memory)."""
     return segment_noise(lambda s, e: noise_frames(shape_of, seed, s, e), start_frame, [s.frames for s in schedule])
-
-
-def default_recache_mode(policy) -> str:
-    """The recache mode of segments that name none: what ``ScheduleSampler.default_recache_mode`` picks
-    (``longlive`` under the ``longlive`` preset, else ``block_causal``)."""
-    return "longlive" if getattr(policy, "preset", None) == "longlive" else "block_causal"
 
 
 def story_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: int, *, first_steps: int | None = None,

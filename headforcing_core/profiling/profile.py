@@ -234,9 +234,7 @@ def profile_heads(backbone: torch.nn.Module, contexts: Sequence[torch.Tensor], *
     spec = runner.spec
     prompts = _prompts(contexts)
     for i, p in enumerate(prompts):
-        if p.shape[-1] != spec.text_dim:
-            raise ShapeError(f"prompt {i} has width {p.shape[-1]}; the model's text width is {spec.text_dim} "
-                             "(encode prompts with the umT5-XXL text encoder, CLIPLoader type 'wan')")
+        spec.check_context(p, what=f"prompt {i}")
     check_profile_settings(frames, frames_per_block, query_samples)
     tpf = spec.tokens_per_frame(latent_height, latent_width)  # raises ShapeError for odd sizes
     queries_per_frame = max(1, min(tpf, query_samples // frames_per_block))

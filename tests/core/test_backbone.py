@@ -53,3 +53,14 @@ def test_state_dict_round_trip_infers_the_shape():
     again = WanBackbone.from_state_dict(model.state_dict())
     assert again.config == TINY
     assert set(model.state_dict()) == set(again.state_dict())
+
+
+def test_spec_from_fingerprint_keeps_the_stored_shape():
+    from dataclasses import replace
+
+    from headforcing_core import BackboneSpec, WanConfig, inspect_backbone, random_backbone
+    spec = inspect_backbone(random_backbone(WanConfig(dim=96, num_heads=3, num_layers=2, ffn_dim=128, text_dim=40)))
+    again = BackboneSpec.from_fingerprint(spec.fingerprint())
+    assert again.fingerprint() == spec.fingerprint()
+    # what a fingerprint does not store is Wan's (the FFN width stays unknown: estimates use Wan's ratio)
+    assert replace(again, ffn_dim=spec.ffn_dim) == spec and again.ffn_dim == 0

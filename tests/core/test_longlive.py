@@ -171,3 +171,12 @@ def test_schedule_text_names_the_recache_mode():
         ("cut", 0, None), ("recache", 12, "longlive"), ("recache", 4, "block_causal"), ("recache", 2, None)]
     with pytest.raises(ValueError, match="not a recache mode"):
         parse_schedule_text("3 | a | recache 12 sideways")
+
+
+def test_default_recache_mode_is_longlive_only_under_its_preset():
+    from headforcing_core.policies import make_policy
+    from headforcing_core.prompts import default_recache_mode
+    assert default_recache_mode("longlive") == default_recache_mode(make_policy("longlive")) == "longlive"
+    for other in ("full", "self_forcing_window", "sink_window", None):
+        assert default_recache_mode(other) == "block_causal"
+    assert default_recache_mode(make_policy("head_forcing")) == "block_causal"
