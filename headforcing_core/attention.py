@@ -67,6 +67,10 @@ class LayerProblem:
 
 Backend = Callable[[LayerProblem], torch.Tensor]
 
+# CUDA's masked SDPA kernels read the bias in 16-byte vectors: its rows (the key axis of the
+# buffers, padded by the plan) and its first key must sit at a multiple of 8 elements.
+KEY_ALIGN = 8
+
 
 def reference_attention(p: LayerProblem) -> torch.Tensor:
     compute = torch.float64 if p.q.dtype == torch.float64 else torch.float32
@@ -90,7 +94,12 @@ def grouped_attention(p: LayerProblem) -> torch.Tensor:
     outs = []
     for r in p.runs:
         sl, keys = slice(r.first, r.end), slice(r.start, r.start + r.length)
-        mask = p.mask[:, sl, :, keys] if (r.masked and p.mask is not None) else None
+        mask = None
+        if r.masked and p.mask is not None:
+            # widen to aligned keys (see KEY_ALIGN); the mask hides the extra ones, so this is exact
+            lo = r.start - r.start % KEY_ALIGN
+            keys = slice(lo, min(p.k.shape[2], -(-(r.start + r.length) // KEY_ALIGN) * KEY_ALIGN))
+            mask = p.mask[:, sl, :, keys]
         outs.append(F.scaled_dot_product_attention(p.q[:, sl], p.k[:, sl, keys], p.v[:, sl, keys], attn_mask=mask))
     return torch.cat(outs, dim=1)
 

@@ -34,14 +34,13 @@ from typing import Callable
 
 import torch
 
-from .attention import Backend, LayerProblem, Run
+from .attention import KEY_ALIGN, Backend, LayerProblem, Run
 from .cache import HeadwiseKVCache, TypeStore
 from .positions import key_times, map_times
 from .retention import ChunkKeys, Key
 from .rope import ChunkRotation, pooled_grid, rotate_entries, spatial_positions
 
 PASSES = ("noisy", "clean")
-KEY_ALIGN = 8  # key slots per sequence are padded to a multiple of this (CUDA's masked SDPA kernels need it)
 
 
 @dataclass

@@ -59,6 +59,25 @@ def test_cpu_backends_match_reference(name, layout):
     assert torch.allclose(got, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_grouped_hands_sdpa_masks_that_start_on_an_aligned_key(monkeypatch):
+    """CUDA's masked SDPA reads the bias in 16-byte vectors: a mask view must start at a multiple
+    of KEY_ALIGN keys (an unaligned start was a 'misaligned address' on the H200)."""
+    import headforcing_core.attention as attention
+
+    p = make_problem(2, 3, 16, 40, [(2, 3, 2, True), (1, 5, 3, True), (1, 0, 1, False)], 7)
+    seen, real = [], attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None):
+        if attn_mask is not None:
+            seen.append((attn_mask.storage_offset() % attention.KEY_ALIGN, k.shape[2]))
+        return real(q, k, v, attn_mask=attn_mask)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    got = attention.grouped_attention(p)
+    assert len(seen) == 2 and all(offset == 0 for offset, _ in seen)
+    assert torch.allclose(got, reference_attention(p), atol=2e-5, rtol=1e-4)
+
+
 def test_reference_is_a_real_softmax_over_the_window():
     p = make_problem(1, 3, 8, 10, [(1, 2, 4, False)], 0)
     p.k[0, 0, 4] = 50 * p.q[0, 0, 0]  # query 0 must attend almost only to key 4 (inside [2, 12))
