@@ -26,7 +26,6 @@ Without the host, Chromium or Playwright the tests skip with the reason; under
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -66,16 +65,6 @@ def planted_types(taxonomy: str) -> list[list[str]]:
     names = {"head_forcing": ("local", "anchor", "memory"), "pyramid_forcing": ("anchor", "wave", "veil")}[taxonomy]
     shift = 0 if taxonomy == "head_forcing" else 1
     return [[names[(layer + 2 * head + shift) % 3] for head in range(PLANTED_HEADS)] for layer in range(PLANTED_LAYERS)]
-
-
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 from tools import comfyhost as host  # noqa: E402  (the host library behind tools/host.py)
@@ -149,7 +138,7 @@ def ui_server(tmp_path_factory):
     reason = problem()
     if reason:
         _skip_or_fail(reason)
-    tiny = _load("hf_tiny_models_tool", REPO / "tools" / "tiny_models.py")
+    from tools import tiny_models as tiny
     base = host.prepare_base(tmp_path_factory.mktemp("browser_base"), test_nodes=True)
     models = {"wan": host.TINY_WAN_NAME, "vae": host.TINY_VAE_NAME}
     tiny.write_tiny_wan(base / "models" / "diffusion_models" / models["wan"], seed=0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -41,16 +40,6 @@ ARTIFACTS = Path(os.environ.get("HF_TEST_ARTIFACTS", REPO / "test-artifacts")) /
 REQUIRED = os.environ.get("HF_E2E_REQUIRED") == "1"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 from tools import comfyhost as host  # noqa: E402  (the host library behind tools/host.py)
@@ -283,7 +272,7 @@ def comfy(tmp_path_factory):
     problem = host_problem()
     if problem:
         _skip_or_fail(problem)
-    tiny = _load("hf_tiny_models_tool", REPO / "tools" / "tiny_models.py")
+    from tools import tiny_models as tiny
 
     base = host.prepare_base(tmp_path_factory.mktemp("comfy_base"), test_nodes=True)
     models = {"wan": host.TINY_WAN_NAME, "vae": host.TINY_VAE_NAME}

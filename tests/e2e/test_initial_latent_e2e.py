@@ -23,6 +23,7 @@ import pytest
 
 from .conftest import REPO, ComfyError, host
 from .video_check import read_video
+from .workflow_twins import assert_twins
 
 SAMPLER = "3"
 REPORT = "20"
@@ -431,20 +432,6 @@ def test_longlive_workflow_runs_with_base_and_lora(comfy):
 # --------------------------------------------------------------------------------------------
 
 API_TWINS = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-
-def _widgets(node_info: dict) -> list[tuple[str, bool, bool]]:
-    """(name, has a control widget after it, has an upload widget after it) per widget, in frontend order."""
-    out = []
-    for group in ("required", "optional"):
-        for name in node_info.get("input_order", {}).get(group, []):
-            spec = node_info["input"][group][name]
-            typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-            if (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput"):
-                out.append((name, bool(opts.get("control_after_generate")),
-                            any(opts.get(k) for k in ("image_upload", "video_upload"))))
-    return out
 
 
 @pytest.mark.parametrize("name", API_TWINS)
@@ -455,25 +442,7 @@ def test_api_twin_matches_ui_workflow(comfy, name):
     info = comfy.object_info()
     notes = [n for n in ui["nodes"] if n["type"] == "Note"]
     assert len(notes) == 1 and "Head Forcing" in notes[0]["widgets_values"][0]
-    graph = [n for n in ui["nodes"] if n["type"] != "Note"]
-    assert {str(n["id"]) for n in graph} == set(api)
-    for node in graph:
-        twin = api[str(node["id"])]
-        assert node["type"] == twin["class_type"] and node["type"] in info and twin["_meta"]["title"]
-        values = list(node.get("widgets_values") or [])
-        for wname, control, upload in _widgets(info[node["type"]]):
-            assert values.pop(0) == twin["inputs"][wname], (node["id"], wname)
-            if control:
-                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
-            if upload:
-                assert values.pop(0) == "image"
-        assert not values, (node["id"], values)
-    for lid, src, src_slot, dst, dst_slot, typ in ui["links"]:
-        dst_node = next(n for n in ui["nodes"] if n["id"] == dst)
-        iname = dst_node["inputs"][dst_slot]["name"]
-        assert api[str(dst)]["inputs"][iname] == [str(src), src_slot], (lid, iname)
-        assert info[next(n for n in ui["nodes"] if n["id"] == src)["type"]]["output"][src_slot] == typ
-    assert sum(isinstance(v, list) for n in api.values() for v in n["inputs"].values()) == len(ui["links"])
+    assert_twins(ui, api, info)
     # the sampler's model preset and its widgets agree in the shipped files (the preset replaces them)
     for node in api.values():
         if node["class_type"] == "HeadForcingARSampler":

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from .conftest import REPO, ComfyError, host
+from .workflow_twins import assert_twins
 
 SEED = 5
 POLICY = "head_forcing"
@@ -346,50 +347,16 @@ def test_text_node_encodes_every_line(pack_nodes):
 # --------------------------------------------------------------------------------------------
 
 WORKFLOWS = {"headforcing_story": 4 * 60, "headforcing_continuation": 3 * 21}  # latent frames
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-
-def _widget_names(node_info: dict) -> list[tuple[str, bool]]:
-    out = []
-    for group in ("required", "optional"):
-        for name in node_info.get("input_order", {}).get(group, []):
-            spec = node_info["input"][group][name]
-            typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-            if (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput"):
-                out.append((name, bool(opts.get("control_after_generate"))))
-    return out
-
 
 @pytest.mark.parametrize("name", list(WORKFLOWS))
 def test_workflow_ui_matches_api_twin(comfy, name):
     import json
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
-    assert ui["version"] == 0.4 and ui["last_node_id"] == max(n["id"] for n in ui["nodes"])
-    assert ui["last_link_id"] == max(link[0] for link in ui["links"])
     info = comfy.object_info()
     notes = [n for n in ui["nodes"] if n["type"] == "Note"]
     assert len(notes) == 1 and "Head Forcing" in notes[0]["widgets_values"][0]
-    graph = [n for n in ui["nodes"] if n["type"] != "Note"]
-    assert {str(n["id"]) for n in graph} == set(api)
-    for node in graph:
-        twin = api[str(node["id"])]
-        assert node["type"] == twin["class_type"] and node["type"] in info and twin["_meta"]["title"]
-        values = list(node["widgets_values"])
-        for wname, control in _widget_names(info[node["type"]]):
-            assert values.pop(0) == twin["inputs"][wname], (node["id"], wname)
-            if control:
-                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
-        assert not values, (node["id"], values)
-    for lid, src, src_slot, dst, dst_slot, typ in ui["links"]:
-        dst_node = next(n for n in ui["nodes"] if n["id"] == dst)
-        iname = dst_node["inputs"][dst_slot]["name"]
-        assert dst_node["inputs"][dst_slot]["link"] == lid
-        assert api[str(dst)]["inputs"][iname] == [str(src), src_slot], (lid, iname)
-        src_node = next(n for n in ui["nodes"] if n["id"] == src)
-        assert lid in src_node["outputs"][src_slot]["links"] and info[src_node["type"]]["output"][src_slot] == typ
-    linked = sum(isinstance(v, list) for node in api.values() for v in node["inputs"].values())
-    assert linked == len(ui["links"])
+    assert_twins(ui, api, info)
     types = [n["class_type"] for n in api.values()]
     if name == "headforcing_story":
         assert types.count("HeadForcingPromptSegment") >= 4

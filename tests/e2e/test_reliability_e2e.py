@@ -25,9 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .conftest import REPO, ComfyError, _load, host
+from tools import tiny_models as tiny
 
-tiny = _load("hf_tiny_models_tool", REPO / "tools" / "tiny_models.py")
+from .conftest import REPO, ComfyError, host
 
 STATES = "headforcing_states"
 DEEP_LAYERS = 4

@@ -19,6 +19,7 @@ import pytest
 
 from .conftest import REPO, ComfyError, expected_frames, host
 from .video_check import read_video
+from .workflow_twins import assert_twins
 
 SAMPLER = "3"
 PREVIEW = "20"
@@ -363,55 +364,13 @@ def test_memory_preflight_refuses_what_cannot_fit(comfy, sampler_wf):
 
 UI_WORKFLOW = REPO / "workflows" / "headforcing_long_video.json"
 API_WORKFLOW = REPO / "workflows" / "api" / "headforcing_long_video.json"
-FRONTEND_ONLY = {"Note", "MarkdownNote"}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-
-def _widget_names(node_info: dict) -> list[tuple[str, bool]]:
-    """(name, has control_after_generate) of every widget, in the frontend's order (required, optional)."""
-    out = []
-    for group in ("required", "optional"):
-        for name in node_info.get("input_order", {}).get(group, []):
-            spec = node_info["input"][group][name]
-            typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-            if (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput"):
-                out.append((name, bool(opts.get("control_after_generate"))))
-    return out
-
 
 def test_example_workflow_ui_matches_api_twin(comfy):
     ui = json.loads(UI_WORKFLOW.read_text())
     api = json.loads(API_WORKFLOW.read_text())
-    assert ui["version"] == 0.4 and ui["last_node_id"] == max(n["id"] for n in ui["nodes"])
-    assert ui["last_link_id"] == max(link[0] for link in ui["links"])
-    info = comfy.object_info()
-    graph = [n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY]
-    assert {str(n["id"]) for n in graph} == set(api), "UI node ids and API ids must be the same"
     notes = [n for n in ui["nodes"] if n["type"] == "Note"]
     assert notes and "head_forcing" in notes[0]["widgets_values"][0]
-    for node in graph:
-        twin = api[str(node["id"])]
-        assert node["type"] == twin["class_type"] and node["type"] in info, node["type"]
-        assert twin["_meta"]["title"], node["id"]
-        values = list(node["widgets_values"])
-        for name, control in _widget_names(info[node["type"]]):
-            assert values, f"node {node['id']} ({node['type']}): no widget value for {name}"
-            assert values.pop(0) == twin["inputs"][name], (node["id"], name)
-            if control:
-                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
-        assert not values, f"node {node['id']} ({node['type']}): extra widget values {values}"
-        sockets = {i["name"]: i for i in node["inputs"]}
-        for name, value in twin["inputs"].items():
-            if isinstance(value, list):
-                assert sockets[name]["link"] is not None, (node["id"], name)
-    for lid, src, src_slot, dst, dst_slot, typ in ui["links"]:
-        dst_node = next(n for n in ui["nodes"] if n["id"] == dst)
-        name = dst_node["inputs"][dst_slot]["name"]
-        assert dst_node["inputs"][dst_slot]["link"] == lid
-        assert api[str(dst)]["inputs"][name] == [str(src), src_slot], (lid, name)
-        src_node = next(n for n in ui["nodes"] if n["id"] == src)
-        assert lid in src_node["outputs"][src_slot]["links"]
-        assert info[src_node["type"]]["output"][src_slot] == typ
+    assert_twins(ui, api, comfy.object_info())
     # the one-minute settings
     sampler = api["5"]["inputs"]
     assert (sampler["width"], sampler["height"], sampler["length"], sampler["length_unit"]) == (832, 480, 961,
