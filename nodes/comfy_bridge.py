@@ -108,6 +108,12 @@ class ModelPreset:
     shift: float
     source: str  # checkpoint and config it comes from
 
+    def widget_values(self) -> dict:
+        """The four sampler widgets as this preset sets them (what the browser fills in, and what a
+        run uses in their place)."""
+        return {"frames_per_block": self.frames_per_block, "steps": steps_text(self.steps),
+                "first_chunk_steps": steps_text(self.first_chunk_steps), "shift": float(self.shift)}
+
 
 _FOUR = SELF_FORCING_STEPS  # (1000, 750, 500, 250)
 CUSTOM_PRESET = "custom"
@@ -163,8 +169,7 @@ def apply_model_preset(model_preset: str, *, frames_per_block: int, steps: str, 
     preset = MODEL_PRESETS[model_preset]
     if preset is None:
         return SamplingSettings(CUSTOM_PRESET, int(frames_per_block), str(steps), first_chunk_steps, float(shift))
-    want = {"frames_per_block": preset.frames_per_block, "steps": steps_text(preset.steps),
-            "first_chunk_steps": steps_text(preset.first_chunk_steps), "shift": float(preset.shift)}
+    want = preset.widget_values()
     given = {"frames_per_block": frames_per_block, "steps": steps, "first_chunk_steps": first_chunk_steps,
              "shift": shift}
     replaced = []

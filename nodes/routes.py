@@ -19,6 +19,11 @@ runs. Answers JSON:
   message names the field) or anything else that keeps the figure from being computed. The
   server never goes down for a bad request. ComfyUI also serves every route under ``/api``
   (``/api/headforcing/estimate``).
+
+``GET /headforcing/model_presets`` — the AR sampler's model presets as the widget values each one
+fills in the browser (:data:`~.comfy_bridge.MODEL_PRESETS`, the table the sampler itself applies):
+200 ``{"ok": true, "custom": "custom", "presets": {name: {"frames_per_block", "steps",
+"first_chunk_steps", "shift", "source"}}}``.
 """
 from __future__ import annotations
 
@@ -33,12 +38,14 @@ from headforcing_core.names import check_name
 from headforcing_core.policies import make_policy
 from headforcing_core.profiling import is_preset, resolve_profile
 
+from .comfy_bridge import CUSTOM_PRESET, MODEL_PRESETS
 from .files import profile_folders
 from .policy import HeadForcingCachePolicy, policy_output
 
 log = logging.getLogger("headforcing")
 
 ESTIMATE_PATH = "/headforcing/estimate"
+MODEL_PRESETS_PATH = "/headforcing/model_presets"
 _registered = False
 MAX_QUERY_VALUE_LEN = 512
 WIDGET_TYPES = ("INT", "FLOAT", "COMBO", "STRING", "BOOLEAN")
@@ -179,6 +186,13 @@ def estimate_response(query) -> tuple[int, dict]:
                                            f"({type(e).__name__}: {e}); the server log has the details"}
 
 
+def model_presets_response() -> dict:
+    """The model presets as the sampler widgets they fill (``custom`` fills nothing)."""
+    return {"ok": True, "custom": CUSTOM_PRESET,
+            "presets": {name: {**preset.widget_values(), "source": preset.source}
+                        for name, preset in MODEL_PRESETS.items() if preset is not None}}
+
+
 def register_routes() -> bool:
     """Add the routes to ``PromptServer.instance.routes`` (once). False outside a server."""
     global _registered
@@ -198,6 +212,10 @@ def register_routes() -> bool:
         query = {k: request.query.get(k) for k in request.query.keys()}
         status, body = await asyncio.to_thread(estimate_response, query)
         return web.json_response(body, status=status)
+
+    @srv.routes.get(MODEL_PRESETS_PATH)
+    async def headforcing_model_presets(request):
+        return web.json_response(model_presets_response())
 
     _registered = True
     return True

@@ -84,17 +84,17 @@ class HeadForcingARSampler(io.ComfyNode):
                     "steps", default=DEFAULT_STEPS, optional=True,
                     tooltip="Comma-separated nominal timesteps, highest first. Self Forcing / Causal Forcing "
                             "use 1000,750,500,250; they are warped through the shifted schedule "
-                            "(-> about 1000, 937.5, 833.3, 625). Each chunk also gets one clean pass. Used with "
-                            "model_preset 'custom'."),
+                            "(-> about 1000, 937.5, 833.3, 625). Each chunk also gets one clean pass. Filled by "
+                            "model_preset; used as set with 'custom'."),
                 io.Float.Input(
                     "shift", default=DEFAULT_SHIFT, min=0.01, max=100.0, step=0.01, optional=True,
                     tooltip="Flow-matching shift of the schedule. 5.0 is Self Forcing's training value; "
-                            "ComfyUI's Wan default of 8.0 (ModelSamplingSD3) is wrong for these models. Used with "
-                            "model_preset 'custom'."),
+                            "ComfyUI's Wan default of 8.0 (ModelSamplingSD3) is wrong for these models. Filled by "
+                            "model_preset; used as set with 'custom'."),
                 io.Int.Input(
                     "frames_per_block", default=3, min=1, max=21, optional=True,
                     tooltip="Latent frames generated per chunk: 3 for chunk-wise checkpoints, 1 for frame-wise "
-                            "ones. A last chunk may be shorter. Used with model_preset 'custom'."),
+                            "ones. A last chunk may be shorter. Filled by model_preset; used as set with 'custom'."),
                 io.Combo.Input(
                     "policy", options=list(PRESETS), default=DEFAULT_SAMPLER_POLICY, optional=True,
                     tooltip="KV-cache preset used when no kv_policy is connected. self_forcing_window keeps "
@@ -117,9 +117,11 @@ class HeadForcingARSampler(io.ComfyNode):
                 io.Combo.Input(
                     "model_preset", options=list(MODEL_PRESETS), default=CUSTOM_PRESET, optional=True,
                     tooltip="The sampling settings of a public checkpoint, from its own inference config: "
-                            "frames per block, steps, first-chunk steps and shift. Any preset but 'custom' REPLACES "
-                            "the frames_per_block, steps, first_chunk_steps and shift widgets (the report says "
-                            "which values it used and which widget values it replaced); 'custom' uses the widgets. "
+                            "frames per block, steps, first-chunk steps and shift. In the editor, choosing one FILLS "
+                            "the frames_per_block, steps, first_chunk_steps and shift widgets; editing one of them "
+                            "afterwards switches this to 'custom'. At run time any preset but 'custom' uses its own "
+                            "values (an API prompt with other widget values: the report names the ones it "
+                            "replaced); 'custom' uses the widgets. "
                             "Self Forcing / Causal Forcing chunk-wise / LongLive: 3, 1000,750,500,250, none, 5. "
                             "Causal Forcing frame-wise 4-step: 1, 1000,750,500,250, none, 5. Causal Forcing++ "
                             "frame-wise 2-step: 1, 1000,500, first chunk 1000,750,500,250, 5; 1-step: 1, 1000, "
@@ -129,7 +131,7 @@ class HeadForcingARSampler(io.ComfyNode):
                     tooltip="Step list of the first GENERATED chunk (after an initial latent: the first new one), "
                             "like 'steps'; empty = the same steps as every chunk. Causal Forcing++ 1- and 2-step "
                             "models run their first chunk with 1000,750,500,250 "
-                            "(denoising_step_list_first_chunk). Used with model_preset 'custom'."),
+                            "(denoising_step_list_first_chunk). Filled by model_preset; used as set with 'custom'."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent",

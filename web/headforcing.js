@@ -12,6 +12,9 @@
 //   committed chunk.
 // * Policy estimate (widgets/policy_estimate.js): on the Cache Policy node, the memory figure for
 //   the current widget values, from the server's own computation (GET /headforcing/estimate).
+// * Model preset (widgets/model_preset.js): on the AR sampler, choosing a model preset fills the
+//   frames per block, steps, first-chunk steps and shift widgets (GET /headforcing/model_presets);
+//   editing one of them afterwards makes the preset "custom".
 //
 // Shared: lib/comfy.js (ComfyUI's app and api, the server's names, graph and node helpers) and
 // lib/dom.js (DOM and text helpers). ComfyUI's extension loader imports every .js file under
@@ -22,12 +25,13 @@
 
 import { app, fitNode } from "./lib/comfy.js";
 import * as headMap from "./widgets/head_map.js";
+import * as modelPreset from "./widgets/model_preset.js";
 import * as policyEstimate from "./widgets/policy_estimate.js";
 import * as samplerPanel from "./widgets/sampler_panel.js";
 
 const EXTENSION = "headforcing.web";
 // in this order: each hook runs for every widget, as one extension
-const WIDGETS = [headMap, samplerPanel, policyEstimate];
+const WIDGETS = [headMap, samplerPanel, policyEstimate, modelPreset];
 
 function loadCss() {
   if (document.querySelector("link[data-headforcing-css]")) return;

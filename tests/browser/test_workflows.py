@@ -133,3 +133,63 @@ def test_workflow_loads_in_browser(ui, path):
         assert node["class_type"] in ui.server.object_info(node["class_type"])
     ui.fit_view()
     ui.shot(f"workflow_{path.stem}")
+
+
+# what each checkpoint's own inference config sets, restated from its repository (README "Model
+# presets"): frames per block, steps, first-chunk steps, shift
+CHECKPOINT_SETTINGS = {
+    "Self Forcing chunk-wise": (3, "1000,750,500,250", "", 5.0),
+    "Causal Forcing chunk-wise": (3, "1000,750,500,250", "", 5.0),
+    "Causal Forcing frame-wise 4-step": (1, "1000,750,500,250", "", 5.0),
+    "Causal Forcing++ frame-wise 2-step": (1, "1000,500", "1000,750,500,250", 5.0),
+    "Causal Forcing++ frame-wise 1-step": (1, "1000", "1000,750,500,250", 5.0),
+    "LongLive": (3, "1000,750,500,250", "", 5.0),
+}
+FILLED = ("frames_per_block", "steps", "first_chunk_steps", "shift")
+SET_WIDGET_JS = """([id, name, value]) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === name);
+                   w.value = value; w.callback?.(value); }"""  # what the UI does when a widget changes
+
+
+def test_model_presets_route_is_each_checkpoints_config(ui_server):
+    body = ui_server.get_json("/api/headforcing/model_presets")
+    assert body["ok"] and body["custom"] == "custom"
+    got = {name: tuple(p[k] for k in FILLED) for name, p in body["presets"].items()}
+    assert got == CHECKPOINT_SETTINGS
+    assert all(p["source"] for p in body["presets"].values())
+
+
+def test_model_preset_fills_the_sampler_widgets(ui):
+    wf = json.loads((WORKFLOW_DIR / "headforcing_long_video.json").read_text())
+    assert not ui.load_workflow(wf)["missing"]
+    ui.close_dialogs()
+    (sid,) = ui.node_ids("HeadForcingARSampler")
+    widgets_js = f"""() => Object.fromEntries(app.graph.getNodeById({sid}).widgets
+                     .filter(w => {list(FILLED) + ['model_preset']}.includes(w.name)).map(w => [w.name, w.value]))"""
+    saved = ui.js(widgets_js)
+    assert saved["model_preset"] == "Self Forcing chunk-wise"  # loading fills nothing: saved values stay
+
+    for name, values in CHECKPOINT_SETTINGS.items():
+        ui.js(SET_WIDGET_JS, [sid, "model_preset", name])
+        want = dict(zip(FILLED, values), model_preset=name)
+        ui.page.wait_for_function(f"""() => {{ const w = ({widgets_js})(), want = {json.dumps(want)};
+                                       return Object.keys(want).every(k => w[k] === want[k]); }}""", timeout=10_000)
+    ui.focus_node(sid, scale=1.0)
+    ui.shot("model_preset_filled")
+
+    # an edit the preset does not set: the preset becomes custom and the edit stays (it is what runs)
+    ui.js(SET_WIDGET_JS, [sid, "steps", "1000,600"])
+    ui.page.wait_for_function(f"() => ({widgets_js})().model_preset === 'custom'", timeout=10_000)
+    state = ui.js(widgets_js)
+    assert state["steps"] == "1000,600" and state["frames_per_block"] == 3
+    prompt = ui.js(f"async () => (await app.graphToPrompt()).output['{sid}'].inputs")
+    assert prompt["model_preset"] == "custom" and prompt["steps"] == "1000,600"
+
+    # an edit to the value the preset already sets keeps the preset; custom fills nothing
+    ui.js(SET_WIDGET_JS, [sid, "model_preset", "Causal Forcing frame-wise 4-step"])
+    ui.page.wait_for_function(f"() => ({widgets_js})().frames_per_block === 1", timeout=10_000)
+    ui.js(SET_WIDGET_JS, [sid, "shift", 5.0])
+    ui.js(SET_WIDGET_JS, [sid, "model_preset", "custom"])
+    ui.page.wait_for_timeout(300)
+    state = ui.js(widgets_js)
+    assert state == dict(zip(FILLED, CHECKPOINT_SETTINGS["Causal Forcing frame-wise 4-step"]), model_preset="custom")
+    assert not ui.extension_problems()

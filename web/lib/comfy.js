@@ -24,6 +24,7 @@ export const NODE = {
 export const EVENT_PROGRESS = "headforcing.progress"; // websocket event, one per committed chunk
 export const HEAD_MAP_KEY = "headforcing_head_map"; // key of the profile nodes' UI data
 export const ESTIMATE_ROUTE = "/headforcing/estimate"; // GET: the Cache Policy node's memory figure
+export const MODEL_PRESETS_ROUTE = "/headforcing/model_presets"; // GET: what each sampler model preset fills in
 
 /** GET a JSON route of the server (never cached): `{status, body}`; throws when it cannot. */
 export async function getJson(route, query) {
