@@ -182,22 +182,36 @@ class Reference:
         out = out.view(b, fr, self.gh, self.gw, p[1], p[2], cout).permute(0, 6, 1, 2, 4, 3, 5)
         return out.reshape(b, cout, fr, hh, ww)
 
-    def generate(self, context, noise, steps, shift, generator, chunk_listings, before_chunk=None):
+    def generate(self, context, noise, steps, shift, generator, chunk_listings, before_chunk=None, initial=None,
+                 first_steps=None):
         """``chunk_listings[chunk_start](head_type, query_frame, pass_)`` → listing dicts; ``context``: a
-        conditioning, or a function of the chunk start; ``before_chunk(start, out)`` runs first (a recache)."""
+        conditioning, or a function of the chunk start; ``before_chunk(start, out)`` runs first (a recache).
+
+        ``initial`` (``[B, C, T0, H, W]``): frames put into the store first, a chunk at a time, by one
+        clean pass at timestep 0 each (Self Forcing's ``inference(initial_latent=…)``); the generated
+        frames follow at positions ``T0 …`` and only they are returned. ``first_steps``: the step list
+        of the first generated chunk (Causal Forcing++'s ``denoising_step_list_first_chunk``)."""
         sigma, tt = self_forcing_table(shift)
-        ts = [float(tt[1000 - st]) for st in steps]
+        warp = lambda step_list: [float(tt[1000 - st]) for st in step_list]  # noqa: E731
         sig = lambda t: float(sigma[torch.argmin((tt - t).abs())])  # noqa: E731
         b, _, total, _, _ = noise.shape
         out = torch.zeros_like(noise)
         ctx_at = context if callable(context) else (lambda _start: context)
-        for start in range(0, total, self.fpb):
-            f = min(self.fpb, total - start)
+        t0 = 0 if initial is None else initial.shape[2]
+        for start in range(0, t0, self.fpb):
+            f = min(self.fpb, t0 - start)
+            get = chunk_listings[start]
+            self.forward(initial[:, :, start:start + f].to(noise.dtype), torch.zeros(b, f), ctx_at(start), start,
+                         lambda ht, j, get=get: get(ht, j, "clean"), True)
+        for new in range(0, total, self.fpb):
+            start = t0 + new
+            f = min(self.fpb, total - new)
             if before_chunk is not None:
                 before_chunk(start, out)
             context = ctx_at(start)
             get = chunk_listings[start]
-            x = noise[:, :, start:start + f]
+            x = noise[:, :, new:new + f]
+            ts = warp(first_steps if (first_steps and new == 0) else steps)
             for i, t in enumerate(ts):
                 flow = self.forward(x, torch.full((b, f), t), context, start, lambda ht, j: get(ht, j, "noisy"), False)
                 x0 = (x.double() - sig(t) * flow.double()).to(x.dtype)
@@ -206,5 +220,5 @@ class Reference:
                     s1 = sig(ts[i + 1])
                     x = ((1 - s1) * x0.double() + s1 * eps.double()).to(x0.dtype)
             self.forward(x0, torch.zeros(b, f), context, start, lambda ht, j: get(ht, j, "clean"), True)
-            out[:, :, start:start + f] = x0
+            out[:, :, new:new + f] = x0
         return out

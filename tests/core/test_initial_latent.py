@@ -36,6 +36,7 @@ def initial(frames, seed=9, h=8, w=8, batch=1):
     (1, 1, STEPS_2, STEPS_4),
     (3, 3, STEPS_4, None),  # video extension with a chunk-wise model: one chunk …
     (3, 6, STEPS_4, None),  # … and two
+    (3, 3, STEPS_2, STEPS_4),  # an extension whose first new chunk has its own step list
 ])
 def test_generate_equals_the_dense_reference(tiny_model, fpb, t0, steps, first):
     ctx, noise = text_context(), latent_noise(6)

@@ -109,3 +109,41 @@ def test_sampler_equals_the_per_head_reference(monkeypatch, preset, heads):
         assert any(r[0] == "block" for plan, _, _ in chunks.values() for r in plan.listing("veil", 0))
     if preset == "head_forcing":
         assert any(len(f) > 1 for _, eps, _ in chunks.values() for f in eps.values())
+
+
+@pytest.mark.parametrize("fpb,t0,steps,first", [(3, 6, (1000, 500), (1000, 750, 500, 250)),  # extension
+                                                 (1, 1, (1000, 750, 500, 250), None)])  # image-to-video
+@pytest.mark.parametrize("preset", ["self_forcing_window", "sink_window", "longlive", "pyramid_forcing",
+                                    "head_forcing"])
+def test_initial_frames_are_ordinary_history_for_every_bounded_preset(monkeypatch, preset, fpb, t0, steps, first):
+    """An initial latent's frames are committed like generated ones (sinks, windows, middles, episodes):
+    the sampler equals the per-head reference that prefills its store with them, and the last chunk's
+    key sets still hold initial frames where the preset keeps its oldest frames."""
+    model = random_backbone(TINY, seed=0)
+    kwargs = {"labels": HeadLabels(preset, LABELS[preset][2])} if preset in LABELS else {}
+    if preset == "self_forcing_window":
+        kwargs["recent"] = 6  # the initial frames leave the window during the run
+    if preset == "sink_window":
+        kwargs.update(sink=2, recent=6)
+    pol = make_policy(preset, **kwargs)
+    ctx, noise = text_context(), latent_noise(15 if fpb == 3 else 9, h=4, w=4)
+    initial = latent_noise(t0, h=4, w=4, seed=21) * 0.7
+    chunks = record(monkeypatch, None)
+    with torch.no_grad():
+        ours = generate(model, ctx, noise, policy=pol, frames_per_block=fpb, steps=steps, first_chunk_steps=first,
+                        initial_latent=initial, generator=torch.Generator().manual_seed(5))
+    head_types = pol.head_types(TINY.num_layers, TINY.num_heads) if pol.labels is not None else \
+        tuple(("all",) * TINY.num_heads for _ in range(TINY.num_layers))
+    ref = Reference(model, head_types, (4, 4), fpb, pol.rope)
+    with torch.no_grad():
+        theirs = ref.generate(ctx, noise, steps, 5.0, torch.Generator().manual_seed(5), listings(chunks),
+                              initial=initial, first_steps=first)
+    assert sorted(chunks) == list(range(0, t0 + noise.shape[2], fpb))  # the prefill chunks were planned too
+    assert rel_err(ours, theirs) < 1e-5
+    last = chunks[max(chunks)][0]
+    kept = {index for head_type in set(sum(head_types, ())) for source, index, _, _ in last.listing(head_type, 0)
+            if source == "frame"}
+    if preset in ("sink_window", "longlive", "pyramid_forcing", "head_forcing"):  # sinks are the first frames
+        assert 0 in kept, kept
+    else:  # the window slid past them
+        assert not kept & set(range(t0)), kept
