@@ -59,7 +59,10 @@ from .sampler import ARSampler, Hooks
 TRANSITIONS = ("cut", "recache", "blend")
 # how a recache re-runs the frames before a switch (see the module docstring)
 RECACHE_MODES = ("block_causal", "longlive", "longlive_local_sink")
-LONGLIVE_SINK = 3  # LongLive's sink_size (configs/longlive_interactive_inference.yaml)
+# LongLive's own recache window, from its config (configs/longlive_interactive_inference.yaml), not the
+# segment's N: sink_size 3 and local_attn_size 12 (the sink + history + the current chunk)
+LONGLIVE_SINK = 3
+LONGLIVE_WINDOW = 12
 MAX_TRANSITION_FRAMES = TRAINING_WINDOW  # recache re-runs at most this many frames (the latents kept)
 TAIL_FRAMES = TRAINING_WINDOW  # committed latents a sampler / AR_STATE keeps for recache
 
@@ -140,11 +143,17 @@ class PromptSegment:
     def with_frames(self, frames: int) -> "PromptSegment":
         return replace(self, frames=int(frames), seconds=None)
 
-    def describe(self) -> str:
+    def describe(self, default_mode: str | None = None) -> str:
+        """One line for reports; ``default_mode``: the recache mode a recache that names none gets."""
         length = f"{self.frames} latent frames" if self.frames is not None else f"{self.seconds:g} s"
         trans = self.transition if self.transition == "cut" else f"{self.transition} {self.transition_frames}"
-        if self.transition == "recache" and self.recache_mode:
-            trans += f" ({self.recache_mode})"
+        mode = self.recache_mode or default_mode
+        if self.transition == "recache" and mode:
+            default = "" if self.recache_mode else ", the policy's default"
+            if mode == "block_causal":
+                trans += f" ({mode}{default})"
+            else:  # N does not apply: LongLive's window does
+                trans = f"recache ({mode}{default}: LongLive's window, {LONGLIVE_WINDOW} frames)"
         return f"{length}, {trans}" + (f": {_short(self.label)}" if self.label else "")
 
 
@@ -356,12 +365,15 @@ class _SegmentPlan:
 
 
 def recache_frames(mode: str, requested: int, switch_frame: int, tail: int) -> int:
-    """Frames a recache at ``switch_frame`` re-runs. ``block_causal``: the last ``requested`` committed frames;
-    LongLive (``pipeline/interactive_causal_inference.py`` ``_recache_after_switch``): ``min(window, s)`` with
-    ``window = requested`` — of which, past the window with a global sink, only the last ``window - sink`` matter."""
-    n = min(requested, switch_frame, tail)
-    if mode == "longlive" and switch_frame > requested:
-        n = min(requested - LONGLIVE_SINK, tail)
+    """Frames a recache at ``switch_frame`` re-runs. ``block_causal``: the last ``requested`` committed frames
+    (the segment's N). The LongLive modes (``pipeline/interactive_causal_inference.py`` ``_recache_after_switch``)
+    ignore N: ``min(LONGLIVE_WINDOW, s)``, of which, past the window with the global sink (``longlive``), only
+    the last ``window - sink`` matter."""
+    if mode == "block_causal":
+        return max(min(requested, switch_frame, tail), 0)
+    n = min(LONGLIVE_WINDOW, switch_frame, tail)
+    if mode == "longlive" and switch_frame > LONGLIVE_WINDOW:
+        n = min(LONGLIVE_WINDOW - LONGLIVE_SINK, tail)
     return max(n, 0)
 
 
@@ -544,7 +556,7 @@ class ScheduleSampler(ARSampler):
             if p.mode == "block_causal":
                 done, event["replaced"] = self.recache(p.recache, hooks, done, total)
             else:
-                done, event["replaced"] = self.recache_longlive(seg.transition_frames, p.mode == "longlive", hooks,
+                done, event["replaced"] = self.recache_longlive(LONGLIVE_WINDOW, p.mode == "longlive", hooks,
                                                                 done, total)
             event["frames"] = p.recache
             event["mode"] = p.mode
@@ -586,8 +598,8 @@ class ScheduleSampler(ARSampler):
         return done, replaced
 
     @torch.no_grad()
-    def recache_longlive(self, window: int, global_sink: bool = True, hooks: Hooks | None = None, done: int = 0,
-                         total: int = 0) -> tuple[int, int]:
+    def recache_longlive(self, window: int = LONGLIVE_WINDOW, global_sink: bool = True, hooks: Hooks | None = None,
+                         done: int = 0, total: int = 0) -> tuple[int, int]:
         """LongLive's released recache (``pipeline/interactive_causal_inference.py`` ``_recache_after_switch``) at
         the switch frame ``s = next_frame``: one model call at timestep 0 under the new prompt, absolute positions,
         no mask (the block-causal mask it builds is never used by the KV-cache branch; LongLive issue #19):

@@ -15,8 +15,8 @@ import math
 from comfy_api.latest import io
 
 from headforcing_core.geometry import TIME_COMPRESSION
-from headforcing_core.prompts import (MAX_TRANSITION_FRAMES, RECACHE_MODES, TRANSITIONS, PromptSchedule,
-                                      PromptSegment, ScheduleError, parse_schedule_text)
+from headforcing_core.prompts import (LONGLIVE_WINDOW, MAX_TRANSITION_FRAMES, RECACHE_MODES, TRANSITIONS,
+                                      PromptSchedule, PromptSegment, ScheduleError, parse_schedule_text)
 
 from .comfy_bridge import check_schedule, conditioning_tensor
 from .types import PROMPT_SCHEDULE
@@ -29,14 +29,16 @@ TRANSITION_TOOLTIP = (
     "the cache (LongLive). blend: interpolate the two prompts' cross-attention over the first N latent "
     "frames. Ignored for the first prompt of a fresh run.")
 TRANSITION_FRAMES_TOOLTIP = (
-    f"N for recache (frames re-run, 1-{MAX_TRANSITION_FRAMES}; with a LongLive mode: LongLive's window, 12) and "
-    "blend (frames blended), in latent frames (1 latent frame = 4 video frames = 0.25 s). Ignored for cut.")
+    f"N for a block_causal recache (frames re-run, 1-{MAX_TRANSITION_FRAMES}) and for blend (frames blended), in "
+    "latent frames (1 latent frame = 4 video frames = 0.25 s). Ignored for cut, and by the LongLive recache modes, "
+    f"which always re-run LongLive's own window ({LONGLIVE_WINDOW} frames).")
 RECACHE_MODE_TOOLTIP = (
     "How a recache re-runs the frames before the switch. policy default: longlive for the longlive preset, "
     "block_causal otherwise. block_causal: the last N frames, chunk by chunk, each chunk seeing only older "
     "history, their stored K/V replaced. longlive: LongLive's released recache - ONE model call over the last "
-    "min(N, s) frames with no mask (they all see each other), the 3 sink frames keep the old prompt's K/V "
-    "(past the window only the last N-3 frames matter). longlive_local_sink: the same without LongLive's global "
+    f"min({LONGLIVE_WINDOW}, s) frames (LongLive's window, whatever N says) with no mask (they all see each "
+    f"other), the 3 sink frames keep the old prompt's K/V (past the window only the last {LONGLIVE_WINDOW - 3} "
+    "frames matter). longlive_local_sink: the same without LongLive's global "
     "sink - the re-run window's first 3 frames become the sink. Ignored unless transition is recache.")
 RECACHE_CHOICES = ("policy default",) + RECACHE_MODES
 
@@ -156,7 +158,9 @@ class HeadForcingPromptScheduleFromText(io.ComfyNode):
                                 default="5 | a red fox trots through fresh snow in a pine forest\n"
                                         "5 | the fox stops and looks straight at the camera | blend 3\n"
                                         "5 | the fox leaps into a snow bank | recache 3",
-                                tooltip="One 'seconds | prompt [| transition N]' per line."),
+                                tooltip="One 'seconds | prompt [| transition]' per line; the transition is "
+                                        "'cut', 'recache N [mode]' (mode: block_causal, longlive or "
+                                        "longlive_local_sink; none = the policy's default) or 'blend N'."),
                 io.Combo.Input("default_transition", options=list(TRANSITIONS), default="cut", optional=True,
                                tooltip="Transition of lines that name none. " + TRANSITION_TOOLTIP),
                 io.Int.Input("default_transition_frames", default=3, min=0, max=1000, optional=True,

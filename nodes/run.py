@@ -246,10 +246,7 @@ def schedule_report(schedule: PromptSchedule, start_frame: int = 0, default_mode
     lines = [f"prompt schedule ({len(schedule)} segment{'s' if len(schedule) > 1 else ''}):"]
     pos = start_frame
     for i, seg in enumerate(schedule):
-        text = seg.describe()
-        if seg.transition == "recache" and not seg.recache_mode and default_mode:
-            text = text.replace(f"recache {seg.transition_frames}",
-                                f"recache {seg.transition_frames} ({default_mode}, the policy's default)", 1)
+        text = seg.describe(default_mode)
         lines.append(f"  {i + 1}. latent frames {pos}-{pos + seg.frames - 1}: {text}")
         pos += seg.frames
     return "\n".join(lines)

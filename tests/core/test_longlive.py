@@ -50,8 +50,9 @@ def window(start, sinks):
 A, B = text_context(seed=11), text_context(seed=12)
 
 
-def run_switch(model, s, mode, total=None):
-    """A story A → B switching at frame s with a LongLive recache; returns the sampler, its record, the output."""
+def run_switch(model, s, mode, total=None, n=W):
+    """A story A → B switching at frame s with a LongLive recache (``recache n [mode]``; ``mode`` None: the
+    policy's default); returns the sampler, its record, the output."""
     total = total or s + 6
     runner = WanRunner(model)
     sampler = ScheduleSampler(runner, make_policy("longlive"), FlowMatchSchedule(), 3)
@@ -74,7 +75,7 @@ def run_switch(model, s, mode, total=None):
     noise = latent_noise(total, h=4, w=4)
     sampler.start(1, 4, 4, total)
     segs = (PromptSegment(A, frames=s), PromptSegment(B, frames=total - s, transition="recache",
-                                                      transition_frames=W, recache_mode=mode))
+                                                      transition_frames=n, recache_mode=mode))
     with torch.no_grad():
         out = sampler.run_schedule(PromptSchedule(segs), noise, torch.Generator().manual_seed(3))
     return sampler, record, out, noise
@@ -107,6 +108,25 @@ def test_recache_reruns_attends_and_rewrites_what_longlive_does(tiny_model, s, m
     for f in set(rec["pages_before"]) - set(rewritten):  # everything else kept
         if f in held:
             assert torch.equal(after(f), rec["pool_before"][:, 2:4, rec["pages_before"][f]])
+
+
+@pytest.mark.parametrize("s", [3, 15])
+@pytest.mark.parametrize("n", [1, 3, 9, 21])
+def test_the_longlive_modes_rerun_longlives_window_whatever_n_says(tiny_model, s, n):
+    """LongLive's window comes from its config (local_attn_size 12), not from the segment's N: a Prompt
+    Segment's default "recache 3" under the longlive preset (whose default mode is longlive) re-runs what
+    LongLive re-runs, and the report says so."""
+    sampler, record, _, _ = run_switch(tiny_model, s, None, n=n)
+    frames, attends_sink, _, _ = longlive_rule(s)
+    (rec,) = record
+    assert (rec["start"], rec["frames"]) == (frames[0], len(frames))
+    assert [i for src, i, _, _ in rec["listing"] if src == "frame"] == attends_sink
+    (event,) = sampler.events
+    assert event["mode"] == "longlive" and event["frames"] == len(frames)
+    seg = PromptSegment(B, frames=3, transition="recache", transition_frames=n)
+    assert seg.describe("longlive") == "3 latent frames, recache (longlive, the policy's default: LongLive's window, " \
+                                       "12 frames)"
+    assert seg.describe("block_causal") == f"3 latent frames, recache {n} (block_causal, the policy's default)"
 
 
 def test_a_switch_at_frame_zero_reruns_nothing(tiny_model):

@@ -422,7 +422,7 @@ def test_longlive_workflow_runs_with_base_and_lora(comfy):
     frames, w, h = read_video(video)
     assert (w, h) == (64, 48) and len(frames) == 4 * 3 * len(segments) - 3
     report = comfy.ui_text(entry, report_id)[0]
-    assert "recache 12 (longlive, the policy's default)" in report, report
+    assert "recache (longlive, the policy's default: LongLive's window, 12 frames)" in report, report
     assert "model preset: LongLive" in report and "longlive" in report, report
     assert "lora key not loaded" not in comfy.log_text()
 
