@@ -16,6 +16,10 @@ FPS = 16  # Self Forcing / Causal Forcing / Wan 2.1 frame rate
 TIME_COMPRESSION = 4  # Wan 2.1 VAE: one latent frame = 4 video frames (the first: 1)
 SPACE_COMPRESSION = 8  # Wan 2.1 VAE: 8×8 pixels per latent cell
 SIZE_MULTIPLE = 16  # VAE 8× and the model's 2×2 patches
+# The longest video anything here plans: the AR sampler node's `length` limit (1,000,000 s, about 11.6
+# days) in latent frames. Past it sizes stop being numbers a tensor can have (a "1e308 | a fox" line).
+MAX_VIDEO_SECONDS = 1_000_000
+MAX_LATENT_FRAMES = MAX_VIDEO_SECONDS * FPS // TIME_COMPRESSION + 1  # 16·s + 1 video frames
 
 
 def latent_frames_for(video_frames: int) -> int:

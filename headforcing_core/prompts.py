@@ -53,7 +53,8 @@ from .errors import HeadForcingError, ShapeError
 from .plan import ChunkAttention, plan_chunk
 from .retention import ChunkKeys, Key
 from .policies import TRAINING_WINDOW
-from .geometry import FPS, chunk_bounds, seconds_to_chunked_frames
+from .geometry import (FPS, MAX_LATENT_FRAMES, MAX_VIDEO_SECONDS, TIME_COMPRESSION, chunk_bounds,
+                       seconds_to_chunked_frames)
 from .sampler import ARSampler, Hooks
 
 TRANSITIONS = ("cut", "recache", "blend")
@@ -109,9 +110,15 @@ class PromptSegment:
                 raise ScheduleError(f"{where}: a segment needs at least 1 latent frame, got {self.frames} "
                                     "(zero-length segments are not allowed)")
             object.__setattr__(self, "frames", int(self.frames))
+        if self.frames is not None and self.frames > MAX_LATENT_FRAMES:
+            raise ScheduleError(f"{where}: {self.frames} latent frames is longer than any video the sampler makes "
+                                f"(at most {MAX_LATENT_FRAMES} latent frames = {MAX_VIDEO_SECONDS} s); shorten it")
         if self.seconds is not None:
             if not math.isfinite(self.seconds) or self.seconds <= 0:
                 raise ScheduleError(f"{where}: length must be a positive number of seconds, got {self.seconds}")
+            if self.seconds > MAX_VIDEO_SECONDS:
+                raise ScheduleError(f"{where}: {self.seconds:g} s is longer than any video the sampler makes "
+                                    f"(at most {MAX_VIDEO_SECONDS} s); shorten it")
             object.__setattr__(self, "seconds", float(self.seconds))
         if self.transition not in TRANSITIONS:
             raise ScheduleError(f"{where}: unknown transition {self.transition!r}; choose one of "
@@ -211,6 +218,10 @@ class PromptSchedule:
             except ScheduleError as e:
                 msg = str(e).removeprefix("segment: ")
                 raise ScheduleError(f"segment {i + 1}: {msg}") from None
+        total = sum(s.frames for s in out)
+        if total > MAX_LATENT_FRAMES:
+            raise ScheduleError(f"the schedule adds up to {total} latent frames ({total * TIME_COMPRESSION / FPS:g} s); the sampler "
+                                f"makes at most {MAX_LATENT_FRAMES} ({MAX_VIDEO_SECONDS} s): shorten the segments")
         return PromptSchedule(tuple(out))
 
     @property
@@ -296,6 +307,9 @@ def parse_schedule_text(text: str, default_transition: str = "cut", default_fram
             fail(f"{parts[0]!r} is not a length in seconds")
         if not math.isfinite(seconds) or seconds <= 0:
             fail(f"the length must be a positive number of seconds, got {parts[0]!r}")
+        if seconds > MAX_VIDEO_SECONDS:
+            fail(f"{parts[0]!r} s is longer than any video the sampler makes (at most {MAX_VIDEO_SECONDS} s): "
+                 "shorten it")
         prompt = parts[1]
         if not prompt:
             fail("the prompt is empty")
@@ -327,6 +341,9 @@ def parse_schedule_text(text: str, default_transition: str = "cut", default_fram
         out.append(ScheduleLine(n, seconds, prompt, transition, frames, mode))
     if not out:
         raise ScheduleError("the schedule text has no segments; write one 'seconds | prompt' per line")
+    if sum(line.seconds for line in out) > MAX_VIDEO_SECONDS:
+        raise ScheduleError(f"the lines add up to {sum(line.seconds for line in out):g} s; the sampler makes at "
+                            f"most {MAX_VIDEO_SECONDS} s of video: shorten them")
     return out
 
 

@@ -34,3 +34,7 @@ def test_chunks_and_model_calls():
     # Causal Forcing++: the first chunk of a 2-step model takes 4 steps
     assert g.model_calls(5, 1, 2, first_steps=4) == 5 * 3 + 2
     assert g.model_calls(0, 1, 2, first_steps=4) == 0
+
+
+def test_the_longest_video_is_the_samplers_length_limit():
+    assert g.MAX_LATENT_FRAMES == g.latent_frames_for(g.video_frames_for_seconds(g.MAX_VIDEO_SECONDS)) == 4_000_001

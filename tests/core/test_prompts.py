@@ -53,10 +53,21 @@ def test_schedule_is_immutable_and_chains():
     (dict(frames=3, transition="recache", transition_frames=0), "at least 1 frame"),
     (dict(frames=3, transition="recache", transition_frames=22), "at most 21"),
     (dict(frames=3, transition="blend", transition_frames=4), "does not fit"),
+    (dict(frames=4_000_002), "longer than any video"),
+    (dict(seconds=1e13), "longer than any video"),
 ])
 def test_bad_segments_are_refused(kwargs, match):
     with pytest.raises(ScheduleError, match=match):
         PromptSegment(A, label="x", **kwargs)
+
+
+def test_a_schedule_longer_than_any_video_is_refused_saying_shorten():
+    """Each line may fit while the whole does not: refused as text and as segments, naming the total."""
+    with pytest.raises(ScheduleError, match=r"add up to 1\.8e\+06 s.*shorten"):
+        parse_schedule_text("900000 | a fox\n900000 | the fox sleeps")
+    half = PromptSegment(A, seconds=900_000.0)
+    with pytest.raises(ScheduleError, match=r"adds up to 7200000 latent frames.*shorten the segments"):
+        PromptSchedule((half, half)).resolve(3)
 
 
 def test_bad_schedules_are_refused():
@@ -112,6 +123,9 @@ def test_parse_schedule_text():
     ("5 | a fox | blend", 2, "needs a frame count"),
     ("5 | a fox | blend x", 2, "not a whole number"),
     ("5 | a fox | recache 40", 2, "at most 21"),
+    ("36000000 | a fox", 2, "shorten it"),  # longer than any video the sampler makes
+    ("1e13 | a fox", 2, "shorten it"),  # once a raw "storage size overflowed" from the sampler
+    ("1e308 | a fox", 2, "shorten it"),  # once a raw OverflowError
 ])
 def test_parse_errors_name_the_line(bad, line, why):
     text = "3 | fine first line\n" + bad + "\n4 | fine"

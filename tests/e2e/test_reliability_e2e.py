@@ -221,6 +221,22 @@ def test_schedule_text_errors_are_reported_once(comfy):
     good_job(comfy)
 
 
+@pytest.mark.parametrize("line", ["36000000 | a fox", "1e13 | a fox", "1e308 | a fox"])
+def test_an_endless_schedule_line_is_refused_when_queued_saying_shorten(comfy, line):
+    """A length no video can have: refused before anything runs (once a raw overflow from the sampler)."""
+    wf = {"2": {"class_type": "HeadForcingPromptScheduleFromText",
+                "inputs": {"clip": ["9", 0], "text": line, "default_transition": "cut",
+                           "default_transition_frames": 3}},
+          "9": {"class_type": "CLIPLoader", "inputs": {"clip_name": "missing.safetensors", "type": "wan"}},
+          "4": _preview(["2", 1])}
+    with pytest.raises(ComfyError) as info:
+        comfy.queue(wf)
+    text = str(info.value)
+    assert "longer than any video the sampler makes" in text and "shorten it" in text, text
+    assert "Overflow" not in text and "overflowed" not in text
+    good_job(comfy)
+
+
 # --------------------------------------------------------------------------------------------
 # names of files users save
 # --------------------------------------------------------------------------------------------
