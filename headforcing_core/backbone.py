@@ -68,8 +68,10 @@ class BackboneSpec:
         from .wan_model import WanConfig  # Wan's defaults; the module itself stays shape-agnostic
 
         wan, m = WanConfig(), fingerprint
-        return cls(int(m["dim"]), int(m["num_heads"]), int(m["num_layers"]), tuple(int(p) for p in m["patch_size"]),
-                   int(m["in_dim"]), int(m["out_dim"]), int(m["text_dim"]), wan.freq_dim, wan.text_len)
+        dim = int(m["dim"])
+        ffn = int(m.get("ffn_dim") or (wan.ffn_dim if dim == wan.dim else 0))  # 0: estimated from dim
+        return cls(dim, int(m["num_heads"]), int(m["num_layers"]), tuple(int(p) for p in m["patch_size"]),
+                   int(m["in_dim"]), int(m["out_dim"]), int(m["text_dim"]), wan.freq_dim, wan.text_len, ffn)
 
     @property
     def ffn_width(self) -> int:

@@ -156,6 +156,7 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     types = pol.head_types(spec.num_layers, spec.num_heads)
     rules = pol.rule_map
     gh, gw = spec.token_grid(latent_height, latent_width)
+    pol.check_grid((gh, gw))  # a merge patch that does not divide the grid: refused here, before any model loads
     tokens = gh * gw
     new = latent_frames if new_frames is None else new_frames
 

@@ -62,5 +62,9 @@ def test_spec_from_fingerprint_keeps_the_stored_shape():
     spec = inspect_backbone(random_backbone(WanConfig(dim=96, num_heads=3, num_layers=2, ffn_dim=128, text_dim=40)))
     again = BackboneSpec.from_fingerprint(spec.fingerprint())
     assert again.fingerprint() == spec.fingerprint()
-    # what a fingerprint does not store is Wan's (the FFN width stays unknown: estimates use Wan's ratio)
+    # what a fingerprint does not store is Wan's (the FFN width of another width stays unknown: estimates use
+    # Wan's ratio)
     assert replace(again, ffn_dim=spec.ffn_dim) == spec and again.ffn_dim == 0
+    # a 1.3B-wide model is Wan 2.1 1.3B's FFN (8960), not the ratio's 8970
+    wan = inspect_backbone(random_backbone(WanConfig(num_layers=1)))
+    assert BackboneSpec.from_fingerprint(wan.fingerprint()).ffn_width == wan.ffn_width == 8960

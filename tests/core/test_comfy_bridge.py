@@ -167,6 +167,47 @@ def test_build_policy_overrides():
     assert bridge.build_policy("pyramid_forcing", memory_episodes=3) == make_policy("pyramid_forcing")
 
 
+def test_build_policy_maps_every_pyramid_forcing_widget_to_its_rule():
+    """Each of the 12 widgets (Pyramid Forcing's configs/pyramid-forcing.yaml names) lands in its own field."""
+    from headforcing_core.policies import Cyclic, Merge, Stride
+    widgets = {"anchor_sink_frames": 2, "wave_sink_frames": 5, "veil_sink_frames": 7, "pyramid_recent_frames": 9,
+               "stride_interval": 11, "stride_capacity": 13, "cyclic_period": 8, "cyclic_bucket_capacity": 3,
+               "merge_patch": 1, "merge_capacity": 6, "sink_time_clamp_min": 10, "sink_time_clamp_max": 19}
+    assert set(widgets) == set(bridge.PYRAMID_DEFAULTS)
+    p = bridge.build_policy("pyramid_forcing", pyramid=widgets)
+    anchor, wave, veil = (p.rule_map[t] for t in ("anchor", "wave", "veil"))
+    assert (anchor.sink_frames, anchor.recent_frames, anchor.middle, anchor.stable_stride) == (2, 9, Stride(11, 13),
+                                                                                               True)
+    assert (wave.sink_frames, wave.recent_frames, wave.middle) == (5, 9, Cyclic(8, 3))
+    assert (veil.sink_frames, veil.recent_frames, veil.middle) == (7, 9, Merge(1, 6))
+    assert (p.clamp_min, p.clamp_max) == (10, 19)
+    # the defaults are Pyramid Forcing's config
+    assert bridge.build_policy("pyramid_forcing", pyramid=dict(bridge.PYRAMID_DEFAULTS)) == make_policy(
+        "pyramid_forcing")
+
+
+@pytest.mark.parametrize("widget,value,match", [
+    ("pyramid_recent_frames", 3, "above one chunk"), ("stride_interval", 0, "interval must be"),
+    ("stride_capacity", 0, "capacity must be"), ("cyclic_period", 0, "period must be"),
+    ("cyclic_bucket_capacity", 0, "bucket capacity must be"), ("merge_patch", 0, "patch must be"),
+    ("merge_capacity", 0, "capacity must be"), ("anchor_sink_frames", -1, "sink frames"),
+    ("sink_time_clamp_min", 22, "clamp min ≤ clamp max"),
+])
+def test_impossible_pyramid_forcing_widgets_are_refused_before_sampling(widget, value, match):
+    """Refused when the sampler's request is made (before the model is loaded or any call)."""
+    with pytest.raises(PolicyError, match=match):
+        policy = bridge.build_policy("pyramid_forcing", pyramid={widget: value})
+        bridge.make_request(width=832, height=480, length=81, policy=policy)
+
+
+def test_a_merge_patch_that_does_not_divide_the_grid_is_refused_by_the_estimate():
+    """The Cache Policy node's summary and the sampler's pre-flight (both estimate_run) refuse it."""
+    policy = bridge.build_policy("pyramid_forcing", pyramid={"merge_patch": 4})
+    with pytest.raises(PolicyError, match="does not divide the 30×52 token grid"):
+        bridge.policy_summary(policy, width=832, height=480, frames=81)
+    assert "KV cache" in bridge.policy_summary(policy, width=832, height=448, frames=81)  # 28×52: divides
+
+
 def test_build_policy_rejects():
     with pytest.raises(HeadForcingError, match="unknown policy preset"):
         bridge.build_policy("nope")

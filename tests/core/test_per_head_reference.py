@@ -75,7 +75,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("heads", [2, 12])
 @pytest.mark.parametrize("preset", ["self_forcing_window", "sink_window", "longlive", "pyramid_forcing",
-                                    "head_forcing"])
+                                    "head_forcing", "full"])
 def test_sampler_equals_the_per_head_reference(monkeypatch, preset, heads):
     cfg = TINY if heads == 2 else TWELVE
     model = random_backbone(cfg, seed=0)

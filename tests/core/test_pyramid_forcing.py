@@ -15,6 +15,7 @@ from headforcing_core.policies import Cyclic, HeadLabels, Merge, PyramidRule, St
 from .conftest import latent_noise, text_context
 from .pyramid_trace import trace
 from .retention_harness import GRID, advance, build, commit, plan_at
+from .test_bad_input import expect_error_before_sampling
 
 TYPES = ("anchor", "wave", "veil")
 
@@ -229,17 +230,25 @@ def test_budget_per_query_frame_and_storage():
     (PyramidRule(3, 4, Merge(2, 0)), "capacity must be"),
     (PyramidRule(-1, 4, Merge(2, 4)), "sink frames"),
     (PyramidRule(3, 4, Merge(2, 4), stable_stride=True), "strided"),
+    (PyramidRule(3, 4, Stride(0, 4)), "interval must be"),
+    (PyramidRule(3, 4, Merge(0, 4)), "patch must be"),
 ])
 def test_impossible_parameters_are_refused_before_sampling(tiny_model, rule, match):
     pol = make_policy("pyramid_forcing", labels=HeadLabels.uniform(2, 2, "anchor", "pyramid_forcing", "t"),
                       rules={"anchor": rule})
-    with pytest.raises(PolicyError, match=match):
-        generate(tiny_model, text_context(), latent_noise(6), policy=pol)
+    expect_error_before_sampling(tiny_model, PolicyError, match, policy=pol)
 
 
 def test_merge_patch_must_divide_the_token_grid(tiny_model):
     pol = make_policy("pyramid_forcing", labels=HeadLabels.uniform(2, 2, "veil", "pyramid_forcing", "t"),
                       rules={"veil": PyramidRule(3, 4, Merge(3, 4))})
-    with pytest.raises(PolicyError, match="does not divide the 4×4 token grid"):
-        generate(tiny_model, text_context(), latent_noise(6), policy=pol)
+    expect_error_before_sampling(tiny_model, PolicyError, "does not divide the 4×4 token grid", policy=pol)
     assert GRID == (2, 2)
+    # the memory estimate (the Cache Policy node's summary, the pre-flight) refuses it too, before any model loads
+    from headforcing_core.backbone import BackboneSpec
+    from headforcing_core.memory import estimate_run
+    spec = BackboneSpec.from_fingerprint({"dim": 1536, "num_heads": 12, "num_layers": 2, "patch_size": [1, 2, 2],
+                                          "in_dim": 16, "out_dim": 16, "text_dim": 4096, "ffn_dim": 8960})
+    with pytest.raises(PolicyError, match="does not divide the 30×52 token grid"):
+        estimate_run(spec, make_policy("pyramid_forcing", rules={"veil": PyramidRule(3, 4, Merge(3, 4))}),
+                     latent_frames=21, latent_height=60, latent_width=104)
