@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .errors import Interrupted, ModelFamilyError, ShapeError
+from .wan_model import WAN_TEXT_LEN  # umT5 contexts are padded to this (when a module does not say)
 
 
 class SelfAttentionFn(Protocol):
@@ -171,7 +172,7 @@ def inspect_backbone(module: torch.nn.Module) -> BackboneSpec:
     return BackboneSpec(
         dim=dim, num_heads=num_heads, num_layers=len(blocks), patch_size=kernel,  # type: ignore[arg-type]
         in_dim=in_dim, out_dim=out_dim, text_dim=int(text_lin.in_features),
-        freq_dim=int(time_lin.in_features), text_len=int(getattr(module, "text_len", 512) or 512),
+        freq_dim=int(time_lin.in_features), text_len=int(getattr(module, "text_len", WAN_TEXT_LEN) or WAN_TEXT_LEN),
         ffn_dim=int(ffn_lin.out_features),
     )
 

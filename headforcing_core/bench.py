@@ -31,7 +31,7 @@ import time
 import torch
 
 from .backbone import BackboneSpec, WanRunner
-from .geometry import TIME_COMPRESSION, latent_frames_for_seconds
+from .geometry import SPACE_COMPRESSION, TIME_COMPRESSION, latent_frames_for_seconds
 from .memory import estimate_run
 from .policies import PRESETS, make_policy
 from .sampler import ARSampler, Hooks
@@ -163,7 +163,7 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
     runner = WanRunner(model, dtype=dtype, device=device)
     sampler = ARSampler(runner, make_policy(policy_name), FlowMatchSchedule(), args.frames_per_block,
                         args.attention_backend)
-    lh, lw = args.height // 8, args.width // 8
+    lh, lw = args.height // SPACE_COMPRESSION, args.width // SPACE_COMPRESSION
     f = args.frames_per_block
     # time whole chunks at the end of the video; everything before is prefilled
     timed_frames = min(args.chunks, max(latent_frames // f, 1)) * f
@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         frames = latent_frames_for_seconds(seconds)
         per_policy = {}
         for name in args.policy:
-            est = estimate_run(spec, name, latent_frames=frames, latent_height=args.height // 8,
-                               latent_width=args.width // 8, frames_per_block=args.frames_per_block,
+            est = estimate_run(spec, name, latent_frames=frames, latent_height=args.height // SPACE_COMPRESSION,
+                               latent_width=args.width // SPACE_COMPRESSION, frames_per_block=args.frames_per_block,
                                dtype=DTYPES[args.dtype] if args.dtype != "fp32" else torch.bfloat16)
             row = {"kv_bytes": est.kv_bytes, "kv_bytes_by_type": est.kv_bytes_by_type,
                    "attended_tokens": est.attended_tokens, "attended_frames": est.attended_tokens / est.tokens_per_frame,

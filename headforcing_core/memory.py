@@ -32,7 +32,7 @@ import torch
 
 from .backbone import BackboneSpec
 from .errors import MemoryBudgetError
-from .policies import CachePolicy, make_policy, resolve_labels
+from .policies import TRAINING_WINDOW, CachePolicy, make_policy, resolve_labels
 from .plan import PLAN_SLICE_BYTES
 from .retention import make_tracker
 from .rope import pooled_grid
@@ -40,7 +40,7 @@ from .rope import pooled_grid
 GiB = 1024**3
 MiB = 1024**2
 LATENT_ITEMSIZE = 4  # initial noise and output latents are float32
-TAIL_FRAMES = 21  # latents an AR_STATE keeps (prompts.TAIL_FRAMES)
+TAIL_FRAMES = TRAINING_WINDOW  # committed latents a sampler / AR_STATE keeps for recache (the one definition)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Mapping, Sequence, Union
@@ -451,9 +450,6 @@ class CachePolicy:
         for t, r in self.rules:
             if isinstance(r, PyramidRule):
                 r.check_grid(t, grid)
-
-    def with_labels(self, labels: HeadLabels) -> "CachePolicy":
-        return replace(self, labels=labels, note="")
 
     def describe(self) -> str:
         clamp = f" (sink time t - clamp(t, {self.clamp_min}, {self.clamp_max}))" if self.rope == "window_clamp" else ""

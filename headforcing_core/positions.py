@@ -117,10 +117,3 @@ def map_times(mode: str, own: torch.Tensor, *, is_chunk: torch.Tensor, is_sink: 
         pos = torch.where(fits, rank, spread) - start + chunk_start
         return torch.where(hist, pos, own)
     raise PolicyError(f"unknown RoPE mode {mode!r}")
-
-
-def depends_on_query_frame(mode: str, chunk_start: int, frames: int, clamp_min: int, clamp_max: int) -> bool:
-    """Whether a mode can give the query frames of this chunk different key times."""
-    if mode != "window_clamp":
-        return False
-    return len({sink_time(chunk_start + j, clamp_min, clamp_max) for j in range(frames)}) > 1

@@ -55,6 +55,7 @@ from .retention import ChunkKeys, Key
 from .policies import TRAINING_WINDOW
 from .geometry import (FPS, MAX_LATENT_FRAMES, MAX_VIDEO_SECONDS, TIME_COMPRESSION, chunk_bounds,
                        seconds_to_chunked_frames)
+from .memory import TAIL_FRAMES
 from .sampler import ARSampler, Hooks
 
 TRANSITIONS = ("cut", "recache", "blend")
@@ -65,7 +66,6 @@ RECACHE_MODES = ("block_causal", "longlive", "longlive_local_sink")
 LONGLIVE_SINK = 3
 LONGLIVE_WINDOW = 12
 MAX_TRANSITION_FRAMES = TRAINING_WINDOW  # recache re-runs at most this many frames (the latents kept)
-TAIL_FRAMES = TRAINING_WINDOW  # committed latents a sampler / AR_STATE keeps for recache
 
 
 class ScheduleError(HeadForcingError):

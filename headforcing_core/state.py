@@ -32,7 +32,6 @@ Files: safetensors (tensors, names ``cache.l{layer}.g{group}.{tier}…``, ``cont
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -46,7 +45,7 @@ from typing import Mapping
 import torch
 
 from .backbone import BackboneSpec, WanRunner
-from .errors import HeadForcingError, ShapeError, StateError
+from .errors import HeadForcingError, StateError
 from .errors import PolicyError
 from .policies import CachePolicy
 from .policies import policy_from_dict as _policy_from_dict
@@ -60,7 +59,6 @@ log = logging.getLogger("headforcing")
 
 from .state_format import STATE_FORMAT, STATE_META_KEY, STATE_SUFFIX, STATE_VERSION  # noqa: F401 (re-export)
 
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 # ---------------------------------------------------------------------------------------------
 # policy <-> JSON
@@ -159,10 +157,6 @@ class ARState:
     @property
     def history(self) -> list[dict]:
         return self.meta["history"]
-
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        return _DTYPES.get(self.meta["dtype"], torch.float32)
 
     # ---- tensors (read-only views of the private copies: clone before changing) ------------
     @property

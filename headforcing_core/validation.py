@@ -248,7 +248,8 @@ def validate_state(meta, tensors: Mapping[str, torch.Tensor], where: str, error:
     :func:`headforcing_core.cache_schema.validate_cache_meta`, which the caller runs once this passed.
     """
     from .policies import resolve_labels
-    from .prompts import TAIL_FRAMES, TRANSITIONS
+    from .memory import TAIL_FRAMES
+    from .prompts import TRANSITIONS
     from .schedule import FlowMatchSchedule
     from .policies import policy_from_dict
     from .state_format import STATE_FORMAT, STATE_VERSION

@@ -14,9 +14,9 @@ from comfy_api.latest import io
 from headforcing_core.backbone import WanRunner
 from headforcing_core.errors import StateError
 from headforcing_core.geometry import FPS, added_video_frames, chunk_bounds, video_frames_for
-from headforcing_core.memory import estimate_run, latent_bytes
+from headforcing_core.memory import TAIL_FRAMES, estimate_run, latent_bytes
 from headforcing_core.policies import PRESETS, CachePolicy, describe
-from headforcing_core.prompts import TAIL_FRAMES, PromptSchedule
+from headforcing_core.prompts import PromptSchedule
 from headforcing_core.sampler import validate_inputs
 from headforcing_core.state import generate_schedule
 

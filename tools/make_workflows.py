@@ -56,6 +56,7 @@ UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_imag
 UNET = "self_forcing_dmd.safetensors"
 TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE = "wan_2.1_vae.safetensors"
+FPS = 16.0  # Wan 2.1's frame rate (headforcing_core.geometry.FPS; this tool runs without torch)
 # where the frontend's "missing models" dialog sends people (Comfy-Org's Wan 2.1 repackage); the
 # diffusion model has no download: Self Forcing's .pt must be converted (README)
 _REPACK = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
@@ -386,7 +387,7 @@ def policy_comparison(info: dict) -> Graph:
                    direction="right", match_image_size=True, spacing_width=8, spacing_color="black")
     g.link(rows[0], stitch, "image1")
     g.link(rows[1], stitch, "image2")
-    video = g.add("CreateVideo", (1680, 520), (300, 78), "Create Video (16 fps)", fps=16.0)
+    video = g.add("CreateVideo", (1680, 520), (300, 78), "Create Video (16 fps)", fps=FPS)
     g.link(stitch, video, "images")
     save = g.add("SaveVideo", (2030, 300), (420, 420), "Save Video (side by side)",
                  filename_prefix="video/headforcing_policy_comparison", format="auto", codec="auto")
@@ -429,7 +430,7 @@ def profile_then_generate(info: dict) -> Graph:
     dec = g.add("VAEDecode", (1210, y), (210, 46), "VAE Decode")
     g.link(smp.out("latent"), dec, "samples")
     g.link(vae, dec, "vae")
-    video = g.add("CreateVideo", (1210, y + 90), (300, 78), "Create Video (16 fps)", fps=16.0)
+    video = g.add("CreateVideo", (1210, y + 90), (300, 78), "Create Video (16 fps)", fps=FPS)
     g.link(dec, video, "images")
     save = g.add("SaveVideo", (1560, y), (420, 420), "Save Video",
                  filename_prefix="video/headforcing_profiled", format="auto", codec="auto")
@@ -588,7 +589,7 @@ def _decode_save(g: Graph, latent, vae: Node, x: float, y: float, prefix: str, d
     dec = g.add("VAEDecode", (x, y), decode_size, decode_title)
     g.link(latent, dec, "samples")
     g.link(vae, dec, "vae")
-    video = g.add("CreateVideo", (x, y + 100), (270, 78), "Create Video (16 fps)", fps=16.0)
+    video = g.add("CreateVideo", (x, y + 100), (270, 78), "Create Video (16 fps)", fps=FPS)
     g.link(dec, video, "images")
     save = g.add("SaveVideo", (x + 300, y), (480, 440), "Save Video", filename_prefix=prefix, format="auto",
                  codec="auto")
@@ -613,7 +614,7 @@ def long_video(info: dict) -> Graph:
     g.link(prompt, smp, "conditioning")
     g.link(pol.out("kv_policy"), smp, "kv_policy")
     dec = g.add("VAEDecode", (880, 40), (210, 46), None)
-    video = g.add("CreateVideo", (880, 140), (270, 78), "Create Video (16 fps)", fps=16.0)
+    video = g.add("CreateVideo", (880, 140), (270, 78), "Create Video (16 fps)", fps=FPS)
     save = g.add("SaveVideo", (1180, 40), (480, 440), None, filename_prefix="video/headforcing_long", format="auto",
                  codec="auto")
     report = g.add("PreviewAny", (880, 270), (270, 220), "Sampler Report")

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from ..geometry import SPACE_COMPRESSION
+
 
 def _rss_mib() -> float:
     try:
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
                                       ffn_dim=args.ffn), seed=0, dtype=dtype).to(device)
     g = torch.Generator().manual_seed(1)
     contexts = [(torch.randn(1, 64, 4096, generator=g) * 0.1).to(device, dtype) for _ in range(args.prompts)]
-    lh, lw = args.height // 8, args.width // 8
+    lh, lw = args.height // SPACE_COMPRESSION, args.width // SPACE_COMPRESSION
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -11,7 +11,7 @@ import torch
 
 from ..backbone import BackboneSpec, WanRunner
 from ..errors import ProfileError, ShapeError
-from ..policies import TAXONOMIES, TRAINING_WINDOW, HeadLabels, make_policy
+from ..policies import TRAINING_WINDOW, HeadLabels, make_policy
 from ..sampler import ARSampler, Hooks
 from ..validation import validate_fingerprint
 from ..schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
@@ -19,7 +19,6 @@ from .classify import CLASSIFIED_TAXONOMIES, CLASSIFIERS, thresholds_dict, thres
 from .stats import AttentionCollector, FrameStats, HeadSummary, summarize
 
 log = logging.getLogger("headforcing")
-
 
 
 def describe_shape(fp: Mapping) -> str:
@@ -84,10 +83,6 @@ class HeadProfile:
     @property
     def shape(self) -> tuple[int, int]:
         return self.model["num_layers"], self.model["num_heads"]
-
-    @property
-    def has_stats(self) -> bool:
-        return self.stats is not None
 
     def labels_for(self, taxonomy: str) -> HeadLabels:
         """Labels in ``taxonomy``: stored ones, else classified with default thresholds."""
@@ -320,7 +315,3 @@ def estimate_profile(spec: BackboneSpec, *, frames: int, latent_height: int, lat
     return estimate_run(spec, "full", latent_frames=frames, latent_height=latent_height, latent_width=latent_width,
                         frames_per_block=frames_per_block, dtype=dtype, capture_state=False, extra_bytes=collector,
                         extra_label="head statistics")
-
-
-def known_taxonomies() -> tuple[str, ...]:
-    return tuple(t for t in TAXONOMIES if t in CLASSIFIED_TAXONOMIES)

@@ -71,7 +71,7 @@ def cycles(package: str) -> list[list[str]]:
     return found
 
 
-@pytest.mark.parametrize("package", ["headforcing_core", "nodes"])
+@pytest.mark.parametrize("package", ["headforcing_core", "nodes", "tools"])
 def test_no_import_cycles(package):
     assert cycles(package) == [], "\n".join(" -> ".join(c) for c in cycles(package))
 

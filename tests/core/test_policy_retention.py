@@ -10,7 +10,7 @@ import torch
 
 from headforcing_core.policies import Episodic, HeadLabels, RetentionRule, make_policy
 
-from .retention_harness import F, HEAD_DIM, build, commit, listing, plan_at, run_to
+from .retention_harness import HEAD_DIM, build, listing, plan_at, run_to
 
 
 def rel(times, start):

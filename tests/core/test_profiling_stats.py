@@ -1,7 +1,6 @@
 """Head-profiling statistics: the sampled-query collector, summaries, the period estimator, the rollout."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

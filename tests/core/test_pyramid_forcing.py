@@ -8,11 +8,9 @@ cites the file and function behind every rule.
 import pytest
 import torch
 
-from headforcing_core import generate
 from headforcing_core.errors import PolicyError
 from headforcing_core.policies import Cyclic, HeadLabels, Merge, PyramidRule, Stride, make_policy
 
-from .conftest import latent_noise, text_context
 from .pyramid_trace import trace
 from .retention_harness import GRID, advance, build, commit, plan_at
 from .test_bad_input import expect_error_before_sampling

@@ -1,6 +1,5 @@
 """Wan's 3-D RoPE, the chunk / entry rotations, and the re-encoding modes."""
 
-import math
 import random
 
 import pytest

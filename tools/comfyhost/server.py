@@ -248,9 +248,6 @@ class ComfyClient:
     def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
         self.post_json("/free", {"unload_models": unload_models, "free_memory": free_memory})
 
-    def queue_state(self) -> dict:
-        return self.get_json("/queue")
-
 
 def format_prompt_error(data: dict) -> str:
     parts = []
