@@ -524,7 +524,7 @@ I2V_PROMPT = (
 
 I2V_NOTE = """Head Forcing: image-to-video with a frame-wise Causal Forcing model
 
-Load Image -> Image Scale (832x480, crop center) -> VAE Encode (Wan 2.1 VAE) gives a 1-frame latent. The AR sampler puts it into the KV cache first (one clean pass at timestep 0, as Causal Forcing's own inference does with initial_latent) and generates the frames after it, one latent frame per chunk.
+Load Image -> Image Scale (832x480, stretched with no crop, as Causal Forcing's inference.py resizes; set crop to center to keep the aspect ratio instead) -> VAE Encode (Wan 2.1 VAE) gives a 1-frame latent. The AR sampler puts it into the KV cache first (one clean pass at timestep 0, as Causal Forcing's own inference does with initial_latent) and generates the frames after it, one latent frame per chunk.
 
 model_preset 'Causal Forcing frame-wise 4-step' sets frames per block 1, steps 1000,750,500,250, shift 5 (the preset replaces those widgets; 'custom' uses them). The Causal Forcing++ frame-wise 2-step / 1-step checkpoints work the same way with their own preset (their first generated frame gets 4 steps). Chunk-wise models (Self Forcing, 3 frames per block) cannot start from a single image: the sampler says so.
 
@@ -738,8 +738,9 @@ def image_to_video(info: dict) -> Graph:
     clip = _text_loader(g, -420, 170)
     vae = g.add("VAELoader", (-420, 330), (380, 60), "Load VAE (Wan 2.1)", vae_name=VAE)
     image = g.add("LoadImage", (0, 40), (320, 360), "Start image", image="example.png")
-    scale = g.add("ImageScale", (0, 460), (320, 130), "Resize to 832x480 (crop center)", upscale_method="lanczos",
-                  width=832, height=480, crop="center")
+    # stretched to 832x480, no crop: Causal Forcing's inference.py does transforms.Resize((480, 832))
+    scale = g.add("ImageScale", (0, 460), (320, 130), "Resize to 832x480 (stretch, as Causal Forcing)",
+                  upscale_method="bilinear", width=832, height=480, crop="disabled")
     g.link(image.out(0), scale, "image")
     enc = g.add("VAEEncode", (0, 650), (210, 46), "VAE Encode (1 latent frame)")
     g.link(scale, enc, "pixels")
