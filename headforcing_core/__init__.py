@@ -11,10 +11,13 @@ from .backbone import BackboneSpec, WanRunner, inspect_backbone
 from .errors import (CheckpointError, HeadForcingError, Interrupted, MemoryBudgetError, ModelFamilyError,
                      PolicyError, ProfileError, ShapeError, StateError)
 from .policies import CachePolicy, HeadLabels, RetentionRule, make_policy
-from .prompts import PromptSchedule, PromptSegment, parse_schedule_text
+from .prompts import PromptSchedule, PromptSegment
 from .sampler import ARSampler, Hooks, generate
-from .state import ARState, continue_generation, generate_schedule, load_state, save_state
 from .schedule import FlowMatchSchedule
+from .schedule_text import parse_schedule_text
+from .state import ARState
+from .state_file import load_state, save_state
+from .story import continue_generation, generate_schedule
 from .wan_model import WanBackbone, WanConfig, random_backbone
 
 __version__ = "0.1.0"

@@ -211,7 +211,7 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
         "phase_seconds": phases,
     }
     flops = runner.spec.forward_flops(f * tokens, attended)
-    calls = len(sampler.schedule.timesteps) + 1
+    calls = len(sampler.noise_schedule.timesteps) + 1
     out["flops_per_chunk"] = {k: v * calls for k, v in flops.items()}
     out["achieved_tflops"] = flops["total"] * calls / spc / 1e12
     if device.type == "cuda":

@@ -3,7 +3,7 @@
 A run of ``T`` latent frames starts from ``initial_noise((B, C, T, H, W), seed)``: float32 normal
 noise from a CPU generator seeded ``seed`` (what ComfyUI's ``prepare_noise`` draws for an empty
 latent of that shape). Prompt schedules and continuations need *frames* ``[s, e)`` of the
-draw a run of ``e`` frames would make (see :func:`headforcing_core.prompts.segment_noise`).
+draw a run of ``e`` frames would make (:func:`segment_noise`).
 Drawing all ``e`` frames to keep ``e - s`` of them costs memory that grows with the video;
 :func:`noise_frames` returns exactly the same values while holding only the requested frames
 and a fixed scratch buffer.
@@ -104,4 +104,26 @@ def noise_frames(shape_of: Callable[[int], tuple], seed: int, start: int, end: i
             for r, lo, hi in wanted:
                 a = (r * t + start) * hw
                 flat[r, lo - a:hi - a] = tail[lo - tail0:hi - tail0]
+    return out
+
+
+def segment_noise(draw, start_frame: int, frames: list[int]) -> torch.Tensor:
+    """Initial noise of consecutive segments, the same whether they are sampled in one run or one by one.
+
+    ``draw(s, e)`` returns frames ``[s, e)`` of the noise a fresh run of ``e`` latent frames
+    starts from (``[B, C, e - s, H, W]``; :func:`noise_frames` draws them
+    without the rest). The segment covering absolute frames ``[s, e)`` gets ``draw(s, e)``: a
+    single segment from frame 0 is exactly a fresh run's noise, and sampling segments one by one
+    (Continue) draws what one run of the whole schedule draws. Memory: the result and one
+    segment's draw, whatever the number of segments.
+    """
+    out, pos = None, start_frame
+    for n in frames:
+        part = draw(pos, pos + n)
+        if len(frames) == 1:
+            return part
+        if out is None:
+            out = part.new_empty((*part.shape[:2], sum(frames), *part.shape[3:]))
+        out[:, :, pos - start_frame:pos - start_frame + n] = part
+        pos += n
     return out

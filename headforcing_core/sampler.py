@@ -56,7 +56,7 @@ def as_policy(policy: str | CachePolicy) -> CachePolicy:
 
 @dataclass
 class ARSampler:
-    """Chunk-wise AR sampling state: model runner, schedule, policy and KV cache.
+    """Chunk-wise AR sampling state: model runner, noise schedule, policy and KV cache.
 
     ``start`` allocates the cache for a batch and latent size; ``set_prompt``
     (re)encodes the text; ``sample`` extends the video by the frames of the
@@ -65,7 +65,7 @@ class ARSampler:
 
     runner: WanRunner
     policy: CachePolicy
-    schedule: FlowMatchSchedule = field(default_factory=FlowMatchSchedule)
+    noise_schedule: FlowMatchSchedule = field(default_factory=FlowMatchSchedule)
     frames_per_block: int = 3
     backend_name: str = "auto"
     cache: HeadwiseKVCache | None = None
@@ -75,7 +75,7 @@ class ARSampler:
     batch: int = 0
     last_plan: ChunkPlan | None = None
     observer: Observer | None = None  # sees rotated q/k of every layer (head profiling; full cache only)
-    first_schedule: FlowMatchSchedule | None = None  # the first generated chunk's steps (Causal Forcing++)
+    first_noise_schedule: FlowMatchSchedule | None = None  # the first generated chunk's steps (Causal Forcing++)
     chunks_generated: int = 0  # chunks denoised so far (initial latents put into the cache do not count)
 
     def __post_init__(self):
@@ -109,15 +109,15 @@ class ARSampler:
         self.text = text
 
     # ---- sampling -------------------------------------------------------------------------
-    def schedule_for_chunk(self, chunk_index: int) -> FlowMatchSchedule:
-        """The steps of the ``chunk_index``-th generated chunk: ``first_schedule`` for the very first."""
-        if chunk_index == 0 and self.first_schedule is not None:
-            return self.first_schedule
-        return self.schedule
+    def noise_schedule_for_chunk(self, chunk_index: int) -> FlowMatchSchedule:
+        """The steps of the ``chunk_index``-th generated chunk: ``first_noise_schedule`` for the very first."""
+        if chunk_index == 0 and self.first_noise_schedule is not None:
+            return self.first_noise_schedule
+        return self.noise_schedule
 
     def total_model_calls(self, num_frames: int) -> int:
         n = len(chunk_bounds(0, num_frames, self.frames_per_block))
-        return sum(len(self.schedule_for_chunk(self.chunks_generated + i).timesteps) + 1 for i in range(n))
+        return sum(len(self.noise_schedule_for_chunk(self.chunks_generated + i).timesteps) + 1 for i in range(n))
 
     def _check_started(self, latents: torch.Tensor, what: str) -> int:
         """Frames of ``latents`` once they fit the started batch and size (``start`` / ``set_prompt`` done)."""
@@ -161,7 +161,7 @@ class ARSampler:
         done = calls_done
         for chunk_index, (start, f) in enumerate(chunk_bounds(self.next_frame, t, self.frames_per_block)):
             local = slice(start - self.next_frame, start - self.next_frame + f)
-            steps = len(self.schedule_for_chunk(self.chunks_generated).timesteps) + 1
+            steps = len(self.noise_schedule_for_chunk(self.chunks_generated).timesteps) + 1
             x0 = self.run_chunk(noise[:, :, local], start, generator, hooks, done, calls_total)
             done += steps
             out[:, :, local] = x0
@@ -174,17 +174,17 @@ class ARSampler:
                   done: int, total: int) -> torch.Tensor:
         """Denoise one chunk (noise ``x`` ``[B, C, f, H, W]`` on the model's device) and commit it."""
         b, f = x.shape[0], x.shape[2]
-        schedule, runner = self.schedule_for_chunk(self.chunks_generated), self.runner
+        noise_schedule, runner = self.noise_schedule_for_chunk(self.chunks_generated), self.runner
         plan = self._plan(start, f)
         reader = ChunkAttention(plan, self.cache, self.backend, "noisy", observer=self.observer)
         x0 = x
-        for i, t_i in enumerate(schedule.timesteps):
+        for i, t_i in enumerate(noise_schedule.timesteps):
             done = self._call_model_checked(hooks, done, total)
             timesteps = torch.full((b, f), t_i, device=runner.device)
             flow = runner.forward(x, timesteps, self.text, reader, hooks.should_stop)
-            x0 = schedule.to_x0(x, flow.to(x.dtype), i)
-            if i + 1 < len(schedule.timesteps):
-                x = schedule.renoise(x0, _draw_noise(x0.shape, generator, x0), i + 1)
+            x0 = noise_schedule.to_x0(x, flow.to(x.dtype), i)
+            if i + 1 < len(noise_schedule.timesteps):
+                x = noise_schedule.renoise(x0, _draw_noise(x0.shape, generator, x0), i + 1)
             self._report(hooks, done, total)
         # clean pass at t = 0: its K/V are what the cache keeps for this chunk
         done = self._call_model_checked(hooks, done, total)
@@ -328,14 +328,14 @@ def build_sampler(backbone: torch.nn.Module, policy: str | CachePolicy, *, steps
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                   latent_frames: int = 0, sampler_cls: type[ARSampler] | None = None,
                   first_chunk_steps: tuple[float, ...] | None = None) -> ARSampler:
-    """Runner, schedule and policy checked and put together (the cache is allocated by ``start``)."""
+    """Runner, noise schedule and policy checked and put together (the cache is allocated by ``start``)."""
     runner = WanRunner(backbone, dtype=dtype, device=device)
     pol = as_policy(policy)
     sampler = (sampler_cls or ARSampler)(runner, pol, FlowMatchSchedule(tuple(steps), shift), frames_per_block,
                                          attention_backend)
     if first_chunk_steps is not None:
         try:
-            sampler.first_schedule = FlowMatchSchedule(tuple(first_chunk_steps), shift)
+            sampler.first_noise_schedule = FlowMatchSchedule(tuple(first_chunk_steps), shift)
         except ShapeError as e:
             raise ShapeError(f"first_chunk_steps: {e}") from None
     if pol.preset == "full" and latent_frames > pol.window:

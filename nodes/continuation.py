@@ -21,7 +21,8 @@ from headforcing_core.geometry import FPS, SPACE_COMPRESSION, added_video_frames
 from headforcing_core.memory import estimate_run
 from headforcing_core.policies import describe
 from headforcing_core.prompts import PromptSchedule
-from headforcing_core.state import ARState, continue_generation, weights_digest
+from headforcing_core.state import ARState, weights_digest
+from headforcing_core.story import continue_generation
 
 from .comfy_bridge import (MAX_SEED, check_schedule, check_state, compute_dtype, conditioning_tensor,
                            describe_schedule_length, latent_shape, on_host, wan_backbone)

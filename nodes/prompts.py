@@ -16,7 +16,8 @@ from comfy_api.latest import io
 
 from headforcing_core.geometry import TIME_COMPRESSION
 from headforcing_core.prompts import (LONGLIVE_WINDOW, MAX_TRANSITION_FRAMES, RECACHE_MODES, TRANSITIONS,
-                                      PromptSchedule, PromptSegment, ScheduleError, parse_schedule_text)
+                                      PromptSchedule, PromptSegment, ScheduleError)
+from headforcing_core.schedule_text import parse_schedule_text
 
 from .comfy_bridge import check_schedule, conditioning_tensor
 from .types import PROMPT_SCHEDULE

@@ -46,9 +46,10 @@ from headforcing_core.backbone import BackboneSpec
 from headforcing_core.errors import Interrupted
 from headforcing_core.memory import GiB, estimate_run, with_weights
 from headforcing_core.memory import preflight as core_preflight
-from headforcing_core.noise import noise_frames
-from headforcing_core.prompts import PromptSchedule, count_model_calls, default_recache_mode, segment_noise
+from headforcing_core.noise import noise_frames, segment_noise
+from headforcing_core.prompts import PromptSchedule
 from headforcing_core.sampler import Hooks
+from headforcing_core.transitions import count_model_calls, default_recache_mode
 
 from .messages import chunk_done, describe_run
 from .model_patches import patch_report, unhonoured_patches

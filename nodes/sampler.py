@@ -18,7 +18,7 @@ from headforcing_core.memory import TAIL_FRAMES, estimate_run, latent_bytes
 from headforcing_core.policies import PRESETS, CachePolicy, describe
 from headforcing_core.prompts import PromptSchedule
 from headforcing_core.sampler import validate_inputs
-from headforcing_core.state import generate_schedule
+from headforcing_core.story import generate_schedule
 
 from .comfy_bridge import (CUSTOM_PRESET, DEFAULT_SAMPLER_POLICY, DEFAULT_SHIFT, DEFAULT_STEPS, LENGTH_UNITS,
                            MAX_SEED, MODEL_PRESETS, SamplerRequest, apply_model_preset, check_initial_latent,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from headforcing_core.errors import StateError
-from headforcing_core.state import load_state, save_state
+from headforcing_core.state_file import load_state, save_state
 
 from .comfy_bridge import check_state, wan_backbone
 from .files import (file_fingerprint, find_state_file, save_file_inputs, save_named_file, state_file_names,

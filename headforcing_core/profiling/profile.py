@@ -235,7 +235,7 @@ def profile_heads(backbone: torch.nn.Module, contexts: Sequence[torch.Tensor], *
     queries_per_frame = max(1, min(tpf, query_samples // frames_per_block))
 
     stats = FrameStats.zeros(spec.num_layers, spec.num_heads, frames, frames_per_block)
-    schedule = FlowMatchSchedule(tuple(float(s) for s in steps), float(shift))
+    noise_schedule = FlowMatchSchedule(tuple(float(s) for s in steps), float(shift))
     holder: dict = {}
 
     def current_chunk():
@@ -250,7 +250,7 @@ def profile_heads(backbone: torch.nn.Module, contexts: Sequence[torch.Tensor], *
     done = 0
     t0 = time.perf_counter()
     for i, ctx in enumerate(prompts):
-        sampler = ARSampler(runner, make_policy("full"), schedule, frames_per_block, attention_backend)
+        sampler = ARSampler(runner, make_policy("full"), noise_schedule, frames_per_block, attention_backend)
         holder["sampler"] = sampler
         sampler.observer = collector
         collector.start_prompt(i)
@@ -271,7 +271,7 @@ def profile_heads(backbone: torch.nn.Module, contexts: Sequence[torch.Tensor], *
         "prompts": len(prompts), "frames": frames, "frames_per_block": frames_per_block,
         "latent_height": latent_height, "latent_width": latent_width, "tokens_per_frame": tpf,
         "query_samples": query_samples, "queries_per_frame": queries_per_frame, "seed": int(seed),
-        "steps": [float(s) for s in schedule.steps],
+        "steps": [float(s) for s in noise_schedule.steps],
         "shift": float(shift), "policy": "full", "model_calls": done,
         "observations": collector.observations, "dtype": str(runner.dtype).replace("torch.", ""),
         "device": str(runner.device), "seconds": round(seconds, 3),

@@ -17,9 +17,9 @@ import torch
 from headforcing_core import WanConfig, random_backbone
 from headforcing_core.backbone import inspect_backbone
 from headforcing_core.memory import estimate_run
-from headforcing_core.noise import noise_frames
-from headforcing_core.prompts import PromptSchedule, PromptSegment, segment_noise
-from headforcing_core.state import generate_schedule
+from headforcing_core.noise import noise_frames, segment_noise
+from headforcing_core.prompts import PromptSchedule, PromptSegment
+from headforcing_core.story import generate_schedule
 
 
 def status() -> dict:

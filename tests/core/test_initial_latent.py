@@ -12,7 +12,7 @@ from headforcing_core import generate
 from headforcing_core.errors import ShapeError
 from headforcing_core.policies import PRESETS
 from headforcing_core.prompts import PromptSchedule, PromptSegment
-from headforcing_core.state import continue_generation, generate_schedule
+from headforcing_core.story import continue_generation, generate_schedule
 
 from .conftest import latent_noise, text_context
 from .dense_reference import dense_generate

@@ -9,7 +9,7 @@ import torch
 from headforcing_core import Interrupted, WanConfig, generate, random_backbone
 from headforcing_core.prompts import PromptSchedule, PromptSegment
 from headforcing_core.sampler import Hooks
-from headforcing_core.state import generate_schedule
+from headforcing_core.story import generate_schedule
 
 from .conftest import latent_noise, text_context
 

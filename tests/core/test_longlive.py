@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from headforcing_core import WanRunner, make_policy
-from headforcing_core.prompts import PromptSchedule, PromptSegment, ScheduleSampler, parse_schedule_text
+from headforcing_core.prompts import PromptSchedule, PromptSegment
 from headforcing_core.schedule import FlowMatchSchedule
+from headforcing_core.schedule_text import parse_schedule_text
+from headforcing_core.story_sampler import ScheduleSampler
 
 from .conftest import latent_noise, text_context
 from .per_head_reference import Reference
@@ -195,7 +197,7 @@ def test_schedule_text_names_the_recache_mode():
 
 def test_default_recache_mode_is_longlive_only_under_its_preset():
     from headforcing_core.policies import make_policy
-    from headforcing_core.prompts import default_recache_mode
+    from headforcing_core.transitions import default_recache_mode
     assert default_recache_mode("longlive") == default_recache_mode(make_policy("longlive")) == "longlive"
     for other in ("full", "self_forcing_window", "sink_window", None):
         assert default_recache_mode(other) == "block_causal"

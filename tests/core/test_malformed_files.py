@@ -13,7 +13,8 @@ from headforcing_core import HeadForcingError, ProfileError, StateError
 from headforcing_core.policies import make_policy
 from headforcing_core.profiling import load_profile, profile_heads, save_profile
 from headforcing_core.prompts import PromptSchedule, PromptSegment
-from headforcing_core.state import continue_generation, generate_schedule, load_state, save_state
+from headforcing_core.state_file import load_state, save_state
+from headforcing_core.story import continue_generation, generate_schedule
 
 from .conftest import latent_noise, text_context
 from .malformed import profile_variants, state_variants

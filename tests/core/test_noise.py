@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import headforcing_core.noise as noise_mod
-from headforcing_core.noise import initial_noise, noise_frames
-from headforcing_core.prompts import segment_noise
+from headforcing_core.noise import initial_noise, noise_frames, segment_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,8 +68,7 @@ def test_a_story_draws_what_its_segments_draw_one_by_one():
 _PEAK = r"""
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from headforcing_core.noise import noise_frames
-from headforcing_core.prompts import segment_noise
+from headforcing_core.noise import noise_frames, segment_noise
 
 def status():
     out = {{}}

@@ -7,10 +7,12 @@ from headforcing_core import generate
 from headforcing_core.backbone import WanRunner
 from headforcing_core.plan import ChunkAttention, plan_chunk
 from headforcing_core.policies import Episodic, HeadLabels, RetentionRule, make_policy
-from headforcing_core.prompts import (PromptSchedule, PromptSegment, ScheduleError, ScheduleSampler, blend_text,
-                                      blend_weight, parse_schedule_text, seconds_to_latent_frames)
+from headforcing_core.prompts import PromptSchedule, PromptSegment, ScheduleError, seconds_to_latent_frames
 from headforcing_core.schedule import FlowMatchSchedule
-from headforcing_core.state import generate_schedule
+from headforcing_core.schedule_text import parse_schedule_text
+from headforcing_core.story import generate_schedule
+from headforcing_core.story_sampler import ScheduleSampler
+from headforcing_core.transitions import blend_text, blend_weight
 
 from .conftest import latent_noise, text_context
 
@@ -348,7 +350,7 @@ def test_schedule_noise_must_cover_the_segments(tiny_model):
 
 
 def test_model_call_count_progress_and_chunk_indexes(tiny_model):
-    from headforcing_core.prompts import count_model_calls
+    from headforcing_core.transitions import count_model_calls
     from headforcing_core.sampler import Hooks
     sched = PromptSchedule((seg(A, 7), seg(B, 5, "recache", 4), seg(A, 3, "blend", 2)))
     runner = WanRunner(tiny_model)
@@ -381,7 +383,7 @@ def test_recache_can_be_interrupted(tiny_model):
 
 def test_segment_noise_is_the_same_in_one_run_or_one_by_one():
     from headforcing_core.noise import initial_noise, noise_frames
-    from headforcing_core.prompts import segment_noise
+    from headforcing_core.noise import segment_noise
 
     def shape_of(n):
         return (1, 2, n, 3, 3)

@@ -8,11 +8,12 @@ from safetensors.torch import save_file
 
 from headforcing_core import WanConfig, generate, random_backbone
 from headforcing_core.errors import StateError
-from headforcing_core.policies import PRESETS, make_policy
+from headforcing_core.policies import PRESETS, make_policy, policy_from_dict, policy_to_dict
 from headforcing_core.prompts import PromptSchedule, PromptSegment
 from headforcing_core.names import safe_path
-from headforcing_core.state import (ARState, continue_generation, generate_schedule, load_state, policy_from_dict,
-                                    policy_to_dict, save_state)
+from headforcing_core.state import ARState
+from headforcing_core.state_file import load_state, save_state
+from headforcing_core.story import continue_generation, generate_schedule
 
 from .conftest import TINY, latent_noise, text_context
 
