@@ -17,7 +17,9 @@ of preallocated buffers, indexed by ``(layer, head)`` pairs in layer order:
   two most similar neighbours) is taken per batch row and per layer with tensor ops, so a
   commit never synchronises with the host and batch rows are independent.
 
-Memory is the sum of these capacities, fixed by the policy, not by the video length
+Every type has a frame pool; a rule whose middle needs a tier of its own gets it from
+:data:`MIDDLE_TIERS`, keyed by the middle's ``kind``. Memory is the sum of these capacities,
+fixed by the policy, not by the video length
 (except ``full``'s all-frames pool). Committing a chunk writes its frames into pages; it
 never copies the whole cache.
 """
@@ -29,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import StateError
-from .policies import Merge, PyramidRule, RetentionRule, Rule
-from .retention import Commit, RetentionTracker, Tracker, make_tracker
+from .policies import Episodic, Merge, Rule
+from .retention import Commit, Tracker, make_tracker
 from .rope import pool_tokens, pooled_grid
 
 
@@ -233,13 +235,34 @@ class TypeStore:
     tracker: Tracker
     heads: list[tuple[int, int]]  # (layer, head) in layer order
     frames: FramePool
-    blocks: BlockPool | None
-    episodes: EpisodicMemory | None
+    blocks: BlockPool | None = None
+    episodes: EpisodicMemory | None = None
 
     @property
     def nbytes(self) -> int:
         return self.frames.nbytes + (self.blocks.nbytes if self.blocks else 0) + (
             self.episodes.nbytes if self.episodes else 0)
+
+
+def _merged_blocks(cache: "HeadwiseKVCache", middle: Merge, tracker: Tracker, heads: list[tuple[int, int]]) -> dict:
+    ph, pw = pooled_grid(*cache.grid, middle.patch)
+    return {"blocks": BlockPool(tracker.block_capacity(), cache.batch, len(heads), ph * pw, cache.head_dim,
+                                cache.dtype, cache.device)}
+
+
+def _episodes(cache: "HeadwiseKVCache", middle: Episodic, tracker: Tracker, heads: list[tuple[int, int]]) -> dict:
+    ph, pw = pooled_grid(*cache.grid, middle.pool)
+    layers = sorted({li for li, _ in heads})
+    slot = {li: i for i, li in enumerate(layers)}
+    episodes = EpisodicMemory(middle, cache.batch, len(heads), [slot[li] for li, _ in heads], len(layers),
+                              ph * pw, cache.head_dim, cache.dtype, cache.device)
+    episodes.layer_ids = layers  # type: ignore[attr-defined]
+    return {"episodes": episodes}
+
+
+# the device tier a middle needs besides the frame pool, by the middle's ``kind`` (Stride / Cyclic keep
+# whole frames, in the frame pool): a builder returning the :class:`TypeStore` fields it fills
+MIDDLE_TIERS = {"Merge": _merged_blocks, "Episodic": _episodes}
 
 
 class HeadwiseKVCache:
@@ -279,22 +302,11 @@ class HeadwiseKVCache:
         heads = [(li, hi) for li, row in enumerate(self.head_types) for hi, t in enumerate(row) if t == head_type]
         tracker = make_tracker(rule, self.frames_per_block)
         n = len(heads)
-        gh, gw = self.grid
         frames = FramePool(tracker.frame_capacity(self.frames_per_block, total_frames), self.batch, n, self.tokens,
                            self.head_dim, self.dtype, self.device)
-        blocks = episodes = None
-        if isinstance(rule, PyramidRule) and isinstance(rule.middle, Merge):
-            ph, pw = pooled_grid(gh, gw, rule.middle.patch)
-            blocks = BlockPool(tracker.block_capacity(), self.batch, n, ph * pw, self.head_dim, self.dtype,
-                               self.device)
-        if isinstance(rule, RetentionRule) and rule.middle is not None:
-            ph, pw = pooled_grid(gh, gw, rule.middle.pool)
-            layers = sorted({li for li, _ in heads})
-            slot = {li: i for i, li in enumerate(layers)}
-            episodes = EpisodicMemory(rule.middle, self.batch, n, [slot[li] for li, _ in heads], len(layers),
-                                      ph * pw, self.head_dim, self.dtype, self.device)
-            episodes.layer_ids = layers  # type: ignore[attr-defined]
-        return TypeStore(head_type, rule, tracker, heads, frames, blocks, episodes)
+        tier = MIDDLE_TIERS.get(rule.middle.kind) if rule.middle is not None else None
+        extra = tier(self, rule.middle, tracker, heads) if tier is not None else {}
+        return TypeStore(head_type, rule, tracker, heads, frames, **extra)
 
     # ---- bookkeeping ----------------------------------------------------------------------
     def reserve(self, start: int, frames: int) -> list[list[int]]:
@@ -309,12 +321,11 @@ class HeadwiseKVCache:
         """Make ``frames`` the sink of every type with sink frames (LongLive's recache without a global sink:
         the recached window's first frames become the sink). Their K/V are written by :meth:`replace_frames`."""
         for ts in self.types:
-            tr = ts.tracker
-            if not isinstance(tr, RetentionTracker) or tr.history is None or not tr.rule.sink:
+            sinks = ts.tracker.move_sinks(frames)
+            if sinks is None:
                 continue
-            tr.sinks = list(frames[:tr.rule.sink])
-            ts.frames.release(tr.stored_frames())
-            ts.frames.reserve([f for f in tr.sinks if f not in ts.frames.page_of])
+            ts.frames.release(ts.tracker.stored_frames())
+            ts.frames.reserve([f for f in sinks if f not in ts.frames.page_of])
 
     # ---- committing ------------------------------------------------------------------------
     def commit(self, start: int, frames: int, staged_k: torch.Tensor | None, staged_v: torch.Tensor | None) -> None:

@@ -32,10 +32,9 @@ from .validation import FLOAT_DTYPES, LIMITS, Fields
 def validate_cache_meta(cache: Mapping, tensors: Mapping[str, torch.Tensor], meta: Mapping, *, where: str,
                         error: type[HeadForcingError]) -> None:
     """Raise ``error`` naming the field unless the cache section fits the rest of the (validated) state."""
-    from .policies import Merge, PyramidRule, RetentionRule, resolve_labels
+    from .policies import policy_from_dict, resolve_labels
     from .retention import make_tracker
     from .rope import pooled_grid
-    from .policies import policy_from_dict
 
     f = Fields(where, error)
     fp = meta["fingerprint"]
@@ -88,6 +87,39 @@ def validate_cache_meta(cache: Mapping, tensors: Mapping[str, torch.Tensor], met
             f.fail(field, "uses a page twice (corrupt page table)")
         return out
 
+    # the buffers of a middle's own device tier (cache.MIDDLE_TIERS), by the middle's kind
+    def merged_blocks(middle, rec, field, p, n, heads, tracker):
+        a, b = pooled_grid(gh, gw, middle.patch)
+        blocks = table(f.get(rec, "block_pages", f"{field}.block_pages"), f"{field}.block_pages", middle.capacity)
+        if sorted(blocks) != sorted(tracker.stores.blocks):
+            f.fail(f"{field}.block_pages", "do not hold the blocks the rule keeps")
+        f.integer(f.get(rec, "acc_frames", f"{field}.acc_frames"), f"{field}.acc_frames", 0, middle.block_frames - 1)
+        acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for name in ("k", "v"):
+            buffer(f"{p}.blocks.{name}", (batch, n, middle.capacity, a * b, head_dim), (dtype,),
+                   f"{field}'s merged blocks must be")
+            buffer(f"{p}.blocks.acc_{name}", (batch, n, a * b, head_dim), (acc_dtype,), f"{field}'s running sum must be")
+
+    def episodes(middle, rec, field, p, n, heads, tracker):
+        a, b = pooled_grid(gh, gw, middle.pool)
+        slots = middle.cap + 1
+        layers = len({li for li, _ in heads})
+        for name, shape, dt in (("k", (batch, n, slots, a * b, head_dim), dtype),
+                                ("v", (batch, n, slots, a * b, head_dim), dtype),
+                                ("sig", (batch, n, slots, head_dim), torch.float32),
+                                ("valid", (batch, layers, slots), torch.bool),
+                                ("first", (batch, layers, slots), torch.int64),
+                                ("last", (batch, layers, slots), torch.int64),
+                                ("count", (batch, layers, slots), torch.float64)):
+            buffer(f"{p}.episodes.{name}", shape, (dt,), f"{field}'s episodic memory ({name}) must be")
+        first, last = tensors[f"{p}.episodes.first"], tensors[f"{p}.episodes.last"]
+        valid = tensors[f"{p}.episodes.valid"]
+        if bool(((first > last) & valid).any()) or bool(((last >= next_frame) & valid).any()) \
+                or bool(((first < 0) & valid).any()):
+            f.fail(f"tensor {p}.episodes.first", "names frames outside the video made so far")
+
+    middle_tiers = {"Merge": merged_blocks, "Episodic": episodes}
+
     for ti, (t, rec) in enumerate(zip(order, types)):
         field = f"cache.types[{ti}]"
         rec = f.mapping(rec, field)
@@ -137,42 +169,15 @@ def validate_cache_meta(cache: Mapping, tensors: Mapping[str, torch.Tensor], met
                       capacity)
         if set(pages) != held:
             f.fail(f"{field}.frame_pages", f"hold frames {sorted(pages)[:8]}…, but the rule holds {sorted(held)[:8]}…")
-        pool_pages = capacity if isinstance(rule, PyramidRule) or rule.recent is not None else None
+        pool_pages = capacity if rule.bounded else None
         buffer(p + ".frames.k", (batch, n, pool_pages, tokens, head_dim), (dtype,),
                f"{field}'s whole frames must be [batch, heads, pages, tokens, head_dim] =")
         buffer(p + ".frames.v", (batch, n, pool_pages, tokens, head_dim), (dtype,), "")
         if pool_pages is None and tensors[p + ".frames.k"].shape[2] < max(pages.values(), default=-1) + 1:
             f.fail(f"tensor {p}.frames.k", "has fewer pages than its page table uses")
-        if isinstance(rule, PyramidRule) and isinstance(rule.middle, Merge):
-            a, b = pooled_grid(gh, gw, rule.middle.patch)
-            blocks = table(f.get(rec, "block_pages", f"{field}.block_pages"), f"{field}.block_pages",
-                           rule.middle.capacity)
-            if sorted(blocks) != sorted(tracker.stores.blocks):
-                f.fail(f"{field}.block_pages", "do not hold the blocks the rule keeps")
-            f.integer(f.get(rec, "acc_frames", f"{field}.acc_frames"), f"{field}.acc_frames", 0,
-                      rule.middle.block_frames - 1)
-            acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            for name in ("k", "v"):
-                buffer(f"{p}.blocks.{name}", (batch, n, rule.middle.capacity, a * b, head_dim), (dtype,),
-                       f"{field}'s merged blocks must be")
-                buffer(f"{p}.blocks.acc_{name}", (batch, n, a * b, head_dim), (acc_dtype,), f"{field}'s running sum must be")
-        if isinstance(rule, RetentionRule) and rule.middle is not None:
-            a, b = pooled_grid(gh, gw, rule.middle.pool)
-            slots = rule.middle.cap + 1
-            layers = len({li for li, _ in heads})
-            for name, shape, dt in (("k", (batch, n, slots, a * b, head_dim), dtype),
-                                    ("v", (batch, n, slots, a * b, head_dim), dtype),
-                                    ("sig", (batch, n, slots, head_dim), torch.float32),
-                                    ("valid", (batch, layers, slots), torch.bool),
-                                    ("first", (batch, layers, slots), torch.int64),
-                                    ("last", (batch, layers, slots), torch.int64),
-                                    ("count", (batch, layers, slots), torch.float64)):
-                buffer(f"{p}.episodes.{name}", shape, (dt,), f"{field}'s episodic memory ({name}) must be")
-            first, last = tensors[f"{p}.episodes.first"], tensors[f"{p}.episodes.last"]
-            valid = tensors[f"{p}.episodes.valid"]
-            if bool(((first > last) & valid).any()) or bool(((last >= next_frame) & valid).any()) \
-                    or bool(((first < 0) & valid).any()):
-                f.fail(f"tensor {p}.episodes.first", "names frames outside the video made so far")
+        tier = middle_tiers.get(rule.middle.kind) if rule.middle is not None else None
+        if tier is not None:
+            tier(rule.middle, rec, field, p, n, heads, tracker)
 
     unknown = sorted(k for k in tensors if k.startswith("cache.") and k not in expected)
     if unknown:

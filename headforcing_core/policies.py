@@ -20,7 +20,13 @@ Two families of rules:
   :class:`Merge`) fed with every committed frame and read per query frame. See
   ``docs/pyramid_forcing.md`` for the rules and their sources.
 
-What a rule keeps, frame by frame, is computed by :mod:`headforcing_core.retention`.
+Each rule and middle class owns what it says about itself: its serialised name (``family`` /
+``kind``, registered in :data:`RULE_FAMILIES` / :data:`MIDDLE_KINDS`), ``to_dict`` / ``from_dict``,
+``validate``, ``describe``, and the properties the other modules ask (``bounded``,
+``keys_in_place``, ``per_query_frame``, a middle's ``pool`` and ``block_capacity``). What a rule
+keeps, frame by frame, is computed by :mod:`headforcing_core.retention` (a tracker per
+``family``, a store per Pyramid middle ``kind``); what it stores on the device by
+:mod:`headforcing_core.cache` (a tier per middle ``kind``).
 """
 
 from __future__ import annotations
@@ -46,8 +52,32 @@ ROPE_MODES = ("absolute", "window_clamp", "window_shift", "compact")
 # middle strategies
 
 
+class Middle:
+    """What every middle strategy (the tier between a rule's sinks and its recent frames) says about
+    itself. ``kind`` is its serialised name (AR_STATE files, profiles); ``positive``: its fields that
+    must be whole numbers ≥ 1; ``pool``: its entries are pooled ``pool×pool`` (1: whole frames).
+    How a middle is fed and read frame by frame lives in :mod:`headforcing_core.retention`, what it
+    stores on the device in :mod:`headforcing_core.cache` (both keyed by ``kind``)."""
+
+    kind = ""
+    positive: tuple[str, ...] = ()
+    pool = 1
+
+    def validate(self, where: str) -> None:
+        _positive(where, self, self.positive)
+
+    def check_grid(self, where: str, grid: tuple[int, int]) -> None:
+        """Refuse a token grid the middle cannot pool (most middles take any)."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
 @dataclass(frozen=True)
-class Episodic:
+class Episodic(Middle):
     """Hierarchical episodic memory (Head Forcing's memory heads, our design).
 
     Frames leaving the recent window are pooled ``pool×pool``. A frame whose mean key is at
@@ -60,27 +90,59 @@ class Episodic:
     pool: int = 2
     similarity: float = 0.9
 
+    kind = "Episodic"
+    positive = ("cap", "pool")
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if not (-1.0 <= float(self.similarity) <= 1.0):
+            raise PolicyError(f"{where}: episodic similarity must lie in [-1, 1], got {self.similarity}")
+
+    def describe(self) -> str:
+        return f"episodic memory ({self.cap} episodes, {self.pool}×{self.pool} pooled, similarity {self.similarity:g})"
+
+
+class PyramidMiddle(Middle):
+    """A Pyramid Forcing middle: ``block_capacity`` merged blocks it keeps (0: it keeps whole frames, in
+    the frame pool); ``strided``: the stable-stride store policy applies to it."""
+
+    block_capacity = 0
+    strided = False
+
 
 @dataclass(frozen=True)
-class Stride:
+class Stride(PyramidMiddle):
     """Pyramid Forcing's strided store (Anchor heads): committed frames whose index is a multiple
     of ``interval``, the newest ``capacity`` (FIFO, frame 0 included)."""
 
     interval: int = 6
     capacity: int = 4
 
+    kind = "Stride"
+    positive = ("interval", "capacity")
+    strided = True
+
+    def describe(self) -> str:
+        return f"stride (every {self.interval}th frame, newest {self.capacity})"
+
 
 @dataclass(frozen=True)
-class Cyclic:
+class Cyclic(PyramidMiddle):
     """Pyramid Forcing's periodic store (Wave heads): one bucket per phase ``frame mod period``,
     each keeping its newest ``bucket_capacity`` frames; a query frame reads its own phase's bucket."""
 
     period: int = 6
     bucket_capacity: int = 4
 
+    kind = "Cyclic"
+    positive = ("period", "bucket_capacity")
+
+    def describe(self) -> str:
+        return f"cyclic (period {self.period}, {self.bucket_capacity} per phase)"
+
 
 @dataclass(frozen=True)
-class Merge:
+class Merge(PyramidMiddle):
     """Pyramid Forcing's merged store (Veil heads): blocks of ``patch²`` frames aligned to absolute
     frame indices, each the mean of its ``patch×patch`` spatial windows over those frames; the
     newest ``capacity`` completed blocks."""
@@ -88,20 +150,43 @@ class Merge:
     patch: int = 2
     capacity: int = 4
 
+    kind = "Merge"
+    positive = ("patch", "capacity")
+
     @property
     def block_frames(self) -> int:
         return self.patch * self.patch
 
+    @property
+    def pool(self) -> int:
+        return self.patch
 
-PyramidMiddle = Union[Stride, Cyclic, Merge]
-MIDDLE_KINDS = {"Episodic": Episodic, "Stride": Stride, "Cyclic": Cyclic, "Merge": Merge}
+    @property
+    def block_capacity(self) -> int:
+        return self.capacity
+
+    def check_grid(self, where: str, grid: tuple[int, int]) -> None:
+        """A merge patch must divide the token grid (Pyramid Forcing pools whole windows)."""
+        p = self.patch
+        if grid[0] % p or grid[1] % p:
+            raise PolicyError(
+                f"{where}: the merge patch {p} does not divide the {grid[0]}×{grid[1]} token "
+                f"grid of this video; use a width and height whose latent patch grid is a multiple of {p} "
+                f"(multiples of {16 * p} pixels) or another merge patch")
+
+    def describe(self) -> str:
+        return f"merge ({self.block_frames}-frame blocks, {self.patch}×{self.patch} pooled, newest {self.capacity})"
 
 
-def _positive(where: str, obj, names: Sequence[str]) -> None:
+# the middles by their serialised name (``kind``): the one place a new middle is registered
+MIDDLE_KINDS: dict[str, type[Middle]] = {cls.kind: cls for cls in (Episodic, Stride, Cyclic, Merge)}
+
+
+def _positive(where: str, obj: Middle, names: Sequence[str]) -> None:
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, int) or value < 1:
-            raise PolicyError(f"{where}: {type(obj).__name__.lower()} {name.replace('_', ' ')} must be a whole "
+            raise PolicyError(f"{where}: {obj.kind.lower()} {name.replace('_', ' ')} must be a whole "
                               f"number ≥ 1, got {value!r}")
 
 
@@ -109,8 +194,69 @@ def _positive(where: str, obj, names: Sequence[str]) -> None:
 # retention rules
 
 
+class RuleBase:
+    """What every retention rule says about itself; each rule class below fills it in.
+
+    ``family``: its serialised name; ``middles``: the kinds of middle it takes; ``bounded``:
+    memory stays bounded however long the video runs; ``keys_in_place``: alone in an ``absolute``
+    policy its keys never move (whole frames at their own time, one key set per chunk), so the
+    cache can be read in place; ``per_query_frame``: its key sets can differ by query frame within
+    a chunk. Which tracker follows it is :data:`headforcing_core.retention.TRACKERS` [``family``].
+    """
+
+    family = ""
+    middles: tuple[str, ...] = ()
+    per_query_frame = False
+
+    @property
+    def bounded(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def keys_in_place(self) -> bool:
+        raise NotImplementedError
+
+    def validate(self, head_type: str, frames_per_block: int) -> None:
+        raise NotImplementedError
+
+    def check_grid(self, head_type: str, grid: tuple[int, int]) -> None:
+        """Refuse a token grid the rule's middle cannot pool."""
+        if self.middle is not None:
+            self.middle.check_grid(f"head type {head_type!r}", grid)
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def with_counts(self, sink: int | None, recent: int | None) -> "Rule":
+        """The rule with its sink / recent counts replaced (None: keep) — the shared widgets of a preset."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """The serialised form (AR_STATE files, profiles): ``family``, the fields, the middle with its ``kind``."""
+        d = {"family": self.family, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        if self.middle is not None:
+            d["middle"] = self.middle.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Rule":
+        d = dict(d)
+        d.pop("family", None)
+        m = d.get("middle")
+        if m is not None:
+            m = dict(m)
+            kind = MIDDLE_KINDS.get(m.pop("kind", None))
+            if kind is None:
+                raise PolicyError(f"unknown middle strategy in {d!r}")
+            d["middle"] = kind(**m)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise PolicyError(f"unknown retention rule field(s) {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class RetentionRule:
+class RetentionRule(RuleBase):
     """What one head type keeps (our family): ``sink`` first frames + ``recent`` last frames
     (+ an :class:`Episodic` memory of frames leaving the recent window).
 
@@ -125,6 +271,15 @@ class RetentionRule:
     window: bool = False
 
     family = "retention"
+    middles = ("Episodic",)
+
+    @property
+    def bounded(self) -> bool:
+        return self.recent is not None
+
+    @property
+    def keys_in_place(self) -> bool:
+        return self.middle is None
 
     def history_frames(self, frames_per_block: int) -> int | None:
         """Recent history frames kept besides the current chunk (None: all)."""
@@ -150,25 +305,26 @@ class RetentionRule:
         elif self.middle is not None:
             raise PolicyError(f"{where}: a middle rule needs a bounded recent window (recent frames)")
         if self.middle is not None:
-            if not isinstance(self.middle, Episodic):
+            if getattr(self.middle, "kind", None) not in self.middles:
                 raise PolicyError(f"{where}: {type(self.middle).__name__} is a Pyramid Forcing middle; use "
                                   "PyramidRule for it (our rules take an Episodic memory)")
-            _positive(where, self.middle, ("cap", "pool"))
-            if not (-1.0 <= float(self.middle.similarity) <= 1.0):
-                raise PolicyError(f"{where}: episodic similarity must lie in [-1, 1], got {self.middle.similarity}")
+            self.middle.validate(where)
 
     def describe(self) -> str:
         bits = [f"sink {self.sink}"] if self.sink else []
         if self.middle is not None:
-            m = self.middle
-            bits.append(f"episodic memory ({m.cap} episodes, {m.pool}×{m.pool} pooled, similarity {m.similarity:g})")
+            bits.append(self.middle.describe())
         bits.append("all frames" if self.recent is None else
                     (f"window {self.recent} (incl. the chunk)" if self.window else f"recent {self.recent}"))
         return " + ".join(bits)
 
+    def with_counts(self, sink: int | None, recent: int | None) -> "RetentionRule":
+        changes = {k: v for k, v in (("sink", sink), ("recent", recent)) if v is not None}
+        return replace(self, **changes) if changes else self
+
 
 @dataclass(frozen=True)
-class PyramidRule:
+class PyramidRule(RuleBase):
     """Pyramid Forcing's per-head cache (``AdaptiveKVCache`` with its frame-level policy).
 
     * ``sink_frames``: the first frames of the video, captured from the first chunk only
@@ -190,6 +346,10 @@ class PyramidRule:
     stable_stride: bool = False
 
     family = "pyramid"
+    middles = ("Stride", "Cyclic", "Merge")
+    per_query_frame = True
+    bounded = True
+    keys_in_place = False
 
     def validate(self, head_type: str, frames_per_block: int) -> None:
         where = f"head type {head_type!r}"
@@ -200,72 +360,36 @@ class PyramidRule:
                 f"{where}: Pyramid Forcing's recent window counts the current chunk, so it must be above one "
                 f"chunk of {frames_per_block} frames (at least {frames_per_block + 1}); got {self.recent_frames!r}")
         m = self.middle
-        if isinstance(m, Stride):
-            _positive(where, m, ("interval", "capacity"))
-        elif isinstance(m, Cyclic):
-            _positive(where, m, ("period", "bucket_capacity"))
-        elif isinstance(m, Merge):
-            _positive(where, m, ("patch", "capacity"))
-        else:
+        if getattr(m, "kind", None) not in self.middles:
             raise PolicyError(f"{where}: a Pyramid Forcing head needs a Stride, Cyclic or Merge middle, got "
                               f"{type(m).__name__}")
-        if self.stable_stride and not isinstance(m, Stride):
+        m.validate(where)
+        if self.stable_stride and not m.strided:
             raise PolicyError(f"{where}: the stable-stride store policy applies to strided (Anchor) heads only")
 
-    def check_grid(self, head_type: str, grid: tuple[int, int]) -> None:
-        """A merge patch must divide the token grid (Pyramid Forcing pools whole windows)."""
-        if isinstance(self.middle, Merge):
-            p = self.middle.patch
-            if grid[0] % p or grid[1] % p:
-                raise PolicyError(
-                    f"head type {head_type!r}: the merge patch {p} does not divide the {grid[0]}×{grid[1]} token "
-                    f"grid of this video; use a width and height whose latent patch grid is a multiple of {p} "
-                    f"(multiples of {16 * p} pixels) or another merge patch")
-
     def describe(self) -> str:
-        m = self.middle
-        if isinstance(m, Stride):
-            mid = f"stride (every {m.interval}th frame, newest {m.capacity})"
-        elif isinstance(m, Cyclic):
-            mid = f"cyclic (period {m.period}, {m.bucket_capacity} per phase)"
-        else:
-            mid = f"merge ({m.block_frames}-frame blocks, {m.patch}×{m.patch} pooled, newest {m.capacity})"
-        return (f"sink {self.sink_frames} + {mid} + recent {self.recent_frames} (incl. the chunk)"
+        return (f"sink {self.sink_frames} + {self.middle.describe()} + recent {self.recent_frames} (incl. the chunk)"
                 + (" + first recent frame kept (stable-stride store)" if self.stable_stride else ""))
+
+    def with_counts(self, sink: int | None, recent: int | None) -> "PyramidRule":
+        changes = {k: v for k, v in (("sink_frames", sink), ("recent_frames", recent)) if v is not None}
+        return replace(self, **changes) if changes else self
 
 
 Rule = Union[RetentionRule, PyramidRule]
 
-
-def rule_to_dict(rule: Rule) -> dict:
-    """The serialised form of a rule (AR_STATE files, profiles)."""
-    d = {"family": rule.family}
-    for f in dataclasses.fields(rule):
-        value = getattr(rule, f.name)
-        if dataclasses.is_dataclass(value):
-            value = {"kind": type(value).__name__, **dataclasses.asdict(value)}
-        d[f.name] = value
-    return d
+# the rules by their serialised name (``family``): the one place a new rule is registered
+RULE_FAMILIES: dict[str, type[RuleBase]] = {cls.family: cls for cls in (RetentionRule, PyramidRule)}
 
 
 def rule_from_dict(d: Mapping) -> Rule:
+    """Inverse of :meth:`RuleBase.to_dict` (a missing ``family`` is ``retention``, as older files have it)."""
     d = dict(d)
-    family = d.pop("family", "retention")
-    cls = {"retention": RetentionRule, "pyramid": PyramidRule}.get(family)
+    family = d.get("family", "retention")
+    cls = RULE_FAMILIES.get(family)
     if cls is None:
         raise PolicyError(f"unknown retention rule family {family!r}")
-    m = d.get("middle")
-    if m is not None:
-        m = dict(m)
-        kind = MIDDLE_KINDS.get(m.pop("kind", None))
-        if kind is None:
-            raise PolicyError(f"unknown middle strategy in {d!r}")
-        d["middle"] = kind(**m)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise PolicyError(f"unknown retention rule field(s) {', '.join(sorted(unknown))}")
-    return cls(**d)
+    return cls.from_dict(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,32 +548,30 @@ class CachePolicy:
 
     def is_bounded(self) -> bool:
         """Whether memory stays bounded however long the video runs (every rule evicts)."""
-        return all(isinstance(r, PyramidRule) or r.recent is not None for _, r in self.rules)
+        return all(r.bounded for _, r in self.rules)
 
     def keys_stay_in_place(self) -> bool:
-        """Whether keys never change position: one head type, our rule without a middle, absolute RoPE.
-        The cache then stores keys rotated at their own time and attention reads the pool in place (no
-        per-chunk gather; :mod:`headforcing_core.plan`)."""
+        """Whether keys never change position: one head type whose rule keeps its keys in place (ours
+        without a middle), absolute RoPE. The cache then stores keys rotated at their own time and
+        attention reads the pool in place (no per-chunk gather; :mod:`headforcing_core.plan`)."""
         rules = list(self.rule_map.values())
-        return (self.rope == "absolute" and len(rules) == 1 and isinstance(rules[0], RetentionRule)
-                and rules[0].middle is None)
+        return self.rope == "absolute" and len(rules) == 1 and rules[0].keys_in_place
 
     def key_sets_differ_by_query_frame(self, frames_per_block: int) -> bool:
         """Whether key sets can differ by query frame within a chunk (Pyramid Forcing's rules,
         ``window_clamp``): the plan then makes one sequence per (head, query frame)."""
         return frames_per_block > 1 and (self.rope == "window_clamp" or any(
-            isinstance(r, PyramidRule) for r in self.rule_map.values()))
+            r.per_query_frame for r in self.rule_map.values()))
 
     def validate(self, frames_per_block: int) -> None:
         for t, r in self.rules:
-            if not isinstance(r, (RetentionRule, PyramidRule)):
+            if not isinstance(r, tuple(RULE_FAMILIES.values())):  # a guard on input, not a dispatch
                 raise PolicyError(f"head type {t!r}: {type(r).__name__} is not a retention rule")
             r.validate(t, frames_per_block)
 
     def check_grid(self, grid: tuple[int, int]) -> None:
         for t, r in self.rules:
-            if isinstance(r, PyramidRule):
-                r.check_grid(t, grid)
+            r.check_grid(t, grid)
 
     def describe(self) -> str:
         clamp = f" (sink time t - clamp(t, {self.clamp_min}, {self.clamp_max}))" if self.rope == "window_clamp" else ""
@@ -467,7 +589,7 @@ def policy_to_dict(policy: CachePolicy) -> dict:
         "source": policy.labels.source}
     return {"preset": policy.preset, "rope": policy.rope, "window": policy.window, "clamp_min": policy.clamp_min,
             "clamp_max": policy.clamp_max, "note": policy.note,
-            "rules": [[t, rule_to_dict(r)] for t, r in policy.rules], "labels": labels}
+            "rules": [[t, r.to_dict()] for t, r in policy.rules], "labels": labels}
 
 
 def policy_from_dict(d: Mapping) -> CachePolicy:
@@ -491,19 +613,22 @@ def policy_from_dict(d: Mapping) -> CachePolicy:
 @dataclass(frozen=True)
 class Preset:
     """A named configuration: rules per head type, the RoPE mode, the taxonomy its labels come from,
-    and which of the shared ``sink`` / ``recent`` widgets each rule takes."""
+    and which of the shared ``sink`` / ``recent`` widgets each rule takes. ``recent_is_window``: with
+    no ``recent`` given, the recent count is the policy's RoPE window (``self_forcing_window``)."""
 
     rules: tuple[tuple[str, Rule, tuple[str, ...]], ...]
     rope: str
     taxonomy: str = "uniform"
     summary: str = ""
+    recent_is_window: bool = False
 
 
 PRESET_TABLE: dict[str, Preset] = {
     "full": Preset((("all", RetentionRule(), ()),), "absolute",
                    summary="keep everything at absolute positions (Self Forcing; ≤ 21 frames)"),
     "self_forcing_window": Preset((("all", RetentionRule(recent=TRAINING_WINDOW, window=True), ("recent",)),),
-                                  "absolute", summary="the last 21 frames incl. the chunk, absolute positions"),
+                                  "absolute", summary="the last 21 frames incl. the chunk, absolute positions",
+                                  recent_is_window=True),
     "sink_window": Preset((("all", RetentionRule(sink=3, recent=9), ("sink", "recent")),), "window_shift",
                           summary="3 sink + 9 recent frames for every head, renumbered into the last 21"),
     "longlive": Preset((("all", RetentionRule(sink=3, recent=6), ("sink", "recent")),), "absolute",
@@ -521,17 +646,6 @@ PRESET_TABLE: dict[str, Preset] = {
                            summary="Local / Anchor / Memory heads (our defaults), head-wise compact RoPE"),
 }
 PRESETS = tuple(PRESET_TABLE)
-
-
-def _override(rule: Rule, takes: tuple[str, ...], sink: int | None, recent: int | None) -> Rule:
-    """Apply the shared sink / recent widgets to the rules of a preset that take them."""
-    names = ("sink_frames", "recent_frames") if isinstance(rule, PyramidRule) else ("sink", "recent")
-    changes = {}
-    if sink is not None and "sink" in takes:
-        changes[names[0]] = sink
-    if recent is not None and "recent" in takes:
-        changes[names[1]] = recent
-    return replace(rule, **changes) if changes else rule
 
 
 def default_labels(preset: str, num_layers: int, num_heads: int) -> tuple[HeadLabels, str]:
@@ -572,9 +686,11 @@ def make_policy(preset: str = "full", *, labels: HeadLabels | None = None, rope:
     spec = PRESET_TABLE.get(preset)
     if spec is None:
         raise PolicyError(f"unknown policy preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if preset == "self_forcing_window" and recent is None:
-        recent = window  # its window is the RoPE window
-    r = tuple((t, _override(rule, takes, sink, recent)) for t, rule, takes in spec.rules)
+    if spec.recent_is_window and recent is None:
+        recent = window
+    # the shared sink / recent widgets apply to the rules that take them
+    r = tuple((t, rule.with_counts(sink if "sink" in takes else None, recent if "recent" in takes else None))
+              for t, rule, takes in spec.rules)
     if rules:
         merged = dict(r)
         merged.update(rules)

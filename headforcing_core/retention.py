@@ -14,6 +14,10 @@ answers two questions:
   and blocks still held afterwards, frames accumulated into merge blocks, frames handed
   to the episodic memory.
 
+Which tracker follows a rule is :data:`TRACKERS`, keyed by the rule's ``family``; how a
+Pyramid Forcing middle is fed and read is :data:`PYRAMID_MIDDLES`, keyed by the middle's
+``kind`` (one class per kind).
+
 Because these are plain functions of frame indices they are checked, frame by frame,
 against independent restatements of the references in ``tests/core``.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .policies import Cyclic, Merge, PyramidRule, RetentionRule, Rule, Stride
+from .policies import Cyclic, Merge, PyramidMiddle, PyramidRule, RetentionRule, Rule, Stride
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,12 @@ class Tracker:
     def on_prompt_switch(self, first_frame: int) -> None:
         """The prompt changes from ``first_frame`` on (only episodic memory reacts)."""
 
+    def move_sinks(self, frames: list[int]) -> list[int] | None:
+        """Make the first of ``frames`` the sink (LongLive's recache without a global sink); the new sinks,
+        or None where the rule's sinks cannot move (no sink, keeps everything, or Pyramid Forcing's sinks
+        captured from the first chunk)."""
+        return None
+
     def state(self) -> dict:
         return copy.deepcopy({k: v for k, v in vars(self).items() if k not in ("rule", "frames_per_block")})
 
@@ -213,6 +223,12 @@ class RetentionTracker(Tracker):
         if self.rule.middle is not None:
             self.switch_frames.append(int(first_frame))
 
+    def move_sinks(self, frames: list[int]) -> list[int] | None:
+        if self.history is None or not self.rule.sink:
+            return None
+        self.sinks = list(frames[:self.rule.sink])
+        return self.sinks
+
 
 # ---------------------------------------------------------------------------------------------
 # Pyramid Forcing
@@ -226,6 +242,118 @@ class _PyramidStores:
     cyclic: dict[int, list[int]] = field(default_factory=dict)  # phase -> newest frames of that phase
     blocks: list[int] = field(default_factory=list)  # completed merge blocks, oldest first
     partial: list[int] | None = None  # [block, frames seen] of the block being filled
+
+
+class _MiddleStore:
+    """How one kind of Pyramid Forcing middle is fed with committed frames and read by a query frame
+    (its entries live in :class:`_PyramidStores`). ``period``: frames after which its pattern repeats;
+    ``span``: frames after which it is full; ``merges``: it merges frames into blocks (the cache's
+    block tier)."""
+
+    merges = False
+
+    def __init__(self, middle: PyramidMiddle):
+        self.m = middle
+
+    @property
+    def period(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def span(self) -> int:
+        raise NotImplementedError
+
+    def feed(self, st: _PyramidStores, f: int) -> None:
+        raise NotImplementedError
+
+    def read(self, st: _PyramidStores, t: int, sink_max: int, recent_min: int) -> list[Key]:
+        """The entries query frame ``t`` attends: newer than ``sink_max``, older than ``recent_min``."""
+        raise NotImplementedError
+
+
+class _StrideStore(_MiddleStore):
+    m: Stride
+
+    @property
+    def period(self) -> int:
+        return self.m.interval
+
+    @property
+    def span(self) -> int:
+        return self.m.interval * (self.m.capacity + 1)
+
+    def feed(self, st: _PyramidStores, f: int) -> None:
+        if f % self.m.interval == 0:
+            if f in st.stride:
+                st.stride.remove(f)
+            st.stride.append(f)
+            if len(st.stride) > self.m.capacity:
+                st.stride.pop(0)
+
+    def read(self, st: _PyramidStores, t: int, sink_max: int, recent_min: int) -> list[Key]:
+        return [Key("frame", a, float(a), "middle", True) for a in st.stride if sink_max < a < recent_min]
+
+
+class _CyclicStore(_MiddleStore):
+    m: Cyclic
+
+    @property
+    def period(self) -> int:
+        return self.m.period
+
+    @property
+    def span(self) -> int:
+        return self.m.period * (self.m.bucket_capacity + 1)
+
+    def feed(self, st: _PyramidStores, f: int) -> None:
+        bucket = st.cyclic.setdefault(f % self.m.period, [])
+        bucket.append(f)
+        del bucket[:-self.m.bucket_capacity]
+
+    def read(self, st: _PyramidStores, t: int, sink_max: int, recent_min: int) -> list[Key]:
+        return [Key("frame", a, float(a), "middle", True) for a in st.cyclic.get(t % self.m.period, [])
+                if sink_max < a < recent_min]
+
+
+class _MergeStore(_MiddleStore):
+    m: Merge
+    merges = True
+
+    @property
+    def period(self) -> int:
+        return self.m.block_frames
+
+    @property
+    def span(self) -> int:
+        return self.m.block_frames * (self.m.capacity + 2)
+
+    def feed(self, st: _PyramidStores, f: int) -> None:
+        n = self.m.block_frames
+        if st.partial is None or st.partial[0] != f // n:
+            st.partial = [f // n, 0]
+        st.partial[1] += 1
+        if st.partial[1] == n:
+            st.blocks.append(st.partial[0])
+            del st.blocks[:-self.m.capacity]
+            st.partial = None
+
+    def read(self, st: _PyramidStores, t: int, sink_max: int, recent_min: int) -> list[Key]:
+        n = self.m.block_frames
+        out = []
+        for b in st.blocks:
+            first, last = b * n, b * n + n - 1
+            if first > sink_max and last < recent_min:
+                out.append(Key("block", b, float((first + last) // 2), "middle", False, "top_left", self.m.patch))
+        return out
+
+
+# the Pyramid Forcing middles' bookkeeping by the middle's ``kind``
+PYRAMID_MIDDLES: dict[str, type[_MiddleStore]] = {"Stride": _StrideStore, "Cyclic": _CyclicStore,
+                                                  "Merge": _MergeStore}
+
+
+def _middle_store(rule: PyramidRule) -> _MiddleStore:
+    return PYRAMID_MIDDLES[rule.middle.kind](rule.middle)
 
 
 class PyramidTracker(Tracker):
@@ -248,6 +376,7 @@ class PyramidTracker(Tracker):
     def __init__(self, rule: PyramidRule, frames_per_block: int):
         self.rule = rule
         self.frames_per_block = frames_per_block
+        self.middle = _middle_store(rule)
         self.committed = 0
         self.stores = _PyramidStores()
 
@@ -255,9 +384,7 @@ class PyramidTracker(Tracker):
         """Steady-state tokens per head: stored (distinct frames and blocks) and attended per query
         frame, averaged over the query frames of a chunk and the four noisy passes plus the clean pass."""
         b = pyramid_steady_budget(self.rule, self.frames_per_block)
-        m = self.rule.middle
-        pool = m.patch if isinstance(m, Merge) else 1
-        full, pooled = tokens_of(1), tokens_of(pool)
+        full, pooled = tokens_of(1), tokens_of(self.rule.middle.pool)
         tok = lambda frames_and_blocks: frames_and_blocks[0] * full + frames_and_blocks[1] * pooled  # noqa: E731
         return TokenBudget(tok(b.stored), tok(b.attended), tok(b.peak), tok(b.before), tok(b.after))
 
@@ -269,28 +396,8 @@ class PyramidTracker(Tracker):
         if st.sink_count is None:  # the first chunk: capture the sinks from it
             st.sink_count = min(rule.sink_frames, frames)
         st.dynamic = self._trim(st.dynamic + [f for f in chunk if f >= st.sink_count])
-        m = rule.middle
         for f in chunk:  # every committed frame feeds the middle, sinks and recent frames included
-            if isinstance(m, Stride):
-                if f % m.interval == 0:
-                    if f in st.stride:
-                        st.stride.remove(f)
-                    st.stride.append(f)
-                    if len(st.stride) > m.capacity:
-                        st.stride.pop(0)
-            elif isinstance(m, Cyclic):
-                bucket = st.cyclic.setdefault(f % m.period, [])
-                bucket.append(f)
-                del bucket[:-m.bucket_capacity]
-            else:
-                n = m.block_frames
-                if st.partial is None or st.partial[0] != f // n:
-                    st.partial = [f // n, 0]
-                st.partial[1] += 1
-                if st.partial[1] == n:
-                    st.blocks.append(st.partial[0])
-                    del st.blocks[:-m.capacity]
-                    st.partial = None
+            self.middle.feed(st, f)
         return st
 
     def _trim(self, store: list[int]) -> list[int]:
@@ -304,21 +411,9 @@ class PyramidTracker(Tracker):
         return [store[i] for i in sorted(set(keep))]
 
     def _middles(self, st: _PyramidStores, t: int, chunk_start: int) -> list[Key]:
-        rule, m = self.rule, self.rule.middle
+        rule = self.rule
         sink_max = 0 if rule.sink_frames >= 1 else -1
-        recent_min = t - rule.recent_frames + 1
-        if isinstance(m, Stride):
-            return [Key("frame", a, float(a), "middle", True) for a in st.stride if sink_max < a < recent_min]
-        if isinstance(m, Cyclic):
-            return [Key("frame", a, float(a), "middle", True) for a in st.cyclic.get(t % m.period, [])
-                    if sink_max < a < recent_min]
-        n = m.block_frames
-        out = []
-        for b in st.blocks:
-            first, last = b * n, b * n + n - 1
-            if first > sink_max and last < recent_min:
-                out.append(Key("block", b, float((first + last) // 2), "middle", False, "top_left", m.patch))
-        return out
+        return self.middle.read(st, t, sink_max, t - rule.recent_frames + 1)
 
     def keys(self, start: int, frames: int) -> ChunkKeys:
         before, after = self.stores, self._after(start, frames)
@@ -351,7 +446,7 @@ class PyramidTracker(Tracker):
         self.stores = self._after(start, frames)
         self.committed = start + frames
         out = Commit(new_frames=list(range(start, start + frames)), keep_frames=self.stored_frames())
-        if isinstance(self.rule.middle, Merge):
+        if self.middle.merges:
             out.merge_frames = list(out.new_frames)
             out.completed_blocks = [b for b in self.stores.blocks if b not in before_blocks]
             out.keep_blocks = list(self.stores.blocks)
@@ -373,7 +468,7 @@ class PyramidTracker(Tracker):
         return most + frames_per_block
 
     def block_capacity(self) -> int:
-        return self.rule.middle.capacity if isinstance(self.rule.middle, Merge) else 0
+        return self.rule.middle.block_capacity
 
     def state(self) -> dict:
         st = self.stores
@@ -392,10 +487,7 @@ class PyramidTracker(Tracker):
 
 def _steady_horizon(rule: PyramidRule, frames_per_block: int) -> int:
     """Frames after which every Pyramid store has reached its periodic steady state (with margin)."""
-    m = rule.middle
-    span = {Stride: lambda: m.interval * (m.capacity + 1), Cyclic: lambda: m.period * (m.bucket_capacity + 1),
-            Merge: lambda: m.block_frames * (m.capacity + 2)}[type(m)]()
-    return 2 * (span + rule.recent_frames + rule.sink_frames) + 24 * frames_per_block
+    return 2 * (_middle_store(rule).span + rule.recent_frames + rule.sink_frames) + 24 * frames_per_block
 
 
 @dataclass(frozen=True)
@@ -417,9 +509,8 @@ def pyramid_steady_budget(rule: PyramidRule, frames_per_block: int) -> SteadyBud
     f = frames_per_block
     probe = PyramidTracker(rule, f)
     horizon = _steady_horizon(rule, f)
-    m = rule.middle
-    period = {Stride: lambda: m.interval, Cyclic: lambda: m.period, Merge: lambda: m.block_frames}[type(m)]()
-    cycle = f * period  # a whole number of chunks and of the middle's period
+    middle = _middle_store(rule)
+    cycle = f * middle.period  # a whole number of chunks and of the middle's period
     attended = [0.0, 0.0]
     peak = before = after = (0, 0)
     samples = 0
@@ -441,11 +532,13 @@ def pyramid_steady_budget(rule: PyramidRule, frames_per_block: int) -> SteadyBud
                     attended[1] += weight * blocks
                     samples += weight
         probe.commit(s, f)
-    stored = (float(probe.frame_capacity(f, horizon)), float(probe.block_capacity() + (1 if isinstance(m, Merge) else 0)))
+    stored = (float(probe.frame_capacity(f, horizon)), float(probe.block_capacity() + (1 if middle.merges else 0)))
     return SteadyBudget(stored, (attended[0] / samples, attended[1] / samples), peak, before, after)
 
 
+# the tracker that follows each rule, by the rule's ``family``
+TRACKERS: dict[str, type[Tracker]] = {"retention": RetentionTracker, "pyramid": PyramidTracker}
+
+
 def make_tracker(rule: Rule, frames_per_block: int) -> Tracker:
-    if isinstance(rule, PyramidRule):
-        return PyramidTracker(rule, frames_per_block)
-    return RetentionTracker(rule, frames_per_block)
+    return TRACKERS[rule.family](rule, frames_per_block)
