@@ -336,7 +336,8 @@ def test_text_node_encodes_every_line(pack_nodes):
         clip, "3 | a | cut\n3 | b | recache 12 longlive\n3 | c | recache 3\n3 | d | recache 12 longlive_local_sink")
     schedule, summary = out.result if hasattr(out, "result") else out
     assert [s.recache_mode for s in schedule] == [None, "longlive", None, "longlive_local_sink"]
-    assert "recache 12 (longlive)" in summary, summary
+    # the LongLive modes re-run LongLive's own window whatever N says, and the summary says so
+    assert "recache (longlive: LongLive's window, 12 frames): b" in summary and "recache 3: c" in summary, summary
     assert pack_nodes.HeadForcingPromptScheduleFromText.validate_inputs(text="3 | a | recache 3 sideways") == \
         "line 1 ('3 | a | recache 3 sideways'): 'sideways' is not a recache mode (block_causal, longlive, " \
         "longlive_local_sink); expected 'seconds | prompt' (optionally '| cut', '| recache N [mode]' or '| blend N')"
