@@ -44,9 +44,13 @@ def good_state(request, tiny_model):
     return state
 
 
-def test_every_state_field_wrong_in_turn(tiny_model, good_state, tmp_path):
+@pytest.mark.parametrize("cache_sample", [25, pytest.param(1, id="every_cache_field")])
+def test_every_state_field_wrong_in_turn(tiny_model, good_state, tmp_path, cache_sample):
+    """Every field of a state wrong in turn; the cache section sampled 1 in 25 for every policy, and
+    every one of its fields (``every_cache_field``) too."""
     refused, accepted = 0, []
-    for i, (label, metadata, tensors) in enumerate(state_variants(good_state.meta_json, dict(good_state.tensors), cache_sample=25)):
+    variants = state_variants(good_state.meta_json, dict(good_state.tensors), cache_sample=cache_sample)
+    for i, (label, metadata, tensors) in enumerate(variants):
         path = tmp_path / f"v{i}.safetensors"
         _write(path, metadata, tensors)
         try:
