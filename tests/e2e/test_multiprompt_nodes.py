@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from .conftest import REPO, ComfyError, host
-from .workflow_twins import assert_twins
+from .workflow_twins import shipped_twins
 
 SEED = 5
 POLICY = "head_forcing"
@@ -351,13 +351,7 @@ WORKFLOWS = {"headforcing_story": 4 * 60, "headforcing_continuation": 3 * 21}  #
 
 @pytest.mark.parametrize("name", list(WORKFLOWS))
 def test_workflow_ui_matches_api_twin(comfy, name):
-    import json
-    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
-    api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
-    info = comfy.object_info()
-    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
-    assert len(notes) == 1 and "Head Forcing" in notes[0]["widgets_values"][0]
-    assert_twins(ui, api, info)
+    _, api = shipped_twins(REPO / "workflows", name, comfy.object_info())
     types = [n["class_type"] for n in api.values()]
     if name == "headforcing_story":
         assert types.count("HeadForcingPromptSegment") >= 4

@@ -208,33 +208,31 @@ def test_profile_heads_with_21_frames_per_block_says_what_is_allowed(comfy):
     assert "between 42" not in text
 
 
-def test_schedule_text_errors_are_reported_once(comfy):
+def _queue_schedule_text(comfy, text: str) -> str:
+    """Queue a Schedule From Text with ``text`` (its CLIP never loads: the text is refused first);
+    returns the refusal, and checks the server still runs a good job."""
     wf = {"2": {"class_type": "HeadForcingPromptScheduleFromText",
-                "inputs": {"clip": ["9", 0], "text": "5 | a fox\nbad line", "default_transition": "cut",
+                "inputs": {"clip": ["9", 0], "text": text, "default_transition": "cut",
                            "default_transition_frames": 3}},
           "9": {"class_type": "CLIPLoader", "inputs": {"clip_name": "missing.safetensors", "type": "wan"}},
           "4": _preview(["2", 1])}
     with pytest.raises(ComfyError) as info:
         comfy.queue(wf)
-    text = str(info.value)
-    assert text.count("no '|' between the length and the prompt") == 1, text
     good_job(comfy)
+    return str(info.value)
+
+
+def test_schedule_text_errors_are_reported_once(comfy):
+    text = _queue_schedule_text(comfy, "5 | a fox\nbad line")
+    assert text.count("no '|' between the length and the prompt") == 1, text
 
 
 @pytest.mark.parametrize("line", ["36000000 | a fox", "1e13 | a fox", "1e308 | a fox"])
 def test_an_endless_schedule_line_is_refused_when_queued_saying_shorten(comfy, line):
     """A length no video can have: refused before anything runs (once a raw overflow from the sampler)."""
-    wf = {"2": {"class_type": "HeadForcingPromptScheduleFromText",
-                "inputs": {"clip": ["9", 0], "text": line, "default_transition": "cut",
-                           "default_transition_frames": 3}},
-          "9": {"class_type": "CLIPLoader", "inputs": {"clip_name": "missing.safetensors", "type": "wan"}},
-          "4": _preview(["2", 1])}
-    with pytest.raises(ComfyError) as info:
-        comfy.queue(wf)
-    text = str(info.value)
+    text = _queue_schedule_text(comfy, line)
     assert "longer than any video the sampler makes" in text and "shorten it" in text, text
     assert "Overflow" not in text and "overflowed" not in text
-    good_job(comfy)
 
 
 # --------------------------------------------------------------------------------------------

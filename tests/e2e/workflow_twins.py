@@ -6,6 +6,9 @@ fails here.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # UI-only nodes: no API twin
 
@@ -56,3 +59,14 @@ def assert_twins(ui: dict, api: dict, object_info: dict) -> None:
         assert object_info[src_node["type"]]["output"][src_slot] == typ
     linked = sum(isinstance(v, list) for node in api.values() for v in node["inputs"].values())
     assert linked == len(ui["links"])
+
+
+def shipped_twins(workflows: Path, name: str, object_info: dict) -> tuple[dict, dict]:
+    """A shipped workflow ``name`` and its API twin, checked: one Head Forcing note, and
+    :func:`assert_twins`. Returns ``(ui, api)`` for the caller's own checks."""
+    ui = json.loads((workflows / f"{name}.json").read_text())
+    api = json.loads((workflows / "api" / f"{name}.json").read_text())
+    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1 and "Head Forcing" in notes[0]["widgets_values"][0], name
+    assert_twins(ui, api, object_info)
+    return ui, api
