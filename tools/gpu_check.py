@@ -9,7 +9,10 @@ Stages, each recorded in ``$OUT/checks.json`` (pass / fail / skipped, with numbe
 4. ``shapes``      the 1.3B shape, a few chunks under every preset, bf16 (finite, right shape);
 5. ``pytest``      ``pytest -m gpu tests/core`` when pytest is installed (skipped otherwise);
 6. ``bench``       ``python -m headforcing_core.bench`` for every bounded preset at 30 s and 60 s, one
-                   process, written to ``$OUT/bench.json`` and summarised in ``$OUT/table.md``.
+                   process, written to ``$OUT/bench.json`` and summarised in ``$OUT/table.md``;
+7. ``backends_bench`` the same bench at the longest length for ``self_forcing_window``, ``pyramid_forcing``
+                   and ``head_forcing`` once per attention backend that runs here (one process each),
+                   written to ``$OUT/bench_backends.json`` and ``$OUT/backends.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from headforcing_core import WanConfig, generate, random_backbone  # noqa: E402
-from headforcing_core.attention import BACKENDS, LayerProblem, Run, flash_varlen_available, reference_attention  # noqa: E402
+from headforcing_core.attention import (BACKENDS, LayerProblem, Run, flash_varlen_available,  # noqa: E402
+                                        reference_attention, torch_varlen_available)
 from headforcing_core.policies import PRESETS  # noqa: E402
 
 BOUNDED = [p for p in PRESETS if p != "full"]
@@ -40,7 +44,7 @@ BOUNDED = [p for p in PRESETS if p != "full"]
 def backends(dev) -> dict:
     g = torch.Generator().manual_seed(0)
     worst = {}
-    names = ["padded", "grouped"] + (["flash_varlen"] if flash_varlen_available(dev, torch.bfloat16) else [])
+    names = runnable_backends(dev)
     for trial in range(40):
         b, ns, tq, d, width = 1 + trial % 2, 2 + trial % 5, 3 + trial % 7, (64, 128)[trial % 2], 20 + trial
         q = torch.randn(b, ns, tq, d, generator=g)
@@ -59,7 +63,15 @@ def backends(dev) -> dict:
             err = float((BACKENDS[name](p).float() - ref).abs().max())
             worst[name] = max(worst.get(name, 0.0), err)
     ok = all(e < 3e-2 for e in worst.values())
-    return {"ok": ok, "max_abs_error_bf16": worst, "flash_attn": "flash_varlen" in names}
+    return {"ok": ok, "max_abs_error_bf16": worst, "flash_attn": "flash_varlen" in names,
+            "torch_varlen": "torch_varlen" in names}
+
+
+def runnable_backends(dev) -> list[str]:
+    """The attention backends that run on ``dev`` in bf16 (the varlen ones need their kernels)."""
+    return ["padded", "grouped"] + [name for name, ok in (("torch_varlen", torch_varlen_available),
+                                                          ("flash_varlen", flash_varlen_available))
+                                    if dev.type == "cuda" and ok(dev, torch.bfloat16)]
 
 
 def full_exact(dev) -> dict:
@@ -166,36 +178,81 @@ def run_pytest(out_dir: Path) -> dict:
     return {"ok": r.returncode == 0, "tail": (r.stdout + r.stderr).strip().splitlines()[-3:]}
 
 
-def bench(out_dir: Path, seconds) -> dict:
+def _bench_command(seconds, policies, backend: str | None = None) -> list[str]:
     size = ["--model-shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--width", "64", "--height", "64"] \
         if DRY["on"] else ["--model-shape", "1.3b", "--device", "cuda", "--dtype", "bf16", "--width", "832",
                            "--height", "480"]
-    cmd = [sys.executable, "-m", "headforcing_core.bench", *size, "--seconds", *map(str, seconds), "--chunks", "3",
-           "--policy", *BOUNDED]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=330)
-    (out_dir / "bench.stderr.log").write_text(r.stderr)
+    extra = ["--attention-backend", backend] if backend else []
+    return [sys.executable, "-m", "headforcing_core.bench", *size, "--seconds", *map(str, seconds), "--chunks", "3",
+            "--policy", *policies, *extra]
+
+
+def _run_bench(cmd: list[str], log: Path, timeout: int) -> dict:
+    """One bench process: its JSON report, or ``{"error": …}``."""
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    log.write_text(r.stderr)
     if r.returncode != 0:
-        return {"ok": False, "command": " ".join(cmd[1:]), "error": r.stderr.strip().splitlines()[-5:]}
-    report = json.loads(r.stdout)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
-    lines = [f"Device: {report['device_name']}, torch {report['torch']}; matmul peak "
-             f"{report.get('matmul_peak_tflops', 0):.0f} TFLOP/s (bf16). Command: `{report['command']}`", "",
-             "| length | policy | s/chunk | video fps | × window | attended frames | KV GiB | peak GPU GiB | "
-             "attention TFLOP/s (% peak) | ATen ops/chunk (× window) | sync-prone in model calls |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+        return {"error": r.stderr.strip().splitlines()[-5:], "command": " ".join(cmd[1:])}
+    return json.loads(r.stdout)
+
+
+TABLE_HEAD = ["| length | policy | backend | s/chunk | video fps | × window | attended frames | KV GiB | peak GPU GiB | "
+              "attention ms/layer call | attention TFLOP/s (% peak) | ATen ops/chunk (× window) | "
+              "sync-prone in model calls |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def _table_rows(report: dict) -> list[str]:
+    lines = []
     for length, res in report["results"].items():
         for name, row in res["policies"].items():
             c = row.get("counters", {})
             att = row.get("attention", {})
             lines.append(
-                f"| {length} | {name} | {row['seconds_per_chunk']:.3f} | {row['video_fps']:.1f} | "
-                f"{row.get('speedup_vs_self_forcing_window', float('nan')):.2f} | {row['attended_frames']:.2f} | "
-                f"{row['kv_bytes'] / 2**30:.2f} | {row.get('peak_gpu_bytes', 0) / 2**30:.1f} | "
+                f"| {length} | {name} | {row.get('backend', '?')} | {row['seconds_per_chunk']:.3f} | "
+                f"{row['video_fps']:.1f} | {row.get('speedup_vs_self_forcing_window', float('nan')):.2f} | "
+                f"{row['attended_frames']:.2f} | {row['kv_bytes'] / 2**30:.2f} | "
+                f"{row.get('peak_gpu_bytes', 0) / 2**30:.1f} | {1e3 * att.get('seconds_per_layer_call', float('nan')):.2f} | "
                 f"{att.get('tflops', float('nan')):.0f} ({100 * att.get('fraction_of_peak', float('nan')):.0f} %) | "
                 f"{c.get('aten_ops_per_chunk', 0)} ({c.get('ops_ratio_vs_self_forcing_window', float('nan')):.2f}) | "
                 f"{c.get('sync_ops_in_model_calls', 'n/a')} |")
-    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def _header(report: dict) -> str:
+    return (f"Device: {report['device_name']}, torch {report['torch']}; matmul peak "
+            f"{report.get('matmul_peak_tflops', 0):.0f} TFLOP/s (bf16). Command: `{report['command']}`")
+
+
+def bench(out_dir: Path, seconds) -> dict:
+    cmd = _bench_command(seconds, BOUNDED)
+    report = _run_bench(cmd, out_dir / "bench.stderr.log", 330)
+    if "error" in report:
+        return {"ok": False, **report}
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "table.md").write_text("\n".join([_header(report), "", *TABLE_HEAD, *_table_rows(report)]) + "\n")
     return {"ok": True, "table": str(out_dir / "table.md")}
+
+
+COMPARED = ["self_forcing_window", "pyramid_forcing", "head_forcing"]
+
+
+def compare_backends(out_dir: Path, dev, seconds) -> dict:
+    """The typed presets and the window under every backend that runs here, one process each: the
+    ratios between backends come from the same machine, minutes apart."""
+    reports, lines, errors = {}, [], {}
+    for name in runnable_backends(dev):
+        report = _run_bench(_bench_command([max(seconds)], COMPARED, name), out_dir / f"bench_{name}.stderr.log", 150)
+        if "error" in report:
+            errors[name] = report
+            continue
+        reports[name] = report
+        if not lines:
+            lines = [_header(report).split(" Command:")[0], "", *TABLE_HEAD]
+        lines += _table_rows(report)
+    (out_dir / "bench_backends.json").write_text(json.dumps(reports, indent=2))
+    (out_dir / "backends.md").write_text("\n".join(lines) + "\n")
+    return {"ok": not errors, "backends": list(reports), "errors": errors, "table": str(out_dir / "backends.md")}
 
 
 def main() -> int:
@@ -216,7 +273,8 @@ def main() -> int:
                "torch": torch.__version__, "stages": {}}
     stages = [("backends", lambda: backends(dev)), ("full_exact", lambda: full_exact(dev)),
               ("sync_free", lambda: sync_free(dev)), ("shapes", lambda: shapes(dev)),
-              ("pytest", lambda: run_pytest(out_dir)), ("bench", lambda: bench(out_dir, args.seconds))]
+              ("pytest", lambda: run_pytest(out_dir)), ("bench", lambda: bench(out_dir, args.seconds)),
+              ("backends_bench", lambda: compare_backends(out_dir, dev, args.seconds))]
     failed = False
     for name, fn in stages:
         if args.only and name not in args.only:
@@ -232,8 +290,9 @@ def main() -> int:
         print(f"[gpu_check] {name}: {'skipped' if res.get('ok') is None else 'ok' if res['ok'] else 'FAILED'} "
               f"({res['seconds']} s)", flush=True)
         (out_dir / "checks.json").write_text(json.dumps(results, indent=2, default=str))
-    if (out_dir / "table.md").exists():
-        print((out_dir / "table.md").read_text())
+    for table in ("table.md", "backends.md"):
+        if (out_dir / table).exists():
+            print((out_dir / table).read_text())
     return 1 if failed else 0
 
 

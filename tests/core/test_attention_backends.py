@@ -5,8 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import headforcing_core.attention as attention
 from headforcing_core.attention import (BACKENDS, LayerProblem, Run, flash_varlen_available, reference_attention,
-                                        select_backend)
+                                        select_backend, torch_varlen_available)
+
+from . import varlen_contract
 
 
 @st.composite
@@ -59,6 +62,50 @@ def test_cpu_backends_match_reference(name, layout):
     assert torch.allclose(got, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name,seqused", [("torch_varlen", True), ("torch_varlen", False), ("flash_varlen", False)])
+@settings(max_examples=60, deadline=None)
+@given(layout=layouts())
+def test_varlen_backends_match_reference_with_the_kernel_contract(name, seqused, layout):
+    """The varlen backends' offsets, used lengths and packing, with the kernels' documented contract
+    (tests/core/varlen_contract.py) standing in for the CUDA kernels."""
+    p = make_problem(*layout)
+    with pytest.MonkeyPatch.context() as mp:
+        varlen_contract.install(mp, seqused=seqused)
+        got = BACKENDS[name](p)
+    assert got.shape == p.q.shape
+    assert torch.allclose(got, reference_attention(p), atol=2e-5, rtol=1e-4)
+
+
+def test_torch_varlen_reads_the_planned_buffer_in_place_when_the_kernel_takes_used_lengths(monkeypatch):
+    """With ``seqused_k`` the keys handed over are the buffer itself (a view: nothing packed), and each
+    sequence's slot starts at its lead."""
+    p = make_problem(1, 3, 16, 24, [(2, 3, 2, True), (1, 5, 3, False)], 3)
+    seen = {}
+
+    def spy(query, key, value, cu_q, cu_k, max_q, max_k, *, seqused_k=None):
+        seen.update(key=key, cu_k=cu_k.tolist(), used=seqused_k.tolist())
+        return varlen_contract.varlen(query, key, value, cu_q, cu_k, max_q, max_k, seqused_k=seqused_k)
+
+    monkeypatch.setattr(attention, "_torch_varlen_fn", lambda: (spy, True))
+    got = attention.torch_varlen_attention(p)
+    assert seen["key"].data_ptr() == p.k.data_ptr() and seen["key"].shape == (3 * 24, 1, 16)
+    assert seen["cu_k"] == [3, 24 + 3, 48 + 5, 72]
+    assert seen["used"] == p.lengths.reshape(-1).tolist()
+    assert torch.allclose(got, reference_attention(p), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["torch_varlen", "flash_varlen"])
+def test_varlen_backends_hand_a_pool_read_in_place_to_sdpa(monkeypatch, name):
+    """A prerotated pool has no per-sequence lengths, only (maybe) a mask over its pages: SDPA's case."""
+    p = make_problem(2, 3, 16, 20, [(3, 0, 4, False)], 4)
+    p.mask[..., 4:8] = float("-inf")  # a page the chunk does not attend
+    p = LayerProblem(p.q, p.k, p.v, p.mask, None, p.runs, None)
+    varlen_contract.install(monkeypatch)
+    monkeypatch.setattr(attention, "_torch_varlen_fn", lambda: pytest.fail("the varlen kernel was called"))
+    monkeypatch.setattr(attention, "_flash_varlen_fn", lambda: lambda *a: pytest.fail("the varlen kernel was called"))
+    assert torch.allclose(BACKENDS[name](p), reference_attention(p), atol=2e-5, rtol=1e-4)
+
+
 def test_grouped_hands_sdpa_masks_that_start_on_an_aligned_key(monkeypatch):
     """CUDA's masked SDPA reads the bias in 16-byte vectors: a mask view must start at a multiple
     of KEY_ALIGN keys (an unaligned start was a 'misaligned address' on the H200)."""
@@ -89,10 +136,39 @@ def test_reference_is_a_real_softmax_over_the_window():
 def test_auto_picks_padded_on_cpu_without_flash():
     name, fn = select_backend("auto", torch.device("cpu"), torch.float32)
     assert name == "padded" and fn is BACKENDS["padded"]
-    with pytest.raises(ValueError):
-        select_backend("flash_varlen", torch.device("cpu"), torch.float32)
-    with pytest.raises(ValueError):
-        select_backend("nope", torch.device("cpu"), torch.float32)
+    assert not torch_varlen_available(torch.device("cpu"), torch.bfloat16)
+    for unavailable in ("flash_varlen", "torch_varlen", "nope"):
+        with pytest.raises(ValueError):
+            select_backend(unavailable, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("flash,torch_varlen,want", [(True, True, "flash_varlen"), (False, True, "torch_varlen"),
+                                                     (False, False, "padded")])
+def test_auto_prefers_flash_attn_then_torch_varlen_then_padded(monkeypatch, flash, torch_varlen, want):
+    monkeypatch.setattr(attention, "flash_varlen_available", lambda device, dtype: flash)
+    monkeypatch.setattr(attention, "torch_varlen_available", lambda device, dtype: torch_varlen)
+    assert select_backend("auto", torch.device("cuda"), torch.bfloat16)[0] == want
+
+
+def test_torch_varlen_probe_refuses_a_kernel_that_fails_or_is_wrong(monkeypatch):
+    """``auto`` only picks torch_varlen after one probe call agrees with the reference on the device."""
+    attention._torch_varlen_works.cache_clear()
+    try:
+        monkeypatch.setattr(attention, "_torch_varlen_fn", lambda: (varlen_contract.varlen, True))
+        assert attention._torch_varlen_works("cpu")
+        attention._torch_varlen_works.cache_clear()
+        monkeypatch.setattr(attention, "_torch_varlen_fn",
+                            lambda: (lambda q, k, v, *a, **kw: varlen_contract.varlen(q, k, v, *a, **kw) + 1, True))
+        assert not attention._torch_varlen_works("cpu")
+        attention._torch_varlen_works.cache_clear()
+
+        def broken(*a, **kw):
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+        monkeypatch.setattr(attention, "_torch_varlen_fn", lambda: (broken, True))
+        assert not attention._torch_varlen_works("cpu")
+    finally:
+        attention._torch_varlen_works.cache_clear()
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -107,12 +183,14 @@ def gpu_layouts(draw):
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["grouped", "padded", "flash_varlen"])
+@pytest.mark.parametrize("name", ["grouped", "padded", "flash_varlen", "torch_varlen"])
 @settings(max_examples=30, deadline=None)
 @given(layout=gpu_layouts())
 def test_gpu_backends_match_reference_bf16(name, layout):
     if name == "flash_varlen" and not flash_varlen_available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("flash-attn not installed")
+    if name == "torch_varlen" and not torch_varlen_available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("this torch has no usable torch.nn.attention.varlen kernel")
     p = make_problem(*layout, dtype=torch.bfloat16, device="cuda")
     ref = reference_attention(p)
     got = BACKENDS[name](p)
