@@ -100,7 +100,8 @@ class WanRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x if x.dtype == torch.float64 else x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        # F.rms_norm is x·rsqrt(mean(x²) + eps), one fused kernel on CUDA instead of five passes
+        normed = F.rms_norm(xf, xf.shape[-1:], eps=self.eps)
         return normed.type_as(x) * self.weight.to(x.dtype)
 
 

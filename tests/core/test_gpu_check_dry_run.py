@@ -19,6 +19,7 @@ def test_gpu_check_dry_run_passes_every_stage_and_writes_its_tables(tmp_path):
     checks = json.loads((tmp_path / "checks.json").read_text())
     assert list(checks["stages"]) == stages
     assert all(stage["ok"] for stage in checks["stages"].values()), checks
+    assert checks["stages"]["backends"]["plan_sized_error_vs_padded"]["grouped"] < 1e-4
     sync = checks["stages"]["sync_free"]["presets"]
     assert all(row["cuda_syncs_in_model_calls"] == 0 for row in sync.values())
     table = (tmp_path / "table.md").read_text()
