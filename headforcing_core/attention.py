@@ -160,8 +160,9 @@ def _packed_keys(p: LayerProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     valid = (rel >= 0) & (rel < lengths.unsqueeze(1))  # [B·NS, L]
     dump = b * ns * L  # padding keys go past every real sequence: ignored by cu_seqlens
     dest = torch.where(valid, cu_k[:-1].unsqueeze(1).long() + rel, dump + pos).reshape(-1)
-    k_flat = p.k.new_zeros(dump + L, 1, d).index_copy_(0, dest, p.k.reshape(-1, 1, d))
-    v_flat = p.v.new_zeros(dump + L, 1, d).index_copy_(0, dest, p.v.reshape(-1, 1, d))
+    # no fill: the kernels read only [cu_k[0], cu_k[-1]), which the copy writes whole
+    k_flat = p.k.new_empty(dump + L, 1, d).index_copy_(0, dest, p.k.reshape(-1, 1, d))
+    v_flat = p.v.new_empty(dump + L, 1, d).index_copy_(0, dest, p.v.reshape(-1, 1, d))
     return k_flat, v_flat, cu_k
 
 
