@@ -579,9 +579,13 @@ class ChunkAttention:
             return out.transpose(1, 2)
         J = plan.classes
         if lv.chunk_dest is None:  # every sequence sees the chunk at its own frames, at one offset
-            kt, vt = rot.apply(k).transpose(1, 2), v.transpose(1, 2)
-            lv.k_chunk.copy_(kt if J == 1 else kt.unsqueeze(2).expand(-1, -1, J, -1, -1))
-            lv.v_chunk.copy_(vt if J == 1 else vt.unsqueeze(2).expand(-1, -1, J, -1, -1))
+            vt = v.transpose(1, 2)
+            if J == 1:  # rotated straight into the buffer's chunk slots
+                rot.apply(k, out=lv.k_chunk.transpose(1, 2))
+                lv.v_chunk.copy_(vt)
+            else:
+                lv.k_chunk.copy_(rot.apply(k).transpose(1, 2).unsqueeze(2).expand(-1, -1, J, -1, -1))
+                lv.v_chunk.copy_(vt.unsqueeze(2).expand(-1, -1, J, -1, -1))
         else:  # per-sequence offsets (or rotation variants, or grouped order): one scatter per tensor
             src = plan.chunk_src[layer]
             if src is None:
