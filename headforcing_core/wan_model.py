@@ -106,16 +106,19 @@ class WanRMSNorm(nn.Module):
 
 
 class WanLayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back."""
+    """LayerNorm computed in float32 (float64 for float64 input) and stored in the input's dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x if x.dtype == torch.float64 else x.float()
-        w = self.weight.to(xf.dtype) if self.weight is not None else None
-        b = self.bias.to(xf.dtype) if self.bias is not None else None
-        return F.layer_norm(xf, self.normalized_shape, w, b, self.eps).type_as(x)
+        # half-precision input goes in as it is: layer_norm computes its statistics and the affine
+        # map in float32 and rounds once on store, as normalising a float32 copy and casting back
+        # does (as ComfyUI's Wan module does), without the two extra passes
+        work = x if x.dtype in (torch.float64, torch.float16, torch.bfloat16) else x.float()
+        w = self.weight.to(work.dtype) if self.weight is not None else None
+        b = self.bias.to(work.dtype) if self.bias is not None else None
+        return F.layer_norm(work, self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class WanAttention(nn.Module):
