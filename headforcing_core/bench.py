@@ -18,6 +18,10 @@ inside its model calls, and sync-prone ops (``.item()``, ``nonzero``, tensors ma
 data, host→device copies, …) per chunk and inside its model calls; plus the bytes of history
 gathered and rotated once per chunk and the bytes each model call writes. They are the same on
 a CPU as on a GPU (the same ops are dispatched), so ``--device cpu`` shows what a GPU run does.
+
+``--profile`` runs one more steady-state chunk per policy under ``torch.profiler`` and reports its
+time (device time on CUDA) per op kind — attention, matmul, elementwise, copy/index — and its
+heaviest ATen ops: where a chunk goes, in the same run as the throughput.
 """
 
 from __future__ import annotations
@@ -158,6 +162,56 @@ def phase_times(sampler: ARSampler, noise: torch.Tensor, generator: torch.Genera
     return {k: round(v, 4) for k, v in times.items()}
 
 
+# What an ATen op's kernels are, by the op's name (torch.profiler attributes kernel time to the op
+# that launched it). The first matching kind wins; anything else is "elementwise" (norms, RoPE,
+# modulation, activations, reductions).
+OP_KINDS = (
+    ("attention", ("attention", "flash", "varlen", "sdpa")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+                "aten::convolution", "aten::_convolution", "aten::cudnn_convolution")),
+    ("copy_index", ("copy", "index", "gather", "scatter", "aten::cat", "aten::clone", "aten::fill_", "aten::zero_",
+                    "aten::flip", "aten::contiguous", "aten::where", "aten::stack")),
+)
+PROFILE_TOP = 20
+
+
+def op_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in OP_KINDS:
+        if any(n in lowered if not n.startswith("aten::") else lowered == n for n in needles):
+            return kind
+    return "elementwise"
+
+
+def profile_chunk(sampler: ARSampler, noise: torch.Tensor, generator: torch.Generator) -> dict:
+    """Where one steady-state chunk's device time goes (CPU time on a CPU), with torch.profiler: the
+    seconds per op kind (:data:`OP_KINDS`) and the :data:`PROFILE_TOP` ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = sampler.runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(sampler.runner.device)
+    with profile(activities=activities) as prof:
+        sampler.sample(noise, generator)
+        _sync(sampler.runner.device)
+    rows = []
+    for e in prof.key_averages():
+        if cuda:  # named self_device_time_total from torch 2.4, self_cuda_time_total before
+            us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0) if us is None else us
+        else:
+            us = e.self_cpu_time_total
+        if us > 0 and e.key.startswith("aten::"):  # ATen ops only: their kernels, counted once
+            rows.append((e.key, us / 1e6, e.count))
+    rows.sort(key=lambda r: -r[1])
+    by_kind: dict[str, float] = {}
+    for name, sec, _ in rows:
+        by_kind[op_kind(name)] = by_kind.get(op_kind(name), 0.0) + sec
+    return {"clock": "device" if cuda else "cpu", "seconds_by_kind": {k: round(v, 5) for k, v in by_kind.items()},
+            "top_ops": [{"op": n, "seconds": round(sec, 5), "calls": c, "kind": op_kind(n)}
+                        for n, sec, c in rows[:PROFILE_TOP]]}
+
+
 def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.device) -> dict:
     dtype = DTYPES[args.dtype]
     runner = WanRunner(model, dtype=dtype, device=device)
@@ -167,15 +221,17 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
     f = args.frames_per_block
     # time whole chunks at the end of the video; everything before is prefilled
     timed_frames = min(args.chunks, max(latent_frames // f, 1)) * f
-    start_frame = max(0, (latent_frames - timed_frames - 2 * f) // f * f)
+    extra = 3 if args.profile else 2  # untimed chunks before the timed ones: counted, phases, profiled
+    start_frame = max(0, (latent_frames - timed_frames - extra * f) // f * f)
     sampler.start(1, lh, lw, latent_frames)
     gen = torch.Generator().manual_seed(0)
     renoise = torch.Generator(device=device).manual_seed(1)  # noise drawn where the model runs
     sampler.set_prompt(torch.randn(1, 64, runner.spec.text_dim, generator=gen) * 0.1)
     prefill(sampler, start_frame, torch.Generator(device=device).manual_seed(2))
-    noise = torch.randn(1, runner.spec.in_dim, timed_frames + 2 * f, lh, lw, generator=gen).to(device)
+    noise = torch.randn(1, runner.spec.in_dim, timed_frames + extra * f, lh, lw, generator=gen).to(device)
     counters = count_chunk(sampler, noise[:, :, :f], renoise)  # one steady-state chunk, counted (not timed)
     phases = phase_times(sampler, noise[:, :, f:2 * f], renoise)  # one more, its phases timed apart
+    profiled = profile_chunk(sampler, noise[:, :, 2 * f:3 * f], renoise) if args.profile else None
     plan = sampler.last_plan
     counters.update(gathered_bytes_per_chunk=plan.gathered_bytes, chunk_bytes_written_per_model_call=plan.chunk_write_bytes(),
                     query_frame_classes=plan.classes)
@@ -193,7 +249,7 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
 
     _sync(device)
     last[0] = time.perf_counter()
-    sampler.sample(noise[:, :, 2 * f:], renoise, Hooks(on_chunk=on_chunk))
+    sampler.sample(noise[:, :, extra * f:], renoise, Hooks(on_chunk=on_chunk))
     measured = chunk_times[args.warmup:] or chunk_times
     spc = sum(measured) / len(measured)
     tokens = plan.tokens
@@ -210,6 +266,8 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
         "counters": counters,
         "phase_seconds": phases,
     }
+    if profiled is not None:
+        out["profile"] = profiled
     flops = runner.spec.forward_flops(f * tokens, attended)
     calls = len(sampler.noise_schedule.timesteps) + 1
     out["flops_per_chunk"] = {k: v * calls for k, v in flops.items()}
@@ -235,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="timed chunks to drop as warm-up")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--estimate", action="store_true", help="no model run: only the cache plan")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more steady-state chunk per policy under torch.profiler: time per op kind, top ops")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")

@@ -198,11 +198,11 @@ def run_pytest(out_dir: Path) -> dict:
     return {"ok": r.returncode == 0, "tail": (r.stdout + r.stderr).strip().splitlines()[-3:]}
 
 
-def _bench_command(seconds, policies, backend: str | None = None) -> list[str]:
+def _bench_command(seconds, policies, backend: str | None = None, profile: bool = False) -> list[str]:
     size = ["--model-shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--width", "64", "--height", "64"] \
         if DRY["on"] else ["--model-shape", "1.3b", "--device", "cuda", "--dtype", "bf16", "--width", "832",
                            "--height", "480"]
-    extra = ["--attention-backend", backend] if backend else []
+    extra = (["--attention-backend", backend] if backend else []) + (["--profile"] if profile else [])
     return [sys.executable, "-m", "headforcing_core.bench", *size, "--seconds", *map(str, seconds), "--chunks", "3",
             "--policy", *policies, *extra]
 
@@ -245,13 +245,33 @@ def _header(report: dict) -> str:
 
 
 def bench(out_dir: Path, seconds) -> dict:
-    cmd = _bench_command(seconds, BOUNDED)
-    report = _run_bench(cmd, out_dir / "bench.stderr.log", 330)
+    cmd = _bench_command(seconds, BOUNDED, profile=True)
+    report = _run_bench(cmd, out_dir / "bench.stderr.log", 400)
     if "error" in report:
         return {"ok": False, **report}
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "table.md").write_text("\n".join([_header(report), "", *TABLE_HEAD, *_table_rows(report)]) + "\n")
+    (out_dir / "table.md").write_text("\n".join([_header(report), "", *TABLE_HEAD, *_table_rows(report), "",
+                                                 *_profile_rows(report)]) + "\n")
     return {"ok": True, "table": str(out_dir / "table.md")}
+
+
+def _profile_rows(report: dict) -> list[str]:
+    """Where one profiled steady-state chunk's time goes, per op kind, and its five heaviest ops."""
+    kinds = ("attention", "matmul", "elementwise", "copy_index")
+    lines = ["Profiled chunk (torch.profiler, self time per ATen op; kinds: headforcing_core.bench.OP_KINDS):", "",
+             "| length | policy | " + " | ".join(f"{k} ms (%)" for k in kinds) + " | heaviest ops (ms) |",
+             "|---|---|" + "---|" * len(kinds) + "---|"]
+    for length, res in report["results"].items():
+        for name, row in res["policies"].items():
+            prof = row.get("profile")
+            if not prof:
+                continue
+            by = prof["seconds_by_kind"]
+            total = sum(by.values()) or 1.0
+            cells = " | ".join(f"{1e3 * by.get(k, 0):.1f} ({100 * by.get(k, 0) / total:.0f} %)" for k in kinds)
+            top = ", ".join(f"{o['op'].removeprefix('aten::')} {1e3 * o['seconds']:.1f}" for o in prof["top_ops"][:5])
+            lines.append(f"| {length} | {name} | {cells} | {top} |")
+    return lines
 
 
 COMPARED = ["self_forcing_window", "pyramid_forcing", "head_forcing"]

@@ -45,3 +45,26 @@ def test_module_entry_point_prints_json():
     out = subprocess.run([sys.executable, "-m", "headforcing_core.bench", "--estimate", "--policy", "full",
                           "head_forcing"], capture_output=True, text=True, check=True)
     assert "head_forcing" in json.loads(out.stdout)["results"]["30s"]["policies"]
+
+
+def test_profile_says_where_a_chunk_spends_its_time(capsys):
+    r = run_bench(capsys, "--model-shape", "tiny", "--width", "64", "--height", "64", "--seconds", "10",
+                  "--chunks", "1", "--device", "cpu", "--policy", "self_forcing_window", "head_forcing", "--profile")
+    for row in r["results"]["10s"]["policies"].values():
+        prof = row["profile"]
+        assert prof["clock"] == "cpu"
+        assert {"attention", "matmul", "elementwise"} <= set(prof["seconds_by_kind"])
+        kinds = {o["kind"] for o in prof["top_ops"]}
+        assert {"attention", "matmul"} <= kinds
+        assert [o["seconds"] for o in prof["top_ops"]] == sorted((o["seconds"] for o in prof["top_ops"]), reverse=True)
+
+
+@pytest.mark.parametrize("name,kind", [("aten::_flash_attention_forward", "attention"),
+                                       ("aten::_efficient_attention_forward", "attention"),
+                                       ("aten::addmm", "matmul"), ("aten::mm", "matmul"),
+                                       ("aten::index_copy_", "copy_index"), ("aten::_to_copy", "copy_index"),
+                                       ("aten::cat", "copy_index"), ("aten::mul", "elementwise"),
+                                       ("aten::native_layer_norm", "elementwise"), ("aten::addcmul", "elementwise")])
+def test_op_kinds(name, kind):
+    from headforcing_core.bench import op_kind
+    assert op_kind(name) == kind

@@ -23,6 +23,7 @@ def test_gpu_check_dry_run_passes_every_stage_and_writes_its_tables(tmp_path):
     sync = checks["stages"]["sync_free"]["presets"]
     assert all(row["cuda_syncs_in_model_calls"] == 0 for row in sync.values())
     table = (tmp_path / "table.md").read_text()
+    assert "Profiled chunk" in table and "| head_forcing |" in table.split("Profiled chunk")[1]
     assert all(f"| {p} |" in table for p in ("self_forcing_window", "pyramid_forcing", "head_forcing"))
     compared = (tmp_path / "backends.md").read_text()
     assert "| head_forcing | padded |" in compared and "| head_forcing | grouped |" in compared
