@@ -99,10 +99,10 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x if x.dtype == torch.float64 else x.float()
-        # F.rms_norm is x·rsqrt(mean(x²) + eps), one fused kernel on CUDA instead of five passes
-        normed = F.rms_norm(xf, xf.shape[-1:], eps=self.eps)
-        return normed.type_as(x) * self.weight.to(x.dtype)
+        # Wan: norm(x.float()).type_as(x) * weight. F.rms_norm is that norm: ATen's definition widens
+        # half-precision input to float32 and rounds the result once (one fused kernel on CUDA), so
+        # the float32 copy and the cast back are not passes of their own
+        return F.rms_norm(x, x.shape[-1:], eps=self.eps) * self.weight.to(x.dtype)
 
 
 class WanLayerNorm(nn.LayerNorm):
