@@ -216,10 +216,10 @@ def _run_bench(cmd: list[str], log: Path, timeout: int) -> dict:
     return json.loads(r.stdout)
 
 
-TABLE_HEAD = ["| length | policy | backend | s/chunk | video fps | × window | attended frames | KV GiB | peak GPU GiB | "
-              "attention ms/layer call | attention TFLOP/s (% peak) | ATen ops/chunk (× window) | "
-              "sync-prone in model calls |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+TABLE_HEAD = ["| length | policy | backend | s/chunk | video fps | × window | pipelined fps (× window) | attended frames | "
+              "KV GiB | peak GPU GiB | attention ms/layer call | attention TFLOP/s (% peak) | "
+              "ATen ops/chunk (× window) | sync-prone in model calls |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def _table_rows(report: dict) -> list[str]:
@@ -231,6 +231,7 @@ def _table_rows(report: dict) -> list[str]:
             lines.append(
                 f"| {length} | {name} | {row.get('backend', '?')} | {row['seconds_per_chunk']:.3f} | "
                 f"{row['video_fps']:.1f} | {row.get('speedup_vs_self_forcing_window', float('nan')):.2f} | "
+                f"{row['pipelined_video_fps']:.1f} ({row.get('pipelined_speedup_vs_self_forcing_window', float('nan')):.2f}) | "
                 f"{row['attended_frames']:.2f} | {row['kv_bytes'] / 2**30:.2f} | "
                 f"{row.get('peak_gpu_bytes', 0) / 2**30:.1f} | {1e3 * att.get('seconds_per_layer_call', float('nan')):.2f} | "
                 f"{att.get('tflops', float('nan')):.0f} ({100 * att.get('fraction_of_peak', float('nan')):.0f} %) | "

@@ -68,3 +68,13 @@ def test_profile_says_where_a_chunk_spends_its_time(capsys):
 def test_op_kinds(name, kind):
     from headforcing_core.bench import op_kind
     assert op_kind(name) == kind
+
+
+def test_pipelined_throughput_is_reported_beside_the_synchronised_one(capsys):
+    r = run_bench(capsys, "--model-shape", "tiny", "--width", "64", "--height", "64", "--seconds", "10",
+                  "--chunks", "2", "--device", "cpu", "--policy", "self_forcing_window", "head_forcing")
+    pol = r["results"]["10s"]["policies"]
+    for row in pol.values():
+        assert row["pipelined_seconds_per_chunk"] > 0
+        assert row["pipelined_video_fps"] == pytest.approx(4 * 3 / row["pipelined_seconds_per_chunk"])
+    assert pol["self_forcing_window"]["pipelined_speedup_vs_self_forcing_window"] == 1.0
