@@ -349,7 +349,8 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
             leads[li][n] = lead_to - before
             for p, length in (("clean", before + S), ("noisy", before + S + after)):
                 base[p][li][n] = length
-                runs[p][li].append(Run(n, n + 1, length + ep, ep > 0, lead_to - before))
+                if plan.grouped:  # only the grouped backend reads runs per sequence
+                    runs[p][li].append(Run(n, n + 1, length + ep, ep > 0, lead_to - before))
     # ---- one upload: pages, times, lengths, chunk offsets ------------------------------------------
     up = _Upload()
     parts = []  # (segment, whole frames or blocks, pages, host times or None, offset)

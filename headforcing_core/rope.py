@@ -108,8 +108,15 @@ def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, out: torch.
     if out is None:
         if x.dtype == cos2.dtype:
             return x * cos2 + swapped * sin2
-        out = x.new_empty(torch.broadcast_shapes(x.shape, cos2.shape))
+        out = x.new_empty(_broadcast(x.shape, cos2.shape))
     return torch.add(x * cos2, swapped * sin2, out=out)
+
+
+def _broadcast(*shapes) -> tuple[int, ...]:
+    """The broadcast of compatible shapes (torch.broadcast_shapes checks more, in Python, per call)."""
+    n = max(len(sh) for sh in shapes)
+    padded = [(1,) * (n - len(sh)) + tuple(sh) for sh in shapes]
+    return tuple(max(sizes) for sizes in zip(*padded))
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -192,7 +199,7 @@ def rotate_entries(x: torch.Tensor, times: torch.Tensor, spatial: torch.Tensor) 
     ta = times.to(x.device, torch.float64).unsqueeze(-1).unsqueeze(-1) * ft  # [..., E, 1, pt]
     t_cos, t_sin = _factors(ta, compute)
     s_cos, s_sin = _spatial_factors(spatial, d, x.device, compute)
-    out = x.new_empty(torch.broadcast_shapes(x.shape[:-1], t_cos.shape[:-1], s_cos.shape[:-1]) + (d,))
+    out = x.new_empty(_broadcast(x.shape[:-1], t_cos.shape[:-1], s_cos.shape[:-1]) + (d,))
     _rotate(x[..., :2 * pt], t_cos, t_sin, out[..., :2 * pt])  # time channels, then the spatial ones
     _rotate(x[..., 2 * pt:], s_cos, s_sin, out[..., 2 * pt:])
     return out
