@@ -331,6 +331,8 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
         ep_tokens = seg.store.episodes.slots * seg.store.episodes.k.shape[3] if seg.episodes is not None else 0
         before = seg.clean_frames * T + seg.clean_blocks * tp
         after = (len(seg.frames) - seg.clean_frames) * T + (len(seg.blocks) - seg.clean_blocks) * tp
+        if ep_tokens and after:  # both passes count the episodes right after the chunk (see the lengths)
+            raise AssertionError(f"{seg.store.head_type}: episodic memory with entries the clean pass drops")
         sizes.append((before, after, ep_tokens, tp))
     lead_to = max(before for before, _, _, _ in sizes)  # where every chunk starts
     lmax = lead_to + S + max(after + ep for _, after, ep, _ in sizes)
