@@ -207,7 +207,9 @@ def profile_chunk(sampler: ARSampler, noise: torch.Tensor, generator: torch.Gene
             us = getattr(e, "self_cuda_time_total", 0) if us is None else us
         else:
             us = e.self_cpu_time_total
-        if us > 0 and e.key.startswith("aten::"):  # ATen ops only: their kernels, counted once
+        # operators only (aten::, flash_attn::, …; not runtime calls): each kernel counted once, under
+        # the innermost operator that launched it
+        if us > 0 and "::" in e.key:
             rows.append((e.key, us / 1e6, e.count))
     rows.sort(key=lambda r: -r[1])
     by_kind: dict[str, float] = {}

@@ -112,12 +112,15 @@ class WanLayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # half-precision input goes in as it is: layer_norm computes its statistics and the affine
-        # map in float32 and rounds once on store, as normalising a float32 copy and casting back
-        # does (as ComfyUI's Wan module does), without the two extra passes
+        # half-precision input goes in as it is (as ComfyUI's Wan module has it): layer_norm computes
+        # its statistics and the affine map in float32 and rounds once on store — Wan's
+        # norm(x.float()).type_as(x) up to float32 summation order (1 ulp in ≈ 0.003 % of bf16
+        # elements on the CPU) — without the float32 copy and the cast back. float32 weights stay
+        # float32 (layer_norm takes them beside half-precision input).
         work = x if x.dtype in (torch.float64, torch.float16, torch.bfloat16) else x.float()
-        w = self.weight.to(work.dtype) if self.weight is not None else None
-        b = self.bias.to(work.dtype) if self.bias is not None else None
+        keep = (work.dtype, torch.float32)
+        w = self.weight if self.weight is None or self.weight.dtype in keep else self.weight.to(work.dtype)
+        b = self.bias if self.bias is None or self.bias.dtype in keep else self.bias.to(work.dtype)
         return F.layer_norm(work, self.normalized_shape, w, b, self.eps).type_as(x)
 
 

@@ -3,7 +3,7 @@
 # einops and numpy installed, nothing else; no network). Runs the GPU correctness checks and the
 # benchmark table (Wan2.1-1.3B shape, 832x480, bf16, every bounded preset at 30 s and 60 s, all in
 # one process) and writes JSON, a Markdown table and the log under $OUT (default gpu-results/).
-# Budget: well under 8 minutes on one H100. See docs/benchmarks.md.
+# Budget: well under 8 minutes on one H100 (the last stage starts no bench past 7.5). See docs/benchmarks.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"

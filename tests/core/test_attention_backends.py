@@ -94,6 +94,21 @@ def test_torch_varlen_reads_the_planned_buffer_in_place_when_the_kernel_takes_us
     assert torch.allclose(got, reference_attention(p), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("seqused", [True, False])
+def test_torch_varlen_binds_this_torchs_real_kernel(monkeypatch, seqused):
+    """The real ``varlen_attn`` of the installed torch takes our arguments (run on meta tensors, where
+    its registered fake kernel checks the call without computing): the signature we detect is the one
+    we call."""
+    real, takes_seqused = attention._torch_varlen_fn.__wrapped__()
+    if real is None or (seqused and not takes_seqused):
+        pytest.skip("this torch's varlen_attn lacks what this case calls")
+    monkeypatch.setattr(attention, "_torch_varlen_fn", lambda: (real, seqused))
+    p = make_problem(2, 3, 16, 24, [(2, 3, 2, True), (1, 5, 3, False)], 3, dtype=torch.bfloat16)
+    p = LayerProblem(*(t.to("meta") for t in (p.q, p.k, p.v, p.mask, p.lengths)), p.runs, p.starts.to("meta"))
+    out = attention.torch_varlen_attention(p)
+    assert out.device.type == "meta" and out.shape == p.q.shape and out.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("name", ["torch_varlen", "flash_varlen"])
 def test_varlen_backends_hand_a_pool_read_in_place_to_sdpa(monkeypatch, name):
     """A prerotated pool has no per-sequence lengths, only (maybe) a mask over its pages: SDPA's case."""

@@ -64,7 +64,9 @@ def test_profile_says_where_a_chunk_spends_its_time(capsys):
                                        ("aten::addmm", "matmul"), ("aten::mm", "matmul"),
                                        ("aten::index_copy_", "copy_index"), ("aten::_to_copy", "copy_index"),
                                        ("aten::cat", "copy_index"), ("aten::mul", "elementwise"),
-                                       ("aten::native_layer_norm", "elementwise"), ("aten::addcmul", "elementwise")])
+                                       ("aten::native_layer_norm", "elementwise"), ("aten::addcmul", "elementwise"),
+                                       ("flash_attn::_flash_attn_varlen_forward", "attention"),
+                                       ("torch_attn::_varlen_attn", "attention")])
 def test_op_kinds(name, kind):
     from headforcing_core.bench import op_kind
     assert op_kind(name) == kind

@@ -180,3 +180,14 @@ def test_relative_positions_stay_in_the_training_window_for_ten_minutes():
             commit(cache, start)
         limit = 21 if preset == "pyramid_forcing" else 20
         assert worst <= limit, (preset, worst)
+
+
+def test_rotation_into_a_view_of_the_wrong_shape_is_refused():
+    """``out=`` of another shape would be resized by PyTorch (a warning), leaving the caller's view unwritten."""
+    from headforcing_core.rope import _factors, _rotate
+    x = torch.randn(2, 5, 3, 8, dtype=torch.bfloat16)
+    cos2, sin2 = _factors(torch.randn(5, 1, 4, dtype=torch.float64), torch.float32)
+    out = torch.empty(2, 3, 5, 8, dtype=torch.bfloat16).transpose(1, 2)
+    assert _rotate(x, cos2, sin2, out) is out
+    with pytest.raises(ValueError, match="not"):
+        _rotate(x, cos2, sin2, torch.empty(2, 5, 8, dtype=torch.bfloat16))
