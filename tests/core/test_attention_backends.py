@@ -210,3 +210,25 @@ def test_gpu_backends_match_reference_bf16(name, layout):
     ref = reference_attention(p)
     got = BACKENDS[name](p)
     assert torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name,seqused", [("torch_varlen", True), ("torch_varlen", False), ("flash_varlen", False)])
+def test_varlen_backends_never_wait_for_the_host(monkeypatch, name, seqused):
+    """Offsets, used lengths and packing destinations are made on the device from the plan's tensors:
+    nothing the backend itself dispatches is sync-prone (the kernel stand-in runs outside the count)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from headforcing_core.counters import OpCounter
+
+    def uncounted(*args, **kwargs):
+        with _disable_current_modes():
+            return varlen_contract.varlen(*args, **kwargs)
+
+    varlen_contract.install(monkeypatch, seqused=seqused)
+    monkeypatch.setattr(attention, "_torch_varlen_fn", lambda: (uncounted, seqused))
+    monkeypatch.setattr(attention, "_flash_varlen_fn", lambda: uncounted)
+    p = make_problem(2, 3, 16, 24, [(2, 3, 2, True), (1, 5, 3, False)], 3)
+    with OpCounter() as counter:
+        got = BACKENDS[name](p)
+    assert counter.total > 0 and counter.sync == 0, dict(counter.sync_ops)
+    assert torch.allclose(got, reference_attention(p), atol=2e-5, rtol=1e-4)
