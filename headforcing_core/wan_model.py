@@ -118,7 +118,8 @@ class WanLayerNorm(nn.LayerNorm):
         # elements on the CPU) — without the float32 copy and the cast back. float32 weights stay
         # float32 (layer_norm takes them beside half-precision input).
         work = x if x.dtype in (torch.float64, torch.float16, torch.bfloat16) else x.float()
-        keep = (work.dtype, torch.float32)
+        half = work.dtype in (torch.float16, torch.bfloat16)
+        keep = (work.dtype, torch.float32) if half else (work.dtype,)
         w = self.weight if self.weight is None or self.weight.dtype in keep else self.weight.to(work.dtype)
         b = self.bias if self.bias is None or self.bias.dtype in keep else self.bias.to(work.dtype)
         return F.layer_norm(work, self.normalized_shape, w, b, self.eps).type_as(x)

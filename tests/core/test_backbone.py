@@ -1,5 +1,6 @@
 """The runner drives Wan-shaped modules by name, through their own (casting) layers."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -68,3 +69,29 @@ def test_spec_from_fingerprint_keeps_the_stored_shape():
     # a 1.3B-wide model is Wan 2.1 1.3B's FFN (8960), not the ratio's 8970
     wan = inspect_backbone(random_backbone(WanConfig(num_layers=1)))
     assert BackboneSpec.from_fingerprint(wan.fingerprint()).ffn_width == wan.ffn_width == 8960
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float64, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float64), (torch.float32, torch.float32)])
+def test_reference_norms_compute_wans_float32_norm_for_any_weight_and_input_dtype(x_dtype, w_dtype):
+    """Wan: norm(x.float()).type_as(x) (RMS norm: times the weight after the cast); our modules take
+    half-precision input directly and keep float32 weights float32, whatever mix a checkpoint loads as."""
+    from headforcing_core.wan_model import WanLayerNorm, WanRMSNorm
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 64, generator=g) * 3 + 1).to(x_dtype)
+    ln = WanLayerNorm(64, elementwise_affine=True)
+    rms = WanRMSNorm(64)
+    with torch.no_grad():
+        for m in (ln, rms):
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    ln, rms = ln.to(w_dtype), rms.to(w_dtype)
+    xf = x.double()
+    mean, var = xf.mean(-1, keepdim=True), xf.var(-1, unbiased=False, keepdim=True)
+    want_ln = (xf - mean) / torch.sqrt(var + 1e-6) * ln.weight.double() + ln.bias.double()
+    want_rms = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x_dtype).double() * rms.weight.double()
+    tol = {torch.float64: 1e-6, torch.float32: 1e-5}.get(x_dtype, 6e-2)
+    for got, want in ((ln(x), want_ln), (rms(x), want_rms)):
+        assert got.dtype == x_dtype
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol * 4)
