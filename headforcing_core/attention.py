@@ -82,6 +82,21 @@ Backend = Callable[[LayerProblem], torch.Tensor]
 KEY_ALIGN = 8
 
 
+def bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias: 0 where ``keep``, -inf elsewhere (a plan makes it once per chunk, so no
+    model call converts a boolean mask)."""
+    zero = torch.zeros((), dtype=dtype, device=keep.device)
+    return torch.where(keep, zero, torch.full((), float("-inf"), dtype=dtype, device=keep.device))
+
+
+def window_bias(starts: torch.Tensor, lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., 1, width]`` bias letting each sequence attend keys ``[start, start + length)`` (the mask
+    form of a :class:`LayerProblem`'s ``starts`` / ``lengths``)."""
+    pos = torch.arange(width, device=lengths.device)
+    keep = (pos >= starts.unsqueeze(-1)) & (pos < (starts + lengths).unsqueeze(-1))
+    return bias(keep, dtype).unsqueeze(-2)
+
+
 def reference_attention(p: LayerProblem) -> torch.Tensor:
     compute = torch.float64 if p.q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(p.q.shape[-1])
@@ -201,10 +216,8 @@ def _torch_varlen_works(device: str) -> bool:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, 2, 16, 64, generator=g).to(device, torch.bfloat16) for _ in range(3))
         starts, lengths = torch.tensor([[0, 3]], device=device), torch.tensor([[16, 9]], device=device)
-        pos = torch.arange(16, device=device)
-        keep = (pos >= starts[..., None]) & (pos < (starts + lengths)[..., None])
-        mask = torch.where(keep, 0.0, float("-inf")).to(torch.bfloat16).unsqueeze(-2)
-        p = LayerProblem(q, k, v, mask, lengths, (Run(0, 2, 16, True),), starts)
+        p = LayerProblem(q, k, v, window_bias(starts, lengths, 16, torch.bfloat16), lengths, (Run(0, 2, 16, True),),
+                         starts)
         got = torch_varlen_attention(p).float()
         want = reference_attention(p).float()
         return bool(torch.allclose(got, want, atol=3e-2, rtol=3e-2))

@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .attention import KEY_ALIGN, Backend, LayerProblem, Run
+from .attention import KEY_ALIGN, Backend, LayerProblem, Run, bias, window_bias
 from .cache import HeadwiseKVCache, TypeStore
 from .positions import key_times, map_times
 from .retention import ChunkKeys, Key
@@ -249,7 +249,7 @@ def _layout_pool(plan: ChunkPlan, cache: HeadwiseKVCache, start: int, frames: in
     longs, _ = up.send(cache.device)
     plan.chunk_pages = longs[pages_at]
     plan.key_frames = longs[frames_at].repeat_interleave(T)
-    mask = None if mask_at is None else _bias(longs[mask_at].bool().repeat_interleave(T), cache.dtype).view(1, 1, 1, -1)
+    mask = None if mask_at is None else bias(longs[mask_at].bool().repeat_interleave(T), cache.dtype).view(1, 1, 1, -1)
     run = (Run(0, H, width, mask is not None),)
     for li in range(cache.num_layers):
         rows = slice(li * H, (li + 1) * H)  # one type: the layer's heads are consecutive
@@ -432,7 +432,7 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
     masks = {}
     for p in PASSES:
         uniform = not masked and all(x == lmax for row in base[p] for x in row)
-        masks[p] = None if uniform else _additive_mask(starts, lengths[p], lmax, cache.dtype)
+        masks[p] = None if uniform else window_bias(starts, lengths[p], lmax, cache.dtype)
     for li in range(layers):
         k, v = plan.kp[li], plan.vp[li]
         chunk_dest = None
@@ -450,20 +450,6 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
             {p: lengths[p][li] for p in PASSES},
             {p: tuple(_merge_runs(runs[p][li])) if plan.grouped else (Run(0, NS, lmax, masks[p] is not None),)
              for p in PASSES}, chunk_dest, starts[li]))
-
-
-def _bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Attention bias: 0 where ``keep``, -inf elsewhere (made once per chunk, so no model call converts a
-    boolean mask)."""
-    zero = torch.zeros((), dtype=dtype, device=keep.device)
-    return torch.where(keep, zero, torch.full((), float("-inf"), dtype=dtype, device=keep.device))
-
-
-def _additive_mask(starts: torch.Tensor, lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[..., 1, width]`` bias letting each sequence attend keys ``[start, start + length)``."""
-    pos = torch.arange(width, device=lengths.device)
-    keep = (pos >= starts.unsqueeze(-1)) & (pos < (starts + lengths).unsqueeze(-1))
-    return _bias(keep, dtype).unsqueeze(-2)
 
 
 def _merge_runs(runs: list[Run]) -> list[Run]:

@@ -105,10 +105,10 @@ def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, out: torch.
     which is the arithmetic of widening first and casting after, in three passes fewer.
     """
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    if out is None and x.dtype == cos2.dtype:
+        return x * cos2 + swapped * sin2
     shape = _broadcast(x.shape, cos2.shape)
     if out is None:
-        if x.dtype == cos2.dtype:
-            return x * cos2 + swapped * sin2
         out = x.new_empty(shape)
     elif tuple(out.shape) != shape:  # out= would be resized (with a warning), leaving the caller's view unwritten
         raise ValueError(f"rotation of {tuple(x.shape)} by {tuple(cos2.shape)} is {shape}, not {tuple(out.shape)}")

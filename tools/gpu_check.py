@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from headforcing_core import WanConfig, generate, random_backbone  # noqa: E402
 from headforcing_core.attention import (BACKENDS, LayerProblem, Run, flash_varlen_available,  # noqa: E402
-                                        reference_attention, torch_varlen_available)
+                                        reference_attention, torch_varlen_available, window_bias)
 from headforcing_core.policies import PRESETS  # noqa: E402
 
 BOUNDED = [p for p in PRESETS if p != "full"]
@@ -52,9 +52,7 @@ def backends(dev) -> dict:
         v = torch.randn(b, ns, width, d, generator=g)
         starts = torch.randint(0, 4, (1, ns), generator=g)
         lengths = torch.randint(1, width - 4, (b, ns), generator=g)
-        pos = torch.arange(width)
-        keep = (pos >= starts[..., None]) & (pos < (starts + lengths)[..., None])
-        mask = torch.where(keep, 0.0, float("-inf")).unsqueeze(-2)
+        mask = window_bias(starts, lengths, width, torch.float32)
         dt = torch.float32 if DRY["on"] else torch.bfloat16
         p = LayerProblem(*(t.to(dev, dt) for t in (q, k, v, mask)), lengths.to(dev),
                          (Run(0, ns, width, True),), starts.to(dev))
@@ -79,9 +77,7 @@ def plan_sized(dev, names) -> dict:
     width = -(-int((starts + lengths).max()) // 8) * 8
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 12, n, d, generator=g).to(dev, dt) for n in (tq, width, width))
-    pos = torch.arange(width)
-    keep = (pos >= starts[..., None]) & (pos < (starts + lengths)[..., None])
-    mask = torch.where(keep, 0.0, float("-inf")).unsqueeze(-2).to(dev, dt)
+    mask = window_bias(starts, lengths, width, dt).to(dev)
     p = LayerProblem(q, k, v, mask, lengths.to(dev), (Run(0, 12, width, True),), starts.to(dev))
     want = BACKENDS["padded"](p).float()
     return {name: float((BACKENDS[name](p).float() - want).abs().max()) for name in names if name != "padded"}
