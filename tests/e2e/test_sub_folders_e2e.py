@@ -8,17 +8,14 @@ the estimate route, nor written into.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 
 import pytest
 
 from .conftest import ComfyError
+from .test_reliability_e2e import estimate
 
 PRESET = "preset: pyramid_forcing_self_forcing_1p3b"
 STATES = "headforcing_states"
@@ -33,15 +30,6 @@ def _options(comfy, node: str, name: str) -> list[str]:
     if len(spec) > 1 and spec[1].get("options"):  # V3 COMBO
         return list(spec[1]["options"])
     return list(spec[0])  # V1 list of choices
-
-
-def _estimate(comfy, **query) -> tuple[int, dict]:
-    url = comfy.url + "/headforcing/estimate?" + urllib.parse.urlencode(query)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def _save_profile_wf(filename: str) -> dict:
@@ -82,7 +70,7 @@ def test_a_profile_saved_as_sub_slash_name_is_listed_and_loads_by_that_name(comf
     summary = comfy.ui_text(comfy.run(wf, timeout=120), "7")[0]
     assert f"head profile '{listed}'" in summary and "30 layers × 12 heads" in summary, summary
     # the Cache Policy's estimate route takes the same name
-    status, body = _estimate(comfy, preset="pyramid_forcing", profile=listed)
+    status, body = estimate(comfy, preset="pyramid_forcing", profile=listed)
     assert status == 200 and body["profile"] == listed, body
     # saving the same name again without overwrite is refused, naming it with its sub-folder
     wf = _save_profile_wf(name)
@@ -123,7 +111,7 @@ def test_sub_folders_linked_outside_are_not_listed_loaded_or_written(comfy, tmp_
     assert not [o for o in _options(comfy, "HeadForcingLoadHeadProfile", "profile_name") if f"link_{uid}" in o]
     assert not [o for o in _options(comfy, "HeadForcingLoadARState", "state_name") if f"link_{uid}" in o]
     # not loaded through the estimate route (the file exists beyond the link)
-    status, body = _estimate(comfy, preset="pyramid_forcing", profile=f"link_{uid}/secret.safetensors")
+    status, body = estimate(comfy, preset="pyramid_forcing", profile=f"link_{uid}/secret.safetensors")
     assert status == 422 and "points outside its folder" in body["error"], (status, body)
     # not written: both Save nodes refuse before writing anything
     with pytest.raises(ComfyError, match="points outside its folder"):
