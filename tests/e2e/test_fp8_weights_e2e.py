@@ -22,6 +22,7 @@ latents and the sampler's report. Checked:
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -81,6 +82,7 @@ def runs(comfy):
     return out
 
 
+@functools.cache  # read-only: load_state_dict copies
 def _stored_weights(variant: str) -> dict[str, torch.Tensor]:
     """The tiny model's weights as ComfyUI stores them for ``variant``, in float32: the bf16 twin's values
     rounded to fp8 (every parameter but the float32 patch embedding), or the scaled file's weights
