@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .errors import Interrupted, ModelFamilyError, ShapeError
+from .errors import HeadForcingError, Interrupted, ModelFamilyError, ShapeError
 from .wan_model import WAN_TEXT_LEN  # umT5 contexts are padded to this (when a module does not say)
 
 
@@ -118,6 +118,51 @@ class BackboneSpec:
         return {"linear": float(linear), "self_attention": float(self_attn), "cross_attention": float(cross_attn),
                 "total": float(linear + self_attn + cross_attn)}
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters of a Wan 2.1 text-to-video transformer of this shape (q/k RMS norms, an affine
+        cross-attention norm, biased Linear layers: the official module, ComfyUI's ``WanModel``, ours),
+        grouped by how ComfyUI stores them when it loads the model (:meth:`weights_bytes`):
+
+        ``linear``          weights and biases of every Linear layer: the text and time embeddings, the time
+                            projection, q/k/v/o of both attentions, the feed-forward, the output head;
+        ``linear_layers``   how many Linear layers there are (a scaled-fp8 file has a scale for each);
+        ``other``           the blocks' and the head's modulation tables and the norm gains;
+        ``patch_embedding`` the Conv3d patch embedding's weight and bias.
+        """
+        d, f, n_layers = self.dim, self.ffn_width, self.num_layers
+        patch = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        per_block = 8 * (d * d + d) + (d * f + f) + (f * d + d)  # self q,k,v,o + cross q,k,v,o + FFN
+        linear = ((self.text_dim * d + d) + (d * d + d)           # text_embedding: Linear, GELU, Linear
+                  + (self.freq_dim * d + d) + (d * d + d)         # time_embedding: Linear, SiLU, Linear
+                  + (d * 6 * d + 6 * d)                           # time_projection
+                  + n_layers * per_block
+                  + (d * self.out_dim * patch + self.out_dim * patch))  # head.head
+        other = n_layers * (6 * d + 4 * d + 2 * d) + 2 * d  # modulation, 4 q/k RMS norms, norm3 (weight, bias); head
+        return {"linear": linear, "linear_layers": 5 + 10 * n_layers + 1, "other": other,
+                "patch_embedding": d * self.in_dim * patch + d}
+
+    def weights_bytes(self, dtype: torch.dtype, *, scaled_fp8: torch.dtype | None = None,
+                      scales_per_layer: int = 1) -> int:
+        """Bytes of this model's weights as ComfyUI holds them once loaded — what ``ModelPatcher.model_size()``
+        reports for the diffusion model (ComfyUI adds its 1000-entry float32 sigma table, 4000 bytes).
+
+        ``dtype``: the weight dtype ComfyUI loads in — UNETLoader's ``weight_dtype`` (``fp8_e4m3fn``,
+        ``fp8_e4m3fn_fast``: ``torch.float8_e4m3fn``; ``fp8_e5m2``: ``torch.float8_e5m2``), else the
+        file's or the device's (bf16 / fp16 on a GPU, float32 on the CPU). Every parameter is stored in
+        it but the patch embedding, which ComfyUI's ``WanModel`` keeps in float32 (comfy/ldm/wan/model.py).
+
+        ``scaled_fp8``: a scaled-fp8 file (a ``scaled_fp8`` marker tensor of this dtype; ComfyUI's
+        ``comfy/ops.py`` ``scaled_fp8_ops``): only the Linear layers' weights and biases are in it, each layer
+        with ``scales_per_layer`` float32 scalars (``scale_weight``; also ``scale_input`` when the
+        marker asks for fp8 matrix multiplication: 2), the rest in ``dtype``.
+        """
+        n = self.parameter_counts()
+        fp32 = torch.float32.itemsize
+        if scaled_fp8 is None:
+            return (n["linear"] + n["other"]) * dtype.itemsize + n["patch_embedding"] * fp32
+        return (n["linear"] * scaled_fp8.itemsize + n["linear_layers"] * scales_per_layer * fp32
+                + n["other"] * dtype.itemsize + n["patch_embedding"] * fp32)
+
     def fingerprint(self) -> dict:
         return {"dim": self.dim, "num_heads": self.num_heads, "num_layers": self.num_layers,
                 "patch_size": list(self.patch_size), "in_dim": self.in_dim, "out_dim": self.out_dim,
@@ -206,8 +251,13 @@ class WanRunner:
         self.module = module
         self.spec = inspect_backbone(module)
         ref = module.blocks[0].self_attn.q.weight
+        if dtype is not None and not (dtype.is_floating_point and dtype.itemsize >= 2):
+            raise HeadForcingError(f"the compute dtype must be a floating type of 16 bits or more (bfloat16, float16, "
+                                   f"float32), got {dtype}; fp8 is a weight format, not a compute dtype")
         self.dtype = dtype or (ref.dtype if ref.dtype.is_floating_point and ref.dtype.itemsize >= 2 else torch.float32)
         self.device = torch.device(device) if device is not None else ref.device
+        if ref.dtype.is_floating_point and ref.dtype.itemsize < 2:
+            _check_casting_layer(module.blocks[0].self_attn.q, ref.dtype, self.dtype, ref.device)
 
     # ---- text -------------------------------------------------------------------------
     @torch.no_grad()
@@ -247,8 +297,9 @@ class WanRunner:
         tokens = grid_h * grid_w
         dtype = self.dtype
 
-        pe_weight = getattr(m.patch_embedding, "weight", None)
-        pe_dtype = pe_weight.dtype if pe_weight is not None and pe_weight.dtype.is_floating_point else dtype
+        pe_weight = getattr(m.patch_embedding, "weight", None)  # ComfyUI keeps it float32 whatever the model's dtype
+        pe_dtype = pe_weight.dtype if pe_weight is not None and pe_weight.dtype.is_floating_point \
+            and pe_weight.dtype.itemsize >= 2 else dtype
         x = m.patch_embedding(latents.to(self.device, pe_dtype)).to(dtype)
         x = rearrange(x, "b d f h w -> b (f h w) d")
 
@@ -297,6 +348,21 @@ class WanRunner:
         out = rearrange(out, "b f h w pt ph pw c -> b c (f pt) (h ph) (w pw)")
         assert out.shape[-2:] == (hh, ww) and tokens == grid_h * grid_w
         return out
+
+
+def _check_casting_layer(layer: torch.nn.Module, weight_dtype: torch.dtype, dtype: torch.dtype, device) -> None:
+    """8-bit weights (fp8) are a storage format: the layers must cast them to the compute dtype on the
+    fly, as ComfyUI's ops do (comfy/ops.py ``manual_cast``, ``scaled_fp8_ops``); a plain torch Linear
+    cannot multiply them. One row through the first layer tells, before any work."""
+    try:
+        with torch.no_grad():
+            layer(torch.zeros(1, layer.in_features, dtype=dtype, device=device))
+    except RuntimeError as e:
+        raise ModelFamilyError(
+            f"the model's weights are {str(weight_dtype).replace('torch.', '')} but its layers do not cast them to the "
+            f"compute dtype {str(dtype).replace('torch.', '')} ({e}); load the model with ComfyUI's Load Diffusion "
+            "Model (weight_dtype fp8_e4m3fn / fp8_e5m2, or a scaled-fp8 file), or convert the weights to bfloat16 or "
+            "float32 first (module.to(torch.bfloat16))") from None
 
 
 def _per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 Examples::
 
     python -m headforcing_core.bench --estimate --model-shape 1.3b --seconds 60      # cache plan only
+    python -m headforcing_core.bench --estimate --model-shape 14b --weights-dtype fp8 --seconds 60
     python -m headforcing_core.bench --model-shape tiny --width 256 --height 128 --seconds 30 --chunks 3
     python -m headforcing_core.bench --model-shape 1.3b --device cuda --dtype bf16 --seconds 30 60
 
@@ -54,6 +55,8 @@ MODEL_SHAPES = {
     "14b": WanConfig(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the weights term of the estimates: the model as ComfyUI holds it loaded (fp8: UNETLoader's fp8_e4m3fn / e5m2)
+WEIGHTS_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn}
 DEFAULT_POLICIES = ("self_forcing_window", "sink_window", "longlive", "pyramid_forcing", "head_forcing")
 
 
@@ -311,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="timed chunks to drop as warm-up")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--estimate", action="store_true", help="no model run: only the cache plan")
+    ap.add_argument("--weights-dtype", choices=sorted(WEIGHTS_DTYPES), default="bf16",
+                    help="the weights in each row's total_bytes, as ComfyUI holds them loaded in this dtype (fp8: "
+                         "UNETLoader's fp8_e4m3fn / fp8_e5m2 weight_dtype, 1 byte a parameter but the float32 patch "
+                         "embedding); the timed model still runs in --dtype")
     ap.add_argument("--profile", action="store_true",
                     help="one more steady-state chunk per policy under torch.profiler: time per op kind, top ops")
     args = ap.parse_args(argv)
@@ -327,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "frames_per_block": args.frames_per_block, "dtype": args.dtype, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__, "estimate_only": args.estimate, "results": {},
+        "weights_dtype": args.weights_dtype, "weights_bytes": spec.weights_bytes(WEIGHTS_DTYPES[args.weights_dtype]),
     }
     model = None
     if not args.estimate:
@@ -339,10 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.policy:
             est = estimate_run(spec, name, latent_frames=frames, latent_height=args.height // SPACE_COMPRESSION,
                                latent_width=args.width // SPACE_COMPRESSION, frames_per_block=args.frames_per_block,
-                               dtype=DTYPES[args.dtype] if args.dtype != "fp32" else torch.bfloat16)
+                               dtype=DTYPES[args.dtype] if args.dtype != "fp32" else torch.bfloat16,
+                               weights_bytes=report["weights_bytes"])
             row = {"kv_bytes": est.kv_bytes, "kv_bytes_by_type": est.kv_bytes_by_type,
                    "attended_tokens": est.attended_tokens, "attended_frames": est.attended_tokens / est.tokens_per_frame,
-                   "workspace_bytes": est.attention_bytes, "total_bytes": est.total_bytes,
+                   "workspace_bytes": est.attention_bytes, "run_bytes": est.run_bytes,
+                   "weights_bytes": est.weights_bytes, "total_bytes": est.total_bytes,
                    "kv_dtype": "bf16" if args.dtype == "fp32" else args.dtype}
             if model is not None:
                 row.update(run_policy(model, name, args, frames, device))

@@ -13,7 +13,9 @@ Facts this module relies on (ComfyUI 0.3.75):
 * ComfyUI's model config, latent format and unet ``model_type`` name the model family
   (:func:`check_model_family`).
 * ``model.model.manual_cast_dtype`` / ``model.model_dtype()`` give the dtype ComfyUI computes in
-  (:func:`compute_dtype`).
+  (:func:`compute_dtype`); with fp8 weights (UNETLoader's ``fp8_*`` weight_dtype) the model dtype is
+  the fp8 one and ComfyUI computes in the manual-cast dtype; ``model.model.model_config.scaled_fp8``
+  is a scaled-fp8 file's fp8 dtype (:func:`describe_weights`).
 """
 from __future__ import annotations
 
@@ -593,6 +595,19 @@ def compute_dtype(model) -> torch.dtype:
     if dtype is None or not dtype.is_floating_point or dtype.itemsize < 2:
         return torch.float32
     return dtype
+
+
+def describe_weights(model) -> str:
+    """How ComfyUI holds a MODEL's weights: ``"float8_e4m3fn"`` (UNETLoader's fp8 weight_dtype: every
+    parameter but the float32 patch embedding), ``"scaled float8_e4m3fn Linear layers, the rest float32"``
+    (a scaled-fp8 file: comfy/model_detection.py reads its ``scaled_fp8`` marker), ``"bfloat16"`` …"""
+    def name(dtype) -> str:
+        return str(dtype).replace("torch.", "")
+
+    scaled = getattr(getattr(model.model, "model_config", None), "scaled_fp8", None)
+    if scaled is not None:
+        return f"scaled {name(scaled)} Linear layers, the rest {name(model.model_dtype())}"
+    return name(model.model_dtype())
 
 
 def count_noun(n: int, one: str, many: str | None = None) -> str:

@@ -102,7 +102,7 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
         schedule_report(schedule, first, default_recache_mode(policy))
         or f"transition: {new_state.history[-1]['transition']}",
         f"policy: {describe(policy)}",
-        f"{memory_line(run.estimate)}; AR_STATE {new_state.nbytes / 2**20:.1f} MiB in CPU memory",
+        f"{memory_line(run)}; AR_STATE {new_state.nbytes / 2**20:.1f} MiB in CPU memory",
         f"time: {run.seconds:.2f} s on {run.computed_on()}",
         *notes,
     ])

@@ -6,8 +6,10 @@ Save node writes one.
   the list so saves land there; plus the shipped read-only presets (``preset: …``);
 * AR states — ``output/headforcing_states``, registered on first use.
 
-Names follow the pack's one name policy (:mod:`headforcing_core.names`): a node never reaches
-outside these folders.
+Names follow the pack's one name policy (:mod:`headforcing_core.names`): a name may go into
+sub-folders as ComfyUI's own loaders list them and its savers take them (``wan14b/my_profile``:
+listed with its sub-folder, saved into it, the sub-folder created), but a node never reaches outside
+these folders.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from headforcing_core.errors import HeadForcingError, StateError
-from headforcing_core.names import list_names, safe_path
+from headforcing_core.names import list_names, make_folders, safe_path
 from headforcing_core.profiling import FOLDER_NAME, list_profiles
 
 log = logging.getLogger("headforcing")
@@ -89,14 +91,17 @@ def find_state_file(name: str):
 
 def save_named_file(folder, path, write, *, overwrite: bool, kind: str, article: str,
                     error: type[HeadForcingError]) -> str:
-    """Save nodes: ``write(path)`` unless ``path`` exists and ``overwrite`` is off (``error``: "``article kind``
-    'name' already exists ..."); returns the path relative to ``folder``."""
+    """Save nodes: ``write(path)`` (its sub-folders made first) unless ``path`` exists and ``overwrite`` is off
+    (``error``: "``article kind`` 'name' already exists ..."); returns the path relative to ``folder``
+    (``sub/name.safetensors``)."""
+    rel = path.relative_to(os.path.realpath(folder)).as_posix()
     if path.exists() and not overwrite:
-        raise error(f"{article} {kind} {path.name!r} already exists in {folder}; turn on overwrite or pick another "
+        raise error(f"{article} {kind} {rel!r} already exists in {folder}; turn on overwrite or pick another "
                     "filename")
+    make_folders(folder, path, kind=kind, error=error)
     write(path)
     log.info("headforcing: saved %s to %s", kind, path)
-    return path.relative_to(os.path.realpath(folder)).as_posix()
+    return rel
 
 
 def file_fingerprint(name: str, path) -> str:
@@ -112,8 +117,9 @@ def save_file_inputs(default: str, folder: str) -> list:
     """Save nodes' ``filename`` and ``overwrite`` inputs (``folder``: where the file lands, as the user sees it)."""
     return [
         io.String.Input("filename", default=default,
-                        tooltip=f"File name inside {folder}: letters, digits, spaces and - _ . , + = ( ) [ ] @ #, "
-                                "up to 100 characters, no folders; '.safetensors' is added."),
+                        tooltip=f"File name inside {folder}, optionally in sub-folders ('wan14b/{default}' saves "
+                                "into wan14b, creating it): letters, digits, spaces and - _ . , + = ( ) [ ] @ #, up "
+                                "to 100 characters a part, no '..'; '.safetensors' is added."),
         io.Boolean.Input("overwrite", default=True, optional=True,
                          tooltip="Replace an existing file of that name (off: refuse)."),
     ]

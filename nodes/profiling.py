@@ -260,7 +260,8 @@ class HeadForcingLoadHeadProfile(io.ComfyNode):
                          "only): Pyramid Forcing's published labels of Self Forcing (Wan2.1-T2V-1.3B, Apache-2.0)."),
             inputs=[
                 io.Combo.Input("profile_name", options=options, default=options[0],
-                               tooltip="A file in models/headforcing, or a 'preset: …' shipped with the pack."),
+                               tooltip="A file in models/headforcing or its sub-folders (listed as 'sub/name'), or a "
+                                       "'preset: …' shipped with the pack."),
                 io.Model.Input("model", optional=True,
                                tooltip="Optional: check that the profile was made for this model's shape."),
             ],

@@ -44,13 +44,14 @@ import torch
 
 from headforcing_core.backbone import BackboneSpec
 from headforcing_core.errors import Interrupted
-from headforcing_core.memory import GiB, estimate_run, with_weights
+from headforcing_core.memory import GiB, MiB, estimate_run, with_weights
 from headforcing_core.memory import preflight as core_preflight
 from headforcing_core.noise import noise_frames, segment_noise
 from headforcing_core.prompts import PromptSchedule
 from headforcing_core.sampler import Hooks
 from headforcing_core.transitions import count_model_calls, default_recache_mode
 
+from .comfy_bridge import describe_weights
 from .messages import chunk_done, describe_run
 from .model_patches import patch_report, unhonoured_patches
 
@@ -66,7 +67,9 @@ def preflight(model, spec: BackboneSpec, estimate_at, *, latent_frames: int, lat
               what: str = "the video", bounded_policy_hint: bool = False):
     """The one pre-flight of every node that allocates: refuse (naming the input that drives the cost)
     what cannot fit in an empty device before evicting or loading anything, load the model, then
-    refuse what does not fit next to its weights. Returns the run's estimate.
+    refuse what does not fit next to its weights. Returns the run's estimate, its weights term the
+    model as ComfyUI holds it loaded (``ModelPatcher.model_size()``: fp8 weights count one byte a
+    parameter; :meth:`~headforcing_core.backbone.BackboneSpec.weights_bytes` restates it).
 
     ``estimate_at(latent_frames, latent_height, latent_width)`` is the run's
     :func:`~headforcing_core.memory.estimate_run` at another length or size."""
@@ -80,7 +83,8 @@ def preflight(model, spec: BackboneSpec, estimate_at, *, latent_frames: int, lat
     est = core_preflight(lambda t, h, w: with_weights(estimate_at(t, h, w), weights),
                          free_bytes=mm.get_total_memory(device), **kw)
     mm.load_models_gpu([model], memory_required=est.run_bytes, force_full_load=True)
-    return core_preflight(estimate_at, free_bytes=mm.get_free_memory(device), **kw)
+    # free memory is counted next to the loaded weights; the estimate keeps them for the report
+    return with_weights(core_preflight(estimate_at, free_bytes=mm.get_free_memory(device), **kw), weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,9 +200,11 @@ class ModelRun:
 # reports
 
 
-def memory_line(estimate) -> str:
-    return (f"memory estimate: {estimate.breakdown()}; peak ≈ {estimate.run_bytes / GiB:.3f} GiB "
-            f"({estimate.peak_phase}) + weights")
+def memory_line(run: ModelRun) -> str:
+    """The report's memory line: the pre-flight's estimate, and the weights as loaded (and in which format)."""
+    est = run.estimate
+    return (f"memory estimate: {est.breakdown()}; peak ≈ {est.run_bytes / GiB:.3f} GiB ({est.peak_phase}) + "
+            f"weights {est.weights_bytes / MiB:.1f} MiB as loaded ({describe_weights(run.model)})")
 
 
 def model_patch_lines(model) -> list[str]:

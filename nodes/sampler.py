@@ -312,7 +312,7 @@ def _report_lines(req: SamplerRequest, policy: CachePolicy, run: ModelRun, initi
         f"steps {','.join(f'{s:g}' for s in req.steps)}, shift {req.shift:g}",
         f"policy: {describe(policy)}",
         *[f"  {n}" for n in run.estimate.notes],
-        memory_line(run.estimate),
+        memory_line(run),
         f"time: {seconds:.2f} s, {per_chunk:.3f} s/chunk (steady {steady:.3f} s/chunk), "
         f"{new_video / seconds if seconds > 0 else 0:.2f} video frames/s on {run.computed_on()}",
     ]

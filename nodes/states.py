@@ -56,7 +56,8 @@ class HeadForcingLoadARState(io.ComfyNode):
             description="Loads an AR_STATE saved by Save AR State, to continue that video with Head Forcing Continue.",
             inputs=[
                 io.Combo.Input("state_name", options=state_file_names(),
-                               tooltip="A file in output/headforcing_states (refresh the page after saving)."),
+                               tooltip="A file in output/headforcing_states or its sub-folders (listed as 'sub/name'; "
+                                       "refresh the page after saving)."),
                 io.Model.Input("model", optional=True,
                                tooltip="Optional: check now that the state was made with this model's shape."),
             ],

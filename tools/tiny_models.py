@@ -6,6 +6,9 @@
   t2v: dim 256 (2 heads of 128), 2 layers, ffn 512, text_dim 4096, freq_dim 256, in/out 16,
   patch (1, 2, 2).  The parameters come from the pack's own reference backbone
   (``headforcing_core.wan_model``), so the core tests and ComfyUI see the same layout.
+* ``write_tiny_wan_scaled_fp8(path)``: the same model as a *scaled-fp8* file, the layout of
+  Comfy-Org's ``*_fp8_scaled`` diffusion models that UNETLoader loads with weight_dtype ``default``
+  (see :func:`scaled_fp8_state_dict`).
 * ``write_tiny_wan_vae(path)``: a Wan 2.1 video VAE with base dim 8 that ComfyUI's VAELoader
   detects as the Wan 2.1 VAE (16 latent channels, 4x time / 8x space).  Its keys and shapes
   are written from a small description of the architecture, so this needs torch and
@@ -13,7 +16,7 @@
 
 Random weights give noise videos: these models prove plumbing, not quality.
 
-    python tools/tiny_models.py --wan OUT.safetensors --vae OUT_VAE.safetensors
+    python tools/tiny_models.py --wan OUT.safetensors --vae OUT_VAE.safetensors [--wan-scaled-fp8 OUT_FP8.safetensors]
 """
 from __future__ import annotations
 
@@ -57,6 +60,40 @@ def write_tiny_wan(path, seed: int = 0, dtype: torch.dtype = torch.float32, **ov
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tiny_wan_state_dict(seed, dtype, **overrides), str(path), metadata={"format": "pt"})
+    return path
+
+
+def scaled_fp8_state_dict(sd: dict[str, torch.Tensor], fp8: torch.dtype = torch.float8_e4m3fn,
+                          matrix_mult: bool = False) -> dict[str, torch.Tensor]:
+    """``sd`` in ComfyUI's scaled-fp8 layout, as ComfyUI 0.3.75 reads it (comfy/model_detection.py
+    ``model_config_from_unet``; comfy/ops.py ``scaled_fp8_ops``):
+
+    * a ``scaled_fp8`` marker tensor of the fp8 dtype — two elements: fp8 matrix multiplication off
+      (Comfy-Org's diffusion models), none: on (ComfyUI then also makes a ``scale_input`` per layer);
+    * every Linear weight (the 2-D ``*.weight`` tensors) stored as ``fp8(w / s)`` with its float32
+      per-tensor ``<layer>.scale_weight`` ``s = max|w| / max(fp8)`` (ComfyUI multiplies it back);
+    * everything else as it is (ComfyUI casts the Linear biases to the fp8 dtype on loading, unscaled).
+    """
+    top = torch.finfo(fp8).max
+    out: dict[str, torch.Tensor] = {}
+    for key, w in sd.items():
+        if key.endswith(".weight") and w.ndim == 2:
+            scale = (w.float().abs().amax() / top).clamp_min(torch.finfo(torch.float32).tiny)
+            out[key] = (w.float() / scale).to(fp8).contiguous()
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(()).contiguous()
+        else:
+            out[key] = w
+    out["scaled_fp8"] = torch.empty(0 if matrix_mult else 2, dtype=fp8)
+    return out
+
+
+def write_tiny_wan_scaled_fp8(path, seed: int = 0, source_dtype: torch.dtype = torch.bfloat16,
+                              fp8: torch.dtype = torch.float8_e4m3fn, **overrides) -> Path:
+    """The tiny Wan (its ``source_dtype`` weights) as a scaled-fp8 file (:func:`scaled_fp8_state_dict`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(scaled_fp8_state_dict(tiny_wan_state_dict(seed, source_dtype, **overrides), fp8), str(path),
+              metadata={"format": "pt"})
     return path
 
 
@@ -208,13 +245,16 @@ def write_tiny_wan_vae(path, seed: int = 0, dtype: torch.dtype = torch.float32) 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--wan", type=Path, help="write the tiny Wan2.1 T2V diffusion model here")
+    p.add_argument("--wan-scaled-fp8", type=Path, help="write the tiny Wan2.1 T2V as a scaled-fp8 file here")
     p.add_argument("--vae", type=Path, help="write the tiny Wan 2.1 VAE here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if not (args.wan or args.vae):
-        p.error("nothing to write: give --wan and/or --vae")
+    if not (args.wan or args.wan_scaled_fp8 or args.vae):
+        p.error("nothing to write: give --wan, --wan-scaled-fp8 and/or --vae")
     if args.wan:
         print(f"tiny Wan2.1 T2V -> {write_tiny_wan(args.wan, seed=args.seed)}")
+    if args.wan_scaled_fp8:
+        print(f"tiny Wan2.1 T2V, scaled fp8 -> {write_tiny_wan_scaled_fp8(args.wan_scaled_fp8, seed=args.seed)}")
     if args.vae:
         print(f"tiny Wan 2.1 VAE -> {write_tiny_wan_vae(args.vae, seed=args.seed)}")
     return 0

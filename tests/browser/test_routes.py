@@ -78,8 +78,8 @@ def test_estimate_with_a_profile_uses_its_labels(ui_server):
     ({"rope": "sideways"}, "rope must be one of"),
     ({"x": "1"}, "unknown parameter"),
     ({"width": "9" * 600}, "too long"),
-    ({"profile": "../../../etc/passwd", "preset": "pyramid_forcing"}, "path separator"),
-    ({"profile": "/etc/passwd", "preset": "pyramid_forcing"}, "path separator"),
+    ({"profile": "../../../etc/passwd", "preset": "pyramid_forcing"}, "'..' is a folder reference"),
+    ({"profile": "/etc/passwd", "preset": "pyramid_forcing"}, "absolute path"),
     ({"profile": "", "preset": "pyramid_forcing"}, "profile must be"),
     ({"preset": "full", "length": "1"}, "shorter than one chunk"),
 ])

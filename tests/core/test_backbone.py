@@ -95,3 +95,61 @@ def test_reference_norms_compute_wans_float32_norm_for_any_weight_and_input_dtyp
     for got, want in ((ln(x), want_ln), (rms(x), want_rms)):
         assert got.dtype == x_dtype
         assert torch.allclose(got.double(), want, rtol=tol, atol=tol * 4)
+
+
+def test_fp8_weights_cast_on_the_fly_and_compute_in_float32():
+    """fp8 is a storage format (ComfyUI's fp8 weight dtypes keep every parameter but the patch embedding
+    in it and cast each layer's weights per call): the runner computes in float32 and gives exactly what
+    the weights rounded to fp8 give in float32 (e5m2 and scaled fp8: tests/e2e/test_fp8_weights_e2e.py)."""
+    fp8 = torch.float8_e4m3fn
+    rounded, stored = random_backbone(TINY, seed=0), random_backbone(TINY, seed=0)
+    with torch.no_grad():
+        for (name, r), s in zip(rounded.named_parameters(), stored.parameters()):
+            if not name.startswith("patch_embedding."):
+                r.copy_(r.to(fp8).float())
+                s.data = s.data.to(fp8)
+    castify(stored)
+    want = generate(rounded, text_context(), latent_noise(3), generator=torch.Generator().manual_seed(0))
+    got = generate(stored, text_context(), latent_noise(3), generator=torch.Generator().manual_seed(0))
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_fp8_weights_without_casting_layers_and_an_fp8_compute_dtype_are_refused():
+    from headforcing_core import HeadForcingError, ModelFamilyError
+    plain = random_backbone(TINY, seed=0)
+    plain.blocks[0].self_attn.q.weight.data = plain.blocks[0].self_attn.q.weight.data.to(torch.float8_e4m3fn)
+    with pytest.raises(ModelFamilyError, match="weights are float8_e4m3fn but its layers do not cast them"):
+        generate(plain, text_context(), latent_noise(3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(HeadForcingError, match="fp8 is a weight format, not a compute dtype"):
+        generate(random_backbone(TINY, seed=0), text_context(), latent_noise(3), dtype=torch.float8_e4m3fn,
+                 generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("cfg, published", [(TINY, None), (WanConfig(), 1.42e9),
+                                            (WanConfig(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824), 14.29e9)])
+def test_weights_bytes_restate_how_comfyui_stores_each_parameter(cfg, published):
+    """:meth:`BackboneSpec.weights_bytes` against the module itself (on the meta device), each tensor
+    classified by the layer it belongs to: Linear weights and biases, the float32 patch embedding, the rest."""
+    from headforcing_core import BackboneSpec
+    with torch.device("meta"):
+        model = WanBackbone(cfg)
+    linear = other = patch = layers = 0
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if isinstance(module, torch.nn.Linear):
+            linear, layers = linear + own, layers + 1
+        elif name == "patch_embedding":
+            patch += own
+        else:
+            other += own
+    spec = BackboneSpec.from_config(cfg)
+    assert spec.parameter_counts() == {"linear": linear, "linear_layers": layers, "other": other,
+                                       "patch_embedding": patch}
+    if published:
+        assert linear + other + patch == pytest.approx(published, rel=2e-3)
+    e4m3, e5m2, bf16 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16)
+    assert spec.weights_bytes(e4m3) == spec.weights_bytes(e5m2) == linear + other + 4 * patch
+    assert spec.weights_bytes(bf16) == 2 * (linear + other) + 4 * patch
+    assert spec.weights_bytes(torch.float32, scaled_fp8=e4m3) == linear + 4 * layers + 4 * other + 4 * patch
+    assert spec.weights_bytes(bf16, scaled_fp8=e4m3, scales_per_layer=2) == linear + 8 * layers + 2 * other + 4 * patch
+    assert 0.5 < spec.weights_bytes(e4m3) / spec.weights_bytes(bf16) < 0.51

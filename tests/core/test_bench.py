@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from headforcing_core.bench import main
 
@@ -28,6 +29,29 @@ def test_estimate_budgets_at_1p3b(capsys):
         # 21 frames of 1560 tokens, 30 layers × 12 heads × 128 × K and V × bf16
         assert pol["self_forcing_window"]["kv_bytes"] == 21 * 1560 * 30 * 12 * 128 * 2 * 2
         assert pol["self_forcing_window"]["attended_frames"] == pytest.approx(21)
+
+
+def test_estimate_rows_count_the_weights_in_their_dtype_fp8_included(capsys):
+    """The 14B rows' total is the run's peak plus the weights as ComfyUI holds them loaded: fp8 weights
+    (UNETLoader's fp8_e4m3fn / e5m2) are one byte a parameter but the float32 patch embedding."""
+    from headforcing_core.backbone import BackboneSpec
+    from headforcing_core.bench import MODEL_SHAPES
+    spec = BackboneSpec.from_config(MODEL_SHAPES["14b"])
+    args = ("--estimate", "--model-shape", "14b", "--seconds", "60", "--policy", "longlive", "head_forcing")
+    by_dtype = {w: run_bench(capsys, *args, "--weights-dtype", w) for w in ("fp8", "bf16")}
+    assert run_bench(capsys, *args)["weights_dtype"] == "bf16"  # the default
+    for w, dtype in (("fp8", torch.float8_e4m3fn), ("bf16", torch.bfloat16)):
+        r = by_dtype[w]
+        assert r["weights_dtype"] == w and r["weights_bytes"] == spec.weights_bytes(dtype)
+        for row in r["results"]["60s"]["policies"].values():
+            assert row["weights_bytes"] == r["weights_bytes"]
+            assert row["total_bytes"] == row["run_bytes"] + row["weights_bytes"]
+    # 14.29 B parameters: ≈ 13.3 GiB in fp8, ≈ 26.6 GiB in bf16; the rest of the row does not change
+    assert by_dtype["fp8"]["weights_bytes"] / 2**30 == pytest.approx(13.31, abs=0.01)
+    assert by_dtype["bf16"]["weights_bytes"] / 2**30 == pytest.approx(26.62, abs=0.01)
+    fp8_rows, bf16_rows = (by_dtype[w]["results"]["60s"]["policies"] for w in ("fp8", "bf16"))
+    for name in fp8_rows:
+        assert fp8_rows[name]["run_bytes"] == bf16_rows[name]["run_bytes"]
 
 
 def test_timed_run_on_the_tiny_model(capsys):

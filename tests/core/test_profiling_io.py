@@ -70,7 +70,7 @@ def test_other_model_shape_is_refused_naming_both(tiny_profile, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../x", "a/../../x", "..", "/etc/passwd", "/tmp/x.safetensors", "..\\x",
-                                  "C:\\x", "", "   ", "a\x00b", "sub/x", ".", "preset: x"])
+                                  "C:\\x", "", "   ", "a\x00b", "sub/", ".", "preset: x", "sub/../../x"])
 def test_names_leaving_the_folder_are_refused(tmp_path, name):
     with pytest.raises(ProfileError, match="head profile name .* is not allowed"):
         profile_path(tmp_path / "profiles", name)
@@ -84,7 +84,7 @@ def test_symlinks_out_of_the_folder_are_refused(tmp_path, tiny_profile):
     save_profile(tiny_profile, outside / "secret.safetensors")
     os.symlink(outside, folder / "link_dir")
     os.symlink(outside / "secret.safetensors", folder / "link.safetensors")
-    with pytest.raises(ProfileError, match="path separator"):
+    with pytest.raises(ProfileError, match="points outside its folder"):
         profile_path(folder, "link_dir/secret.safetensors")
     with pytest.raises(ProfileError, match="points outside its folder"):
         profile_path(folder, "link.safetensors")
@@ -94,6 +94,15 @@ def test_symlinks_out_of_the_folder_are_refused(tmp_path, tiny_profile):
     assert list_profiles(folder) == ["alias.safetensors", "ok.safetensors"]
     with pytest.raises(ProfileError, match="outside"):
         resolve_profile("link.safetensors", [folder])
+
+
+def test_profiles_in_sub_folders_list_and_load_by_their_sub_folder_name(tmp_path, tiny_profile):
+    folder = tmp_path / "headforcing"
+    save_profile(tiny_profile, profile_path(folder, "wan14b/mine"))
+    assert list_profiles(folder) == ["wan14b/mine.safetensors"]
+    for name in ("wan14b/mine", "wan14b/mine.safetensors"):
+        loaded = resolve_profile(name, [folder])
+        assert loaded.labels.types == tiny_profile.labels.types
 
 
 def test_corrupt_files_give_a_clear_error(tiny_profile, tmp_path):

@@ -204,7 +204,7 @@ def test_weights_digest_mismatch_only_warns(small_state):
 
 
 def test_names_escaping_the_folder_are_refused(tmp_path):
-    for bad in ["../x", "a/../../x", "/etc/passwd", "", "  ", "a\x00b", "a/b.safetensors"]:
+    for bad in ["../x", "a/../../x", "/etc/passwd", "", "  ", "a\x00b", "a\\b.safetensors", "a//b"]:
         with pytest.raises(StateError, match="AR_STATE name .* is not allowed"):
             safe_path(tmp_path, bad, kind="AR_STATE", error=StateError)
     with pytest.raises(StateError, match="no AR_STATE file"):

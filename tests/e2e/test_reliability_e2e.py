@@ -239,8 +239,8 @@ def test_an_endless_schedule_line_is_refused_when_queued_saying_shorten(comfy, l
 # names of files users save
 # --------------------------------------------------------------------------------------------
 
-BAD_NAMES = [(".", "folder reference"), ("..", "folder reference"), ("sub/", "path separator"),
-             ("../../escape", "path separator"), ("line\nbreak", "U+000A"), ("x" * 300, "characters long"),
+BAD_NAMES = [(".", "folder reference"), ("..", "folder reference"), ("sub/", "no file name after the last '/'"),
+             ("../../escape", "'..' is a folder reference"), ("line\nbreak", "U+000A"), ("x" * 300, "characters long"),
              ("", "it is empty"), ("preset: mine", "character ':'")]
 
 
@@ -456,7 +456,7 @@ ROUTE_GARBAGE = [
     ({"width": "abc"}, 400, "width must be an integer"), ({"width": "-16"}, 400, "width must be at least"),
     ({"length": "1e400"}, 400, "length must be an integer"), ({"memory_similarity": "nan"}, 400, "finite"),
     ({"preset": "../../etc"}, 400, "preset must be one of"), ({"bogus": "1"}, 400, "unknown parameter"),
-    ({"width": "9" * 600}, 400, "too long"), ({"profile": "../../etc/passwd"}, 400, "path separator"),
+    ({"width": "9" * 600}, 400, "too long"), ({"profile": "../../etc/passwd"}, 400, "'..' is a folder reference"),
     ({"profile": "missing_profile"}, 404, "no head profile"), ({"profile": "a\nb"}, 400, "U+000A"),
     ({"profile": ""}, 400, "profile must be"), ({"width": "16384", "height": "16384", "length": "1000000",
                                                  "preset": "full"}, 200, ""),

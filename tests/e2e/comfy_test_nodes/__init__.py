@@ -94,6 +94,13 @@ def _describe_model(model) -> dict:
         "dim": getattr(dm, "dim", None),
         "num_heads": getattr(dm, "num_heads", None),
         "params": sum(p.numel() for p in dm.parameters()),
+        # the loaded size: ModelPatcher.model_size() (what the pack's pre-flight counts) and the
+        # diffusion model's own state dict (model_size also holds the model_sampling tables)
+        "model_size": int(model.model_size()),
+        "diffusion_model_bytes": sum(t.nelement() * t.element_size() for t in dm.state_dict().values()),
+        "param_dtypes": sorted({str(t.dtype) for t in dm.state_dict().values()}),
+        "manual_cast_dtype": str(getattr(base, "manual_cast_dtype", None)),
+        "scaled_fp8": str(getattr(base.model_config, "scaled_fp8", None)),
     }
     return info
 
