@@ -71,16 +71,11 @@ def prefill(sampler: ARSampler, frames: int, generator: torch.Generator) -> None
     f = sampler.frames_per_block
     for start in range(0, frames, f):
         n = min(f, frames - start)
-        cache.reserve(start, n)
         shape = (spec.num_layers, sampler.batch, n * cache.tokens, spec.num_heads, spec.head_dim)
         dev = generator.device  # draw where the generator lives (the device in timed runs: no host copies)
         k = torch.randn(shape, generator=generator, device=dev).to(sampler.runner.device, sampler.runner.dtype)
         v = torch.randn(shape, generator=generator, device=dev).to(sampler.runner.device, sampler.runner.dtype)
-        if cache.prerotated:
-            cache.commit(start, n, None, None)
-            cache.replace_frames(start, n, k, v)
-        else:
-            cache.commit(start, n, k, v)
+        cache.commit(start, n, k, v)
     sampler.next_frame = frames
 
 
@@ -106,7 +101,7 @@ def time_attention(sampler: ARSampler, plan, iters: int = 3) -> dict:
     s = plan.frames * plan.tokens
     q, k, v = (torch.randn(sampler.batch, s, spec.num_heads, spec.head_dim, device=dev, dtype=dtype)
                for _ in range(3))
-    attn = ChunkAttention(plan, sampler.cache, sampler.backend)
+    attn = ChunkAttention(plan, sampler.cache, sampler.backend)  # binds a scratch again (the chunk released it)
     attn(0, q, k, v)
     _sync(dev)
     t = time.perf_counter()

@@ -1,15 +1,13 @@
-"""The head-wise KV cache: one store per head *type*, spanning every layer.
+"""The head-wise KV cache: one store per head *type*, spanning every layer, all in one K/V arena.
 
 Every head of a type keeps the same frames (the rules depend on frame indices; see
 :mod:`headforcing_core.retention`), so a type's heads — across all layers — share one
 bookkeeping (a :class:`~headforcing_core.retention.Tracker` and a page table) and one set
-of preallocated buffers, indexed by ``(layer, head)`` pairs in layer order:
+of buffers, indexed by ``(layer, head)`` pairs in layer order:
 
-* :class:`FramePool` — whole frames, raw (pre-RoPE) K and V ``[B, N, pages, tokens, D]``;
-  a page per held frame (sinks, recent, strided / cyclic frames are the same page when
-  they are the same frame). For policies whose keys never move (``absolute`` RoPE, one
-  type, no middle) the pool holds keys rotated at their absolute time and *is* what
-  attention reads: the chunk's own pages are written in place by every model call.
+* :class:`FramePool` — whole frames, K and V ``[B, N, pages, tokens, D]``; a page per held
+  frame (sinks, recent, strided / cyclic frames are the same page when they are the same
+  frame).
 * :class:`BlockPool` — Pyramid Forcing's merged blocks (pooled tokens) and the running sum
   of the block being filled.
 * :class:`EpisodicMemory` — Head Forcing's memory heads: pooled episodes with their
@@ -18,33 +16,62 @@ of preallocated buffers, indexed by ``(layer, head)`` pairs in layer order:
   commit never synchronises with the host and batch rows are independent.
 
 Every type has a frame pool; a rule whose middle needs a tier of its own gets it from
-:data:`MIDDLE_TIERS`, keyed by the middle's ``kind``. Memory is the sum of these capacities,
-fixed by the policy, not by the video length
-(except ``full``'s all-frames pool). Committing a chunk writes its frames into pages; it
-never copies the whole cache.
+:data:`MIDDLE_TIERS`, keyed by the middle's ``kind``.
+
+**One arena.** All of a cache's K and V live in one buffer ``kv [2, B, rows, D]`` (K then V);
+every store is a view of it, each head a contiguous run of rows (its frame pages, then its
+merged blocks or episode slots). So one index op gathers any set of keys *and* their values
+for a layer (the plan's per-layer gather, :mod:`headforcing_core.plan`).
+
+**Keys are stored rotated at their own time.** A frame's keys are rotated (RoPE) at its own
+frame index and token positions — what Self Forcing keeps; a merged block's at its own time
+and pooled positions; an episode's at its pooled positions only (its time is decided when it
+is read). Attention therefore re-rotates only the keys a policy re-times (sinks, Pyramid
+Forcing's anchors, episodes), by the difference of times. Pooling (blocks, episodes) works
+on raw keys: a frame is un-rotated first.
+
+**Memory is fixed by the policy**, not the video length (except ``full``'s all-frames pool).
+A pool read in place by attention (``prerotated``: ``absolute`` RoPE, one type, no middle)
+also holds the current chunk, written by every model call. Otherwise the chunk lives in the
+plan's scratch and its clean pass writes the frames the commit keeps into the pages of the
+frames it evicts, layer by layer after that layer's attention (:meth:`HeadwiseKVCache.reserve`
+decides the pages before the chunk): the pool holds no chunk headroom (only the episodic
+memory keeps the pages of the frames it will fold in, read after the pass).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
 from .errors import StateError
 from .policies import Episodic, Merge, Rule
-from .retention import Commit, Tracker, make_tracker
-from .rope import pool_tokens, pooled_grid
+from .retention import Commit, Tracker, make_tracker, pages_at_commit
+from .rope import pool_tokens, pooled_grid, rotate_entries, spatial_positions
+
+KEY_FORMAT = "rotated"  # how an AR_STATE's cache stores keys (see the module docstring)
+COMMIT_SLICE_BYTES = 64 * 2**20  # the most of a frame (as float32) a commit un-rotates and pools at once
+
+
+def _head_slices(frame: torch.Tensor) -> list[slice]:
+    """Slices of the heads of a frame ``[B, N, T, D]`` each within :data:`COMMIT_SLICE_BYTES` as float32."""
+    b, n, t, d = frame.shape
+    step = max(1, min(n, COMMIT_SLICE_BYTES // max(1, b * t * d * 4)))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 class FramePool:
-    """Whole frames of one head type: ``k``/``v`` ``[B, N, pages, tokens, D]`` and the page of each frame."""
+    """Whole frames of one head type: ``k``/``v`` ``[B, N, pages, tokens, D]`` (views of the arena) and the
+    page of each frame. ``pending``: pages decided for the frames of the chunk being made (committed by
+    :meth:`HeadwiseKVCache.commit`)."""
 
-    def __init__(self, capacity: int, batch: int, heads: int, tokens: int, head_dim: int, dtype, device):
-        shape = (batch, heads, capacity, tokens, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
         self.page_of: dict[int, int] = {}
-        self.free: list[int] = list(range(capacity))
+        self.free: list[int] = list(range(k.shape[2]))
+        self.pending: dict[int, int] = {}
 
     @property
     def capacity(self) -> int:
@@ -60,9 +87,28 @@ class FramePool:
             self.page_of[f] = p
         return pages
 
+    def plan_pages(self, frames: list[int], reusable: set[int]) -> dict[int, int]:
+        """Pages for the chunk's ``frames`` that a commit keeps: free pages first (lowest first), then the
+        pages of ``reusable`` held frames (evicted by this commit, unread after its clean pass)."""
+        candidates = sorted(self.free) + sorted(self.page_of[f] for f in reusable)
+        if len(candidates) < len(frames):
+            raise RuntimeError(f"frame pool full: {len(candidates)} pages for {len(frames)} frames")
+        self.pending = dict(zip(frames, candidates))
+        return self.pending
+
+    def adopt_pending(self) -> None:
+        """The chunk's frames take their planned pages (a reused page is briefly shared with the evicted frame
+        it held, until :meth:`release`)."""
+        taken = set(self.pending.values())
+        self.page_of.update(self.pending)
+        self.free = [p for p in self.free if p not in taken]
+        self.pending = {}
+
     def release(self, keep: set[int]) -> None:
         for f in [f for f in self.page_of if f not in keep]:
-            self.free.append(self.page_of.pop(f))
+            page = self.page_of.pop(f)
+            if page not in self.page_of.values():
+                self.free.append(page)
 
     @property
     def nbytes(self) -> int:
@@ -70,14 +116,14 @@ class FramePool:
 
 
 class BlockPool:
-    """Merged blocks of one head type (pooled tokens) and the running sum of the block being filled."""
+    """Merged blocks of one head type (pooled tokens; views of the arena) and the running sum of the block
+    being filled (raw keys, float32)."""
 
-    def __init__(self, capacity: int, batch: int, heads: int, tokens: int, head_dim: int, dtype, device):
-        shape = (batch, heads, capacity, tokens, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+        batch, heads, capacity, tokens, head_dim = k.shape
         acc = (batch, heads, tokens, head_dim)
-        self.acc_k = torch.zeros(acc, dtype=torch.float32 if dtype != torch.float64 else dtype, device=device)
+        self.acc_k = torch.zeros(acc, dtype=torch.float32 if k.dtype != torch.float64 else k.dtype, device=k.device)
         self.acc_v = torch.zeros_like(self.acc_k)
         self.acc_frames = 0
         self.page_of: dict[int, int] = {}
@@ -91,18 +137,20 @@ class BlockPool:
 class EpisodicMemory:
     """Pooled episodes of one head type with device-side bookkeeping per (batch row, layer).
 
-    ``k``/``v`` ``[B, N, slots, tokens, D]``; ``sig`` ``[B, N, slots, D]`` (float32 running mean of
-    each head's mean key); per ``[B, layers, slots]``: ``valid``, ``first`` / ``last`` frame,
-    ``count``. Episodes are contiguous runs of evicted frames, so ``(first, last)`` says which
-    frames an episode holds and its time is their mean.
+    ``k``/``v`` ``[B, N, slots, tokens, D]`` (views of the arena; keys rotated at their pooled token
+    positions, not in time: an episode's time is decided when it is read); ``sig`` ``[B, N, slots, D]``
+    (float32 running mean of each head's mean raw key); per ``[B, layers, slots]``: ``valid``, ``first`` /
+    ``last`` frame, ``count``. Episodes are contiguous runs of evicted frames, so ``(first, last)`` says
+    which frames an episode holds and its time is their mean. A running mean of keys rotated at the same
+    positions is the rotation of the running mean, so episodes merge as raw keys would.
     """
 
-    def __init__(self, rule, batch: int, heads: int, layer_of_head: list[int], layers: int, tokens: int,
-                 head_dim: int, dtype, device):
+    def __init__(self, rule, k: torch.Tensor, v: torch.Tensor, layer_of_head: list[int], layers: int,
+                 pooled_grid_hw: tuple[int, int]):
         self.cap, self.pool, self.similarity = rule.cap, rule.pool, float(rule.similarity)
-        slots = rule.cap + 1  # headroom: a new episode opens before the two most similar ones merge
-        self.k = torch.zeros(batch, heads, slots, tokens, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        batch, heads, slots, tokens, head_dim = k.shape  # slots: cap + 1, a new episode opens before a merge
+        device = k.device
+        self.k, self.v = k, v
         self.sig = torch.zeros(batch, heads, slots, head_dim, dtype=torch.float32, device=device)
         self.valid = torch.zeros(batch, layers, slots, dtype=torch.bool, device=device)
         self.first = torch.zeros(batch, layers, slots, dtype=torch.int64, device=device)
@@ -110,6 +158,7 @@ class EpisodicMemory:
         self.count = torch.zeros(batch, layers, slots, dtype=torch.float64, device=device)
         self.layer_of_head = torch.tensor(layer_of_head, dtype=torch.int64, device=device)
         self.layers = layers
+        self.positions = pooled_grid_hw  # the pooled token grid (h, w)
 
     @property
     def slots(self) -> int:
@@ -117,7 +166,13 @@ class EpisodicMemory:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sig))
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v)) + self.bookkeeping_bytes
+
+    @property
+    def bookkeeping_bytes(self) -> int:
+        """What the memory holds besides its K/V (which live in the cache's arena)."""
+        return sum(t.numel() * t.element_size() for t in (self.sig, self.valid, self.first, self.last, self.count,
+                                                            self.layer_of_head))
 
     # ---- helpers over (batch, layer) ------------------------------------------------------
     def _per_layer(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,11 +212,15 @@ class EpisodicMemory:
         return (self.first + self.last).to(torch.float64) / 2
 
     # ---- one evicted frame ---------------------------------------------------------------
-    def accept(self, k: torch.Tensor, v: torch.Tensor, frame: int, opens: bool, grid: tuple[int, int]) -> None:
-        """Fold one evicted frame (``[B, N, tokens, D]`` raw K/V) into every (row, layer)'s memory."""
-        pk = pool_tokens(k, *grid, self.pool)
-        pv = pool_tokens(v, *grid, self.pool)
+    def accept(self, pk: torch.Tensor, pv: torch.Tensor, frame: int, opens: bool, grid: tuple[int, int]) -> None:
+        """Fold one evicted frame, pooled (``[B, N, pooled tokens, D]`` raw K, V), into every (row, layer)'s
+        memory."""
         sig = pk.float().mean(dim=2)  # [B, N, D]: each head's mean key of this frame
+        at = spatial_positions(*grid, self.pool, "centroid")
+        pk = rotate_entries(pk.unsqueeze(2), torch.zeros(1, dtype=torch.float64), at).squeeze(2)  # stored rotated
+        self._accept_one(pk, pv, sig, frame, opens)
+
+    def _accept_one(self, pk: torch.Tensor, pv: torch.Tensor, sig: torch.Tensor, frame: int, opens: bool) -> None:
         n_valid = self.valid.sum(-1)  # [B, L]
         order = self.time_order()
         newest = order.gather(-1, torch.clamp(n_valid - 1, min=0).unsqueeze(-1)).squeeze(-1)
@@ -228,7 +287,8 @@ class EpisodicMemory:
 
 @dataclass
 class TypeStore:
-    """Everything one head type keeps: its tracker, its heads, its buffers."""
+    """Everything one head type keeps: its tracker, its heads, its buffers, and where its heads sit in the
+    arena (``base``: first row; ``head_rows``: rows per head)."""
 
     head_type: str
     rule: Rule
@@ -237,6 +297,10 @@ class TypeStore:
     frames: FramePool
     blocks: BlockPool | None = None
     episodes: EpisodicMemory | None = None
+    base: int = 0
+    head_rows: int = 0
+    block_offset: int = 0  # rows into a head's run where its merged blocks start
+    episode_offset: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -244,18 +308,34 @@ class TypeStore:
             self.episodes.nbytes if self.episodes else 0)
 
 
-def _merged_blocks(cache: "HeadwiseKVCache", middle: Merge, tracker: Tracker, heads: list[tuple[int, int]]) -> dict:
-    ph, pw = pooled_grid(*cache.grid, middle.patch)
-    return {"blocks": BlockPool(tracker.block_capacity(), cache.batch, len(heads), ph * pw, cache.head_dim,
-                                cache.dtype, cache.device)}
+@dataclass(frozen=True)
+class _Layout:
+    """Rows of one type in the arena: ``heads`` runs of ``frame_pages·tokens + block_pages·block_tokens +
+    episode_slots·episode_tokens`` rows."""
+
+    heads: int
+    frame_pages: int
+    block_pages: int = 0
+    block_tokens: int = 0
+    episode_slots: int = 0
+    episode_tokens: int = 0
+
+    def head_rows(self, tokens: int) -> int:
+        return self.frame_pages * tokens + self.block_pages * self.block_tokens + self.episode_slots * self.episode_tokens
 
 
-def _episodes(cache: "HeadwiseKVCache", middle: Episodic, tracker: Tracker, heads: list[tuple[int, int]]) -> dict:
-    ph, pw = pooled_grid(*cache.grid, middle.pool)
+def _merged_blocks(cache: "HeadwiseKVCache", middle: Merge, tracker: Tracker, layout: _Layout,
+                   views, heads: list[tuple[int, int]]) -> dict:
+    return {"blocks": BlockPool(*views(layout.block_pages, layout.block_tokens))}
+
+
+def _episodes(cache: "HeadwiseKVCache", middle: Episodic, tracker: Tracker, layout: _Layout, views,
+              heads: list[tuple[int, int]]) -> dict:
     layers = sorted({li for li, _ in heads})
     slot = {li: i for i, li in enumerate(layers)}
-    episodes = EpisodicMemory(middle, cache.batch, len(heads), [slot[li] for li, _ in heads], len(layers),
-                              ph * pw, cache.head_dim, cache.dtype, cache.device)
+    k, v = views(layout.episode_slots, layout.episode_tokens)
+    episodes = EpisodicMemory(middle, k, v, [slot[li] for li, _ in heads], len(layers),
+                              pooled_grid(*cache.grid, middle.pool))
     episodes.layer_ids = layers  # type: ignore[attr-defined]
     return {"episodes": episodes}
 
@@ -265,12 +345,28 @@ def _episodes(cache: "HeadwiseKVCache", middle: Episodic, tracker: Tracker, head
 MIDDLE_TIERS = {"Merge": _merged_blocks, "Episodic": _episodes}
 
 
-class HeadwiseKVCache:
-    """Per-type stores for a policy's head types over all layers.
+def type_layout(rule: Rule, tracker: Tracker, heads: int, grid: tuple[int, int], frames_per_block: int,
+                total_frames: int, in_place: bool) -> _Layout:
+    """How many pages, blocks and episode slots one head of a type holds (what the cache allocates and
+    what an AR_STATE's tensors must be)."""
+    pages = tracker.frame_capacity(frames_per_block, total_frames, in_place)
+    middle = rule.middle
+    if isinstance(middle, Merge):
+        ph, pw = pooled_grid(*grid, middle.patch)
+        return _Layout(heads, pages, block_pages=tracker.block_capacity(), block_tokens=ph * pw)
+    if isinstance(middle, Episodic):
+        ph, pw = pooled_grid(*grid, middle.pool)
+        return _Layout(heads, pages, episode_slots=middle.cap + 1, episode_tokens=ph * pw)
+    return _Layout(heads, pages)
 
-    ``prerotated``: the frame pool holds keys rotated at their absolute time and is read
-    in place by attention (see the module docstring); otherwise it holds raw keys and the
-    plan gathers and rotates what each chunk attends.
+
+class HeadwiseKVCache:
+    """Per-type stores for a policy's head types over all layers, in one K/V arena (module docstring).
+
+    ``prerotated``: attention reads the frame pool in place (one type, no middle, ``absolute`` RoPE): the
+    pool also holds the current chunk, written by every model call. Otherwise the plan gathers what each
+    layer attends into a scratch buffer and the clean pass writes the kept frames into the pages
+    :meth:`reserve` planned.
     """
 
     def __init__(self, head_types: tuple[tuple[str, ...], ...], rules: dict[str, Rule], *, batch: int,
@@ -289,29 +385,63 @@ class HeadwiseKVCache:
         self.device = torch.device(device)
         self.prerotated = prerotated
         order = [t for t in rules if any(t in row for row in head_types)]
+        heads_of = {t: [(li, hi) for li, row in enumerate(head_types) for hi, x in enumerate(row) if x == t]
+                    for t in order}
+        trackers = {t: make_tracker(rules[t], frames_per_block) for t in order}
+        layouts = {t: type_layout(rules[t], trackers[t], len(heads_of[t]), grid, frames_per_block, total_frames,
+                                  prerotated) for t in order}
+        rows = sum(lay.heads * lay.head_rows(self.tokens) for lay in layouts.values())
+        self.kv = torch.zeros(2, batch, rows, head_dim, dtype=dtype, device=self.device)  # K then V
+        self.kv_flat = self.kv.view(2, batch * rows, head_dim)
+        self.rows = rows
         self.types: list[TypeStore] = []
+        base = 0
         for t in order:
-            self.types.append(self._make_store(t, rules[t], total_frames))
+            self.types.append(self._make_store(t, rules[t], trackers[t], heads_of[t], layouts[t], base))
+            base += layouts[t].heads * layouts[t].head_rows(self.tokens)
         # where each (layer, head) lives: (type index, index among that type's heads)
         self.slot_of: dict[tuple[int, int], tuple[int, int]] = {}
         for ti, ts in enumerate(self.types):
             for n, lh in enumerate(ts.heads):
                 self.slot_of[lh] = (ti, n)
+        self._native = spatial_positions(*grid)
 
-    def _make_store(self, head_type: str, rule: Rule, total_frames: int) -> TypeStore:
-        heads = [(li, hi) for li, row in enumerate(self.head_types) for hi, t in enumerate(row) if t == head_type]
-        tracker = make_tracker(rule, self.frames_per_block)
-        n = len(heads)
-        frames = FramePool(tracker.frame_capacity(self.frames_per_block, total_frames), self.batch, n, self.tokens,
-                           self.head_dim, self.dtype, self.device)
+    def _make_store(self, head_type: str, rule: Rule, tracker: Tracker, heads: list[tuple[int, int]],
+                    layout: _Layout, base: int) -> TypeStore:
+        n, per_head = layout.heads, layout.head_rows(self.tokens)
+        runs = self.kv[:, :, base:base + n * per_head].unflatten(2, (n, per_head))  # [2, B, N, rows, D]
+        offset = [0]
+
+        def views(entries: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+            part = runs[:, :, :, offset[0]:offset[0] + entries * tokens].unflatten(3, (entries, tokens))
+            offset[0] += entries * tokens
+            return part[0], part[1]  # [B, N, entries, tokens, D] each
+
+        frames = FramePool(*views(layout.frame_pages, self.tokens))
+        block_offset = episode_offset = offset[0]
         tier = MIDDLE_TIERS.get(rule.middle.kind) if rule.middle is not None else None
-        extra = tier(self, rule.middle, tracker, heads) if tier is not None else {}
-        return TypeStore(head_type, rule, tracker, heads, frames, **extra)
+        extra = tier(self, rule.middle, tracker, layout, views, heads) if tier is not None else {}
+        return TypeStore(head_type, rule, tracker, heads, frames, base=base, head_rows=per_head,
+                         block_offset=block_offset, episode_offset=episode_offset, **extra)
 
     # ---- bookkeeping ----------------------------------------------------------------------
-    def reserve(self, start: int, frames: int) -> list[list[int]]:
-        """Pages for the chunk's frames in every type's pool (before its model calls)."""
-        return [ts.frames.reserve(list(range(start, start + frames))) for ts in self.types]
+    def reserve(self, start: int, frames: int) -> dict[str, dict[int, int]]:
+        """Decide, before the chunk ``[start, start + frames)`` runs, where its frames go; returns
+        ``{head type: {frame: page}}``. A pool read in place gets pages for every frame of the chunk now (every
+        model call writes them). Otherwise only the frames the commit keeps (or reads after the pass) get
+        pages — free ones, or those of the frames this commit evicts — and the clean pass writes them there."""
+        out = {}
+        for ts in self.types:
+            chunk = list(range(start, start + frames))
+            if self.prerotated:
+                out[ts.head_type] = dict(zip(chunk, ts.frames.reserve(chunk)))
+                continue
+            effects = copy.deepcopy(ts.tracker).commit(start, frames)  # the tracker's commit, previewed
+            needed = pages_at_commit(effects)
+            written = [f for f in effects.new_frames if f in needed]
+            reusable = {f for f in ts.frames.page_of if f not in needed}
+            out[ts.head_type] = ts.frames.plan_pages(written, reusable)
+        return out
 
     def on_prompt_switch(self, first_frame: int) -> None:
         for ts in self.types:
@@ -328,21 +458,46 @@ class HeadwiseKVCache:
             ts.frames.reserve([f for f in sinks if f not in ts.frames.page_of])
 
     # ---- committing ------------------------------------------------------------------------
-    def commit(self, start: int, frames: int, staged_k: torch.Tensor | None, staged_v: torch.Tensor | None) -> None:
-        """After the clean pass: write its raw K/V (``staged``: ``[layers, B, frames·tokens, heads, D]``, or
-        None when the pool was written in place), then let every type's rule update its stores."""
-        for ti, ts in enumerate(self.types):
+    def commit(self, start: int, frames: int, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
+        """After the clean pass, whose K/V are already in the pages :meth:`reserve` decided (written by the
+        pass), let every type's rule update its stores: merged blocks, episodes, pages released.
+
+        ``k`` / ``v`` (``[layers, B, frames·tokens, heads, D]``, raw keys) write the chunk's K/V here
+        instead (synthetic caches: benchmarks, tests); :meth:`reserve` is then made here if it was not."""
+        if k is not None and not any(ts.frames.pending or start in ts.frames.page_of for ts in self.types):
+            self.reserve(start, frames)
+        for ts in self.types:
             effects: Commit = ts.tracker.commit(start, frames)
-            pages = [ts.frames.page_of[f] for f in effects.new_frames]
-            if staged_k is not None:
-                self._write_frames(ts, pages, staged_k, staged_v, frames)
+            ts.frames.adopt_pending()
+            written = [f for f in effects.new_frames if f in ts.frames.page_of]
+            if k is not None:
+                self._write_frames(ts, written, start, k, v)
             if ts.blocks is not None and effects.merge_frames:
-                self._merge(ts, effects, pages)
+                self._merge(ts, effects)
             if ts.episodes is not None:
                 for frame, opens in effects.to_episodes:
-                    p = ts.frames.page_of[frame]
-                    ts.episodes.accept(ts.frames.k[:, :, p], ts.frames.v[:, :, p], frame, opens, self.grid)
+                    pk, pv = self._pooled_frame(ts, frame, ts.episodes.pool)
+                    ts.episodes.accept(pk, pv, frame, opens, self.grid)
             ts.frames.release(effects.keep_frames)
+
+    def _pooled_frame(self, ts: TypeStore, frame: int, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A held frame's raw K and its V, pooled ``pool×pool`` (``[B, N, pooled tokens, D]``): its stored keys
+        un-rotated and pooled a slice of heads at a time, so the temporaries stay within
+        :data:`COMMIT_SLICE_BYTES`."""
+        page = ts.frames.page_of[frame]
+        k, v = ts.frames.k[:, :, page], ts.frames.v[:, :, page]  # [B, N, T, D]
+        pooled_k = pooled_v = None
+        when = torch.tensor([float(frame)], dtype=torch.float64)
+        for heads in _head_slices(k):
+            raw = rotate_entries(k[:, heads].unsqueeze(2), when, self._native, inverse=True).squeeze(2)
+            pk, pv = pool_tokens(raw, *self.grid, pool), pool_tokens(v[:, heads], *self.grid, pool)
+            if pooled_k is None:
+                if heads.stop >= k.shape[1]:
+                    return pk, pv
+                pooled_k = pk.new_empty((k.shape[0], k.shape[1]) + tuple(pk.shape[2:]))
+                pooled_v = pv.new_empty(pooled_k.shape)
+            pooled_k[:, heads], pooled_v[:, heads] = pk, pv
+        return pooled_k, pooled_v
 
     def _type_heads(self, ts: TypeStore, x: torch.Tensor) -> torch.Tensor:
         """``[layers, B, S, heads, D]`` → ``[B, N, S, D]`` for the (layer, head) pairs of ``ts``."""
@@ -353,19 +508,26 @@ class HeadwiseKVCache:
         flat = x.permute(1, 0, 3, 2, 4).reshape(x.shape[1], -1, x.shape[2], x.shape[4])
         return flat.index_select(1, idx)
 
-    def _write_frames(self, ts: TypeStore, pages: list[int], k: torch.Tensor, v: torch.Tensor, frames: int) -> None:
-        page_idx = torch.tensor(pages, device=self.device)
-        for store, x in ((ts.frames.k, k), (ts.frames.v, v)):
-            src = self._type_heads(ts, x).unflatten(2, (frames, self.tokens))
-            store.index_copy_(2, page_idx, src.to(store.dtype))
+    def _write_frames(self, ts: TypeStore, written: list[int], start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the raw K/V of chunk frames ``written`` (rotated at their own time)."""
+        if not written:
+            return
+        page_idx = torch.tensor([ts.frames.page_of[f] for f in written], device=self.device)
+        sel = torch.tensor([f - start for f in written], device=self.device)
+        frames = k.shape[2] // self.tokens
+        src_k = self._type_heads(ts, k).unflatten(2, (frames, self.tokens)).index_select(2, sel)
+        src_k = rotate_entries(src_k, torch.tensor([float(f) for f in written], dtype=torch.float64), self._native)
+        src_v = self._type_heads(ts, v).unflatten(2, (frames, self.tokens)).index_select(2, sel)
+        ts.frames.k.index_copy_(2, page_idx, src_k.to(self.dtype))
+        ts.frames.v.index_copy_(2, page_idx, src_v.to(self.dtype))
 
-    def _merge(self, ts: TypeStore, effects: Commit, pages: list[int]) -> None:
-        """Accumulate the committed frames into their aligned blocks; store completed blocks."""
+    def _merge(self, ts: TypeStore, effects: Commit) -> None:
+        """Accumulate the committed frames (raw) into their aligned blocks; store completed blocks rotated at
+        their own time and pooled positions."""
         bp, rule = ts.blocks, ts.rule.middle
         n = rule.block_frames
-        for frame, page in zip(effects.merge_frames, pages):
-            pk = pool_tokens(ts.frames.k[:, :, page], *self.grid, rule.patch)
-            pv = pool_tokens(ts.frames.v[:, :, page], *self.grid, rule.patch)
+        for frame in effects.merge_frames:
+            pk, pv = self._pooled_frame(ts, frame, rule.patch)
             if bp.acc_frames == 0:
                 bp.acc_k.copy_(pk)
                 bp.acc_v.copy_(pv)
@@ -380,17 +542,26 @@ class HeadwiseKVCache:
                 bp.free.sort()
                 page_b = bp.free.pop(0)
                 bp.page_of[block] = page_b
-                bp.k[:, :, page_b].copy_(bp.acc_k / n)
+                first = block * n
+                own = float((first + first + n - 1) // 2)  # the block's own time (retention.Key of a block)
+                placed = spatial_positions(*self.grid, rule.patch, "top_left")
+                kb = rotate_entries((bp.acc_k / n).unsqueeze(2), torch.tensor([own], dtype=torch.float64), placed)
+                bp.k[:, :, page_b].copy_(kb.squeeze(2))
                 bp.v[:, :, page_b].copy_(bp.acc_v / n)
                 bp.acc_frames = 0
         for b in [b for b in bp.page_of if b not in effects.keep_blocks]:
             bp.free.append(bp.page_of.pop(b))
 
+    def held_whole(self, start: int, frames: int) -> int:
+        """(layer, head group, frame) entries of frames ``start…`` held whole (what a recache rewrites)."""
+        return sum(sum(1 for j in range(frames) if start + j in ts.frames.page_of) * len({li for li, _ in ts.heads})
+                   for ts in self.types)
+
     def replace_frames(self, start: int, frames: int, k: torch.Tensor, v: torch.Tensor) -> int:
         """Overwrite the stored K/V of frames ``start…`` wherever they are held whole (recache).
 
-        ``k``/``v``: ``[layers, B, frames·tokens, heads, D]`` as the pool stores them (raw, or rotated
-        for a prerotated pool). Returns how many (layer, head group, frame) entries were replaced."""
+        ``k``/``v``: ``[layers, B, frames·tokens, heads, D]`` as the pool stores them (keys rotated at their own
+        time). Returns how many (layer, head group, frame) entries were replaced."""
         n = 0
         for ts in self.types:
             held = [(j, ts.frames.page_of[start + j]) for j in range(frames) if start + j in ts.frames.page_of]
@@ -407,7 +578,15 @@ class HeadwiseKVCache:
     # ---- sizes and snapshots ---------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        return sum(ts.nbytes for ts in self.types)
+        """Bytes the cache holds on its device: the arena and each tier's own buffers (running sums,
+        episode signatures and bookkeeping)."""
+        extra = 0
+        for ts in self.types:
+            if ts.blocks is not None:
+                extra += 2 * ts.blocks.acc_k.numel() * ts.blocks.acc_k.element_size()
+            if ts.episodes is not None:
+                extra += ts.episodes.bookkeeping_bytes
+        return self.kv.numel() * self.kv.element_size() + extra
 
     def store(self, head_type: str) -> TypeStore:
         for ts in self.types:
@@ -439,7 +618,8 @@ class HeadwiseKVCache:
                     put(f"{p}.episodes.{name}", getattr(ts.episodes, name))
             types.append(meta)
         meta = {"grid": list(self.grid), "head_dim": self.head_dim, "frames_per_block": self.frames_per_block,
-                "total_frames": self.total_frames, "prerotated": self.prerotated, "types": types}
+                "total_frames": self.total_frames, "prerotated": self.prerotated, "keys": KEY_FORMAT,
+                "types": types}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -447,8 +627,9 @@ class HeadwiseKVCache:
         if list(meta["grid"]) != list(self.grid) or int(meta["head_dim"]) != self.head_dim:
             raise StateError(f"the saved cache is for a {tuple(meta['grid'])} token grid with {meta['head_dim']}-wide "
                              f"heads; this run has {self.grid} and {self.head_dim}")
-        if bool(meta.get("prerotated", False)) != self.prerotated:
-            raise StateError("the saved cache stores keys another way than this policy does (another policy?)")
+        if bool(meta.get("prerotated", False)) != self.prerotated or meta.get("keys") != KEY_FORMAT:
+            raise StateError("the saved cache stores keys another way than this policy does (another policy, or a "
+                             "state saved by an older version of the pack)")
         saved = meta["types"]
         if [m["head_type"] for m in saved] != [ts.head_type for ts in self.types]:
             raise StateError("the saved cache has other head types than this policy makes: the AR_STATE was made "

@@ -1,20 +1,23 @@
 """Pre-flight memory estimates: what a run will hold, before anything is allocated.
 
-:func:`estimate_run` adds up everything a run holds on its device, phase by phase, and reports
-the peak:
+:func:`estimate_run` adds up what a run allocates on its device, as the code allocates it, phase by
+phase, and reports the peak (``python -m headforcing_core.bench --memory`` measures the same run and
+puts the two side by side; the estimate stays within −5 % / +15 % of the measured peak):
 
-``run``      the KV cache (the policy's pool capacities, the same numbers the cache allocates),
-             one chunk's forward activations, the attention workspace (the per-chunk buffers of
-             gathered and rotated history every layer reads — one per query frame where key sets
-             differ by query frame —, the clean pass's staged K/V, the plan's rotation
-             temporaries), the prompt's cross-attention K/V, the video's initial noise and output latents (they grow with
-             the length), an input AR_STATE being continued, and caller-given extras (the head
-             profiler's statistics buffers);
+``run``      a model call of a chunk: the KV cache (the arena the cache allocates, laid out by
+             :func:`~headforcing_core.cache.type_layout`) and its tiers' own buffers; the prompt's
+             cross-attention K/V; the latents (the video's noise and output — they grow with the
+             length — and the last frames kept for a recache); the chunk's plan (its metadata and the
+             one-layer scratch every layer gathers its history into, :mod:`headforcing_core.plan`); and
+             the model call's own temporaries at its widest point (the attention call, or the
+             feed-forward's hidden layer);
+``commit``   after a chunk: the plan's metadata and the commit's temporaries (frames un-rotated and
+             pooled into episodes or merged blocks);
 ``switch``   a prompt switch: the old and new prompts' K/V and the text encoder's temporaries;
-``capture``  the captured AR_STATE (CPU copies of the cache, the last latents and the prompt)
-             next to the live cache;
-``finish``   after the run: the state, the latents and the caller's copies of the output (a
-             node un-normalizes the latents once).
+``capture``  the captured AR_STATE (copies of the cache, the last latents and the prompt) next to the
+             live cache;
+``finish``   after the run: the state, the latents and the caller's copies of the output (a node
+             un-normalizes the latents once).
 
 The state is CPU memory: it counts when the run's device is the CPU (``state_on_device``).
 
@@ -31,24 +34,25 @@ from typing import Callable
 import torch
 
 from .backbone import BackboneSpec
+from .cache import type_layout
 from .errors import MemoryBudgetError
-from .policies import TRAINING_WINDOW, CachePolicy, make_policy, resolve_labels
-from .plan import PLAN_SLICE_BYTES
+from .policies import TRAINING_WINDOW, CachePolicy, Episodic, Merge, make_policy, resolve_labels
 from .retention import make_tracker
-from .rope import pooled_grid
+from .rope import axis_pairs, pooled_grid
 
 GiB = 1024**3
 MiB = 1024**2
 LATENT_ITEMSIZE = 4  # initial noise and output latents are float32
 TAIL_FRAMES = TRAINING_WINDOW  # committed latents a sampler / AR_STATE keeps for recache (the one definition)
+KEY_ALIGN = 8  # the plan's key axis, aligned for masked kernels (attention.KEY_ALIGN)
 
 
 @dataclass(frozen=True)
 class RunEstimate:
     """Bytes a run needs on its device (see the module docstring for the phases).
 
-    ``kv_bytes``: K and V of all layers at steady state, the current chunk's slot included.
-    ``total_bytes`` is the peak over the phases plus the weights (when given).
+    ``kv_bytes``: K and V of all layers as the cache allocates them. ``total_bytes`` is the peak over the
+    phases plus the weights (when given).
     """
 
     policy: str
@@ -58,27 +62,31 @@ class RunEstimate:
     attended_tokens: float  # mean keys a query attends to at steady state, over all heads
     stored_tokens: float  # mean keys a head stores at steady state
     tokens_per_frame: int
-    activation_bytes: int  # one chunk's forward: hidden states, projections, feed-forward
-    text_bytes: int  # cross-attention K/V of the prompt(s) held during sampling
+    activation_bytes: int  # a model call's temporaries at its widest point
+    text_bytes: int  # cross-attention K/V of the prompt held during sampling
     weights_bytes: int = 0
     notes: tuple[str, ...] = field(default=())
-    attention_bytes: int = 0  # RoPE tables + gathered/rotated K and V of a layer's head groups
-    latent_bytes: int = 0  # initial noise + output latents of the new frames (grow with the length)
+    attention_bytes: int = 0  # the chunk's plan: metadata and the one-layer scratch
+    latent_bytes: int = 0  # noise + output latents of the new frames (grow with the length) + the recache tail
     state_bytes: int = 0  # the captured AR_STATE, when it shares the device's memory
     input_state_bytes: int = 0  # an AR_STATE being continued, when it shares the device's memory
     output_copy_bytes: int = 0  # the caller's copies of the output after the run
     text_encode_bytes: int = 0  # text encoder temporaries at a prompt switch
     extra_bytes: int = 0
     extra_label: str = ""
+    cache_extra_bytes: int = 0  # the cache tiers' own buffers (running sums, episode signatures, bookkeeping)
+    plan_meta_bytes: int = 0  # the plan's metadata, alive until the next chunk is planned
+    commit_bytes: int = 0  # a commit's temporaries
 
     @property
     def phases(self) -> dict[str, int]:
-        held = self.latent_bytes + self.input_state_bytes
+        held = self.latent_bytes + self.input_state_bytes + self.extra_bytes
+        cache = self.kv_bytes + self.cache_extra_bytes
         return {
-            "run": held + self.kv_bytes + self.activation_bytes + self.attention_bytes + self.text_bytes
-            + self.extra_bytes,
-            "switch": held + self.kv_bytes + 2 * self.text_bytes + self.text_encode_bytes,
-            "capture": held + self.kv_bytes + self.state_bytes,
+            "run": held + cache + self.text_bytes + self.attention_bytes + self.activation_bytes,
+            "commit": held + cache + self.text_bytes + self.plan_meta_bytes + self.commit_bytes,
+            "switch": held + cache + self.plan_meta_bytes + 2 * self.text_bytes + self.text_encode_bytes,
+            "capture": held + cache + self.text_bytes + self.plan_meta_bytes + self.state_bytes,
             "finish": held + self.state_bytes + self.output_copy_bytes,
         }
 
@@ -101,9 +109,18 @@ class RunEstimate:
         """The part that grows with the video's length (latents; the whole cache of an unbounded policy)."""
         return self.latent_bytes + self.output_copy_bytes
 
+    def parts(self) -> dict[str, int]:
+        """Every term in bytes (JSON-able)."""
+        return {"kv": self.kv_bytes, "cache_extra": self.cache_extra_bytes, "plan": self.attention_bytes,
+                "plan_metadata": self.plan_meta_bytes, "activations": self.activation_bytes,
+                "text": self.text_bytes, "latents": self.latent_bytes, "commit": self.commit_bytes,
+                "state": self.state_bytes, "input_state": self.input_state_bytes,
+                "output_copies": self.output_copy_bytes, "text_encode": self.text_encode_bytes,
+                "extra": self.extra_bytes, "weights": self.weights_bytes}
+
     def breakdown(self) -> str:
-        parts = [("KV cache", self.kv_bytes), ("activations", self.activation_bytes),
-                 ("attention/RoPE", self.attention_bytes), ("text", self.text_bytes),
+        parts = [("KV cache", self.kv_bytes + self.cache_extra_bytes), ("activations", self.activation_bytes),
+                 ("attention plan", self.attention_bytes), ("text", self.text_bytes),
                  ("latents", self.latent_bytes + self.output_copy_bytes),
                  ("AR_STATE", self.state_bytes + self.input_state_bytes),
                  (self.extra_label or "other", self.extra_bytes), ("weights", self.weights_bytes)]
@@ -116,7 +133,7 @@ class RunEstimate:
             f"{self.latent_frames} latent frames",
             f"attended keys per query ≈ {self.attended_tokens:.0f} "
             f"({self.attended_tokens / self.tokens_per_frame:.2f} frames)",
-            f"activations ≈ {self.activation_bytes / GiB:.2f} GiB, attention/RoPE {self.attention_bytes / GiB:.2f} GiB, "
+            f"activations ≈ {self.activation_bytes / GiB:.2f} GiB, attention plan {self.attention_bytes / GiB:.2f} GiB, "
             f"text K/V {self.text_bytes / GiB:.2f} GiB, latents {self.length_bytes / GiB:.2f} GiB"
             + (f", AR_STATE {(self.state_bytes + self.input_state_bytes) / GiB:.2f} GiB"
                if self.state_bytes + self.input_state_bytes else "")
@@ -136,87 +153,134 @@ def latent_bytes(spec: BackboneSpec, frames: int, latent_height: int, latent_wid
     return batch * spec.in_dim * frames * latent_height * latent_width * LATENT_ITEMSIZE
 
 
+def _rotation_temps(elements: int, itemsize: int, compute: int, allocates: bool) -> int:
+    """Bytes :func:`~headforcing_core.rope._rotate` holds at once for ``elements`` values: the pair-swapped copy,
+    two products in the compute precision, and the result when it allocates one."""
+    return elements * (itemsize + 2 * compute + (max(itemsize, compute) if allocates else 0))
+
+
 def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames: int, latent_height: int,
                  latent_width: int, frames_per_block: int = 3, batch: int = 1,
                  dtype: torch.dtype = torch.bfloat16, weights_bytes: int = 0, new_frames: int | None = None,
                  capture_state: bool = True, state_on_device: bool = False, input_state_bytes: int = 0,
                  output_copies: int = 0, text_tokens: int | None = None, extra_bytes: int = 0,
-                 extra_label: str = "") -> RunEstimate:
+                 extra_label: str = "", prompts: int = 1) -> RunEstimate:
     """What a run of ``policy`` holds (see the module docstring).
 
     ``latent_frames``: frames the cache must cover (old + new when continuing); ``new_frames``
     (default: all) the frames whose noise and output the run holds; ``capture_state``: an
     AR_STATE is captured at the end, ``state_on_device``: the CPU copies of states count (a CPU
     device); ``input_state_bytes``: a state being continued that shares the device's memory;
-    ``output_copies``: full-length latent copies the caller makes afterwards.
+    ``output_copies``: full-length latent copies the caller makes afterwards; ``prompts``: the
+    story's prompts (more than one: a switch).
     """
     pol = make_policy(policy) if isinstance(policy, str) else policy
     pol = resolve_labels(pol, spec.num_layers, spec.num_heads)
     pol.validate(frames_per_block)
     types = pol.head_types(spec.num_layers, spec.num_heads)
     rules = pol.rule_map
+    f = frames_per_block
     gh, gw = spec.token_grid(latent_height, latent_width)
     pol.check_grid((gh, gw))  # a merge patch that does not divide the grid: refused here, before any model loads
     tokens = gh * gw
     new = latent_frames if new_frames is None else new_frames
+    in_place = pol.keys_stay_in_place()
 
     def tokens_of(pool: int) -> int:
         ph, pw = pooled_grid(gh, gw, pool)
         return ph * pw
 
     itemsize = torch.finfo(dtype).bits // 8
-    per_token = batch * spec.head_dim * 2 * itemsize  # K and V of one head
-    by_type: dict[str, int] = {}
-    stored_sum = attended_sum = 0
-    budgets = {}
-    for row in types:
-        for t in set(row):
-            heads = row.count(t)
-            budget = budgets.setdefault(t, make_tracker(rules[t], frames_per_block).budget(latent_frames, tokens_of))
-            by_type[t] = by_type.get(t, 0) + heads * budget.stored * per_token
-            stored_sum += heads * budget.stored
-            attended_sum += heads * budget.attended
-    alloc = sum(by_type.values())  # what a captured state copies: every pool
-    s = batch * frames_per_block * tokens  # query tokens of one chunk
-    attention = 0
-    if not pol.keys_stay_in_place():
-        # per-chunk buffers [layers, B, sequences, keys, D] for K and V (+ an additive mask): every sequence
-        # puts the chunk's keys at one offset, after the longest history that precedes them
-        width = max(b.before for b in budgets.values()) + frames_per_block * tokens + \
-            max(b.after for b in budgets.values())
-        classes = frames_per_block if pol.key_sets_differ_by_query_frame(frames_per_block) else 1
-        sequences = spec.num_heads * classes
-        attention += spec.num_layers * batch * sequences * int(width) * (2 * spec.head_dim + 1) * itemsize
-        attention += 2 * spec.num_layers * s * spec.dim * itemsize  # the clean pass's staged raw K/V
-        # planning: one slice of a type's gathered K and V (float32) and their rotation temporaries
-        heads_of = {}
-        for row in types:
-            for t in row:
-                heads_of[t] = heads_of.get(t, 0) + 1
-        gathered = max(heads_of[t] * (b.before + b.after) for t, b in budgets.items()) * batch * spec.head_dim * 4
-        attention += 4 * min(PLAN_SLICE_BYTES, int(gathered))
-    attention += s * spec.dim * 4 * 4  # a model call's rotated queries and keys (float32), packed queries, output
+    compute = 8 if dtype == torch.float64 else 4  # RoPE and pooling precision
+    D = spec.head_dim
+    order = [t for t in rules if any(t in row for row in types)]
+    heads_of = {t: sum(row.count(t) for row in types) for t in order}
+    layers_of = {t: sum(1 for row in types if t in row) for t in order}
+    trackers = {t: make_tracker(rules[t], f) for t in order}
+    budgets = {t: trackers[t].budget(latent_frames, tokens_of, in_place) for t in order}
+    # ---- the cache: one arena of K and V, and each tier's own buffers ---------------------------------
+    by_type, extra = {}, 0
+    for t in order:
+        lay = type_layout(rules[t], trackers[t], heads_of[t], (gh, gw), f, latent_frames, in_place)
+        by_type[t] = 2 * batch * lay.heads * lay.head_rows(tokens) * D * itemsize
+        middle = rules[t].middle
+        if isinstance(middle, Merge):  # running sums of the block being filled
+            extra += 2 * batch * heads_of[t] * lay.block_tokens * D * compute
+        if isinstance(middle, Episodic):  # signatures; valid / first / last / count per (row, layer, slot)
+            slots = lay.episode_slots
+            extra += batch * heads_of[t] * slots * D * 4 + batch * layers_of[t] * slots * (1 + 8 + 8 + 8) \
+                + heads_of[t] * 8
+    kv = sum(by_type.values())
     n_heads = spec.num_layers * spec.num_heads
-    act = itemsize * s * (spec.dim * 6 + spec.ffn_width * 2)  # residual, norms/modulation, q/k/v/o, FFN hidden
+    stored_sum = sum(heads_of[t] * budgets[t].stored for t in order)
+    attended_sum = sum(heads_of[t] * budgets[t].attended for t in order)
+    # ---- one model call --------------------------------------------------------------------------------
+    s = f * tokens  # the chunk's query tokens
+    row = batch * s * spec.dim * itemsize  # one [B, S, dim] activation (q, k, v, hidden states, ...)
+    ffn = batch * s * spec.ffn_width * itemsize
+    elements = batch * s * spec.dim
+    rot = _rotation_temps(elements, itemsize, compute, allocates=False)
+    rot_alloc = _rotation_temps(elements, itemsize, compute, allocates=True)
+    # the attention call: hidden states, the modulated input, q, k, v, the rotated queries — then the
+    # chunk's keys rotated (written into the cache or the scratch), the output
+    attention_call = 5 * row + max(rot_alloc + (row if in_place else 0), row + rot, 2 * row)
+    plan = meta = 0
+    if not in_place:
+        classes = f if pol.key_sets_differ_by_query_frame(f) else 1
+        sequences = spec.num_heads * classes
+        history = max(b.history for b in budgets.values())
+        width = -(-int(history + s) // KEY_ALIGN) * KEY_ALIGN
+        retimes = pol.rope != "absolute" or any(r.middle is not None for r in rules.values())
+        span = width - s if retimes else 0
+        episodic_layers = sum(layers_of[t] for t in order if isinstance(rules[t].middle, Episodic))
+        rows = len(order) * classes + episodic_layers
+        scratch = 2 * batch * sequences * width * D * itemsize
+        query_buffer = batch * s * spec.dim * itemsize if classes > 1 else 0
+        masks = 2 * spec.num_layers * batch * sequences * width * itemsize
+        table = batch * rows * (width + span) * 8  # arena rows and factor indices
+        windows = 4 * spec.num_layers * batch * sequences * 8  # starts and lengths of both passes
+        commit_rows = 2 * spec.num_layers * batch * spec.num_heads * f * 8
+        meta = masks + table + windows + commit_rows
+        plan = meta + scratch + query_buffer
+        # inside the attention call, before the chunk is written: the table rows of the layer and the arena
+        # rows (int64), then the time factors of the re-timed keys (complex) and, for half precision, their
+        # keys in float32
+        pairs = axis_pairs(D)[0]
+        rows_of_layer = batch * sequences * width * 8
+        factor_rows = batch * sequences * span * 8
+        factors = batch * sequences * span * pairs * 2 * compute
+        keys32 = batch * sequences * span * 2 * pairs * compute if itemsize != compute else 0
+        attention_call += max(rows_of_layer, factor_rows + factors, factors + keys32)
+    rotation_tables = 2 * s * D * compute
+    ffn_call = 2 * row + 2 * ffn  # hidden states, the modulated input, the hidden layer in and out of GELU
+    act = max(attention_call, ffn_call) + rotation_tables
+    # ---- a commit: a frame un-rotated and pooled for every head of a pooling type ----------------------
+    commit = 0
+    for t in order:
+        middle = rules[t].middle
+        if isinstance(middle, (Episodic, Merge)):
+            frame = batch * heads_of[t] * tokens * D
+            commit = max(commit, frame * (itemsize + 2 * compute) + 2 * frame * compute)
     text_len = spec.text_len
     text = spec.num_layers * 2 * batch * text_len * spec.dim * itemsize
     text_encode = batch * text_len * (spec.text_dim + 3 * spec.dim) * itemsize
-    latents = 2 * latent_bytes(spec, new, latent_height, latent_width, batch)  # noise + output
+    tail = latent_bytes(spec, min(TAIL_FRAMES, new), latent_height, latent_width, batch)
+    latents = 2 * latent_bytes(spec, new, latent_height, latent_width, batch) + tail
     state = 0
     if capture_state and state_on_device:
         ctx_tokens = text_tokens if text_tokens is not None else text_len
-        state = (alloc + latent_bytes(spec, min(TAIL_FRAMES, latent_frames), latent_height, latent_width, batch)
+        state = (kv + extra + latent_bytes(spec, min(TAIL_FRAMES, latent_frames), latent_height, latent_width, batch)
                  + batch * ctx_tokens * spec.text_dim * 4)
     # each copy the caller makes (e.g. ComfyUI's ``process_latent_out``: ``x * std + mean``) briefly holds
     # a temporary of the same size next to its result
     copies = 2 * output_copies * latent_bytes(spec, new, latent_height, latent_width, batch)
-    by_type = {t: int(round(b)) for t, b in by_type.items()}  # whole bytes (budgets may be averages)
-    return RunEstimate(pol.preset, latent_frames, sum(by_type.values()), by_type, attended_sum / n_heads,
+    return RunEstimate(pol.preset, latent_frames, kv, by_type, attended_sum / n_heads,
                        stored_sum / n_heads, tokens, act, text, weights_bytes,
-                       (pol.note,) if pol.note else (), attention_bytes=int(attention), latent_bytes=latents,
+                       (pol.note,) if pol.note else (), attention_bytes=int(plan), latent_bytes=latents,
                        state_bytes=state, input_state_bytes=input_state_bytes if state_on_device else 0,
-                       output_copy_bytes=copies, text_encode_bytes=text_encode, extra_bytes=extra_bytes,
-                       extra_label=extra_label)
+                       output_copy_bytes=copies, text_encode_bytes=text_encode if prompts > 1 else 0,
+                       extra_bytes=extra_bytes, extra_label=extra_label, cache_extra_bytes=int(extra),
+                       plan_meta_bytes=int(meta), commit_bytes=int(commit))
 
 
 def check_fits(estimate: RunEstimate, free_bytes: int, headroom: float = 0.9) -> None:

@@ -1,30 +1,38 @@
 """Plan once per chunk, run every layer and every model call with it (FlashInfer's plan/run split).
 
 :func:`plan_chunk` decides, once per chunk, what every (layer, head, query frame) attends
-and at which RoPE time, and lays it out for the device:
+and at which RoPE time, and lays it out as **metadata** on the device — no key is copied:
 
 * each head type's key sets come from its tracker (:mod:`headforcing_core.retention`),
   the times from the policy's RoPE mode (:mod:`headforcing_core.positions`);
 * when every type's key sets are the same for all query frames (the common case) a head
   is one *sequence* whose queries are the whole chunk; otherwise (Pyramid Forcing) each
   (head, query frame) is its own sequence;
-* the retained history is gathered and rotated **once** into per-layer buffers
-  ``[B, sequences, keys, D]`` (the chunk's own keys first, then the history, then
-  padding); the four noisy calls and the clean call only write the chunk's fresh K/V into
-  the first slots;
-* what the clean pass no longer sees (Pyramid Forcing's middles evicted by the chunk
-  itself) sits at the end of a sequence, so each pass is a length (a mask only where
-  lengths live on the device: the episodic memory);
-* every index and time the device needs is uploaded in one transfer per chunk (and the
-  static ones are made once per layout), every per-layer view is made once per chunk, so
-  the layer loop and the five model calls never synchronise with the host.
+* every sequence is laid out right-aligned in a key axis of ``L`` positions, the chunk's own
+  keys last (so one slice copy writes them for every sequence)::
+
+      [pad | noisy-only entries or episode slots | re-timed entries | own-time entries | chunk]
+
+  The clean pass starts after the noisy-only entries; episodes are right-aligned in their
+  slots, the valid ones last, so every pass is a window ``[start, L)`` per sequence (device
+  starts where the episodic memory decides them);
+* one *table row* per sequence layout (a type × query-frame class; for episodic memory one
+  per batch row and layer, whose episodes live on the device) gives, for every position, the
+  arena row (:mod:`headforcing_core.cache`) relative to its head's run, and the factor that
+  re-times its key;
+* what the clean pass commits: the arena rows each layer's kept chunk frames are written to.
+
+:class:`ChunkAttention` runs one model call. At each layer it **gathers** the layer's
+history — keys and values, one index op over the cache's arena — into one scratch buffer
+``[2, B, sequences, L, D]`` shared by every layer and every call of the chunk; **re-times**
+the keys whose RoPE time is not their own (a complex multiply of their time channels: stored
+keys are rotated at their own time); writes the chunk's rotated keys and values last; runs
+the backend once; and on the clean pass writes the kept frames' K/V into the arena. Nothing
+in the layer loop waits for the host, and no more than one layer's keys are ever copied.
 
 Policies whose keys never move (``absolute`` RoPE, one head type, no middle: ``full``,
-``self_forcing_window``, ``longlive``) skip the gather: their pool stores rotated keys and
-is itself the attention buffer (:class:`~headforcing_core.cache.HeadwiseKVCache` with
-``prerotated``).
-
-:class:`ChunkAttention` is the runner's self-attention for one model call.
+``self_forcing_window``, ``longlive``) skip the gather: their pool is itself the attention
+buffer, the chunk's pages written in place by every call (``prerotated``).
 """
 
 from __future__ import annotations
@@ -38,41 +46,43 @@ from .attention import KEY_ALIGN, Backend, LayerProblem, Run, bias, window_bias
 from .cache import HeadwiseKVCache, TypeStore
 from .positions import key_times, map_times
 from .retention import ChunkKeys, Key
-from .rope import ChunkRotation, pooled_grid, rotate_entries, spatial_positions
+from .rope import ChunkRotation, axis_pairs, inverse_frequencies, pooled_grid
 
 PASSES = ("noisy", "clean")
 
 
 @dataclass
 class Segment:
-    """One head type × query-frame class of a chunk: its (noisy) key list and RoPE times."""
+    """One head type × query-frame class of a chunk: its key list, laid out (see the module docstring)."""
 
     store: TypeStore
     cls: int  # query-frame class: 0 when key sets are shared by the chunk, else the query frame
     chunk_variant: int
-    frames: list[Key]  # committed whole frames, clean-visible first
-    blocks: list[Key]  # merged blocks, clean-visible first
-    frame_times: list[float] | None  # host times, or None: computed on the device (episodic memory)
-    block_times: list[float] | None
-    clean_frames: int  # how many of `frames` the clean pass sees (a prefix)
-    clean_blocks: int
+    noisy_only: list[Key]  # entries the clean pass drops (time order)
+    retimed: list[Key]  # clean-visible entries read at another time than their own (device times: all of them)
+    own: list[Key]  # clean-visible entries read at their own time
+    times: dict[Key, float]  # read time of every host-timed entry
+    device_times: bool  # whole frames' times decided on the device (compact / window_shift with episodes)
     episodes: Key | None = None
     listing: tuple = ()  # (source, index, role, time) of every noisy key, for listings and tests
+
+    @property
+    def history(self) -> list[Key]:
+        return self.noisy_only + self.retimed + self.own
 
 
 @dataclass
 class LayerViews:
-    """Views of one layer's buffers, made once per chunk."""
+    """What one layer's attention reads (prerotated pools: views of the pool; packed: the shared scratch)."""
 
-    k: torch.Tensor  # [B, NS, L, D] what attention reads
+    k: torch.Tensor  # [B, NS, L, D]
     v: torch.Tensor
-    k_chunk: torch.Tensor | None  # where the chunk's own keys go
-    v_chunk: torch.Tensor | None
     mask: dict[str, torch.Tensor | None]
     lengths: dict[str, torch.Tensor | None]
     runs: dict[str, tuple[Run, ...]]
-    chunk_dest: torch.Tensor | None = None  # [NS·S] flat (sequence·L + slot) of the chunk's keys, when scattered
-    starts: torch.Tensor | None = None  # [B|1, NS] first attended key of each sequence (after its lead)
+    starts: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    k_pages: torch.Tensor | None = None  # prerotated: the layer's rows of the pool [B, H, P, T, D]
+    v_pages: torch.Tensor | None = None
 
 
 @dataclass
@@ -88,19 +98,51 @@ class ChunkPlan:
     tokens: int
     layers: list[LayerViews] = field(default_factory=list)
     grouped: bool = False  # sequences ordered type by type (for the grouped backend)
-    q_src: list[torch.Tensor | None] = field(default_factory=list)  # per layer: seq -> head·J + class
+    rerun: bool = False  # a re-run of committed frames (recache), planned from given key sets
+    # ---- prerotated pools
+    chunk_pages: torch.Tensor | None = None  # the pages the chunk's frames are written to
+    key_frames: torch.Tensor | None = None  # frame of each attended key (-1: none), observers
+    # ---- packed layouts (metadata; the data is gathered per layer call)
+    width: int = 0  # L: keys per sequence
+    span: int = 0  # positions [0, span) may hold re-timed keys (0: nothing to re-time)
+    sequences: int = 0  # NS
+    rows_table: torch.Tensor | None = None  # [B, rows, L] arena row of every position, relative to its head's run
+    factor_table: torch.Tensor | None = None  # [B, rows, span] factor re-timing every position of the span
+    factors: torch.Tensor | None = None  # [n, time pairs] complex: row 0 the identity
+    seq_row: list[torch.Tensor] = field(default_factory=list)  # per layer [NS]: table row of each sequence
+    head_base: list[torch.Tensor] = field(default_factory=list)  # per layer [1, NS, 1]: arena row of its head
+    scratch: torch.Tensor | None = None  # [2, B, NS, L, D] the gathered keys and values
+    lengths: dict[str, torch.Tensor] = field(default_factory=dict)  # pass -> [layers, B|1, NS]
+    starts: dict[str, torch.Tensor] = field(default_factory=dict)
+    q_src: list[torch.Tensor | None] = field(default_factory=list)  # grouped: per layer seq -> head·J + class
     out_src: list[torch.Tensor | None] = field(default_factory=list)
     chunk_src: list[torch.Tensor | None] = field(default_factory=list)  # per layer: seq -> variant·H + head
     v_src: list[torch.Tensor | None] = field(default_factory=list)  # per layer: seq -> head (grouped order)
-    kp: torch.Tensor | None = None  # [layers, B, NS, Lmax, D] (packed layouts)
-    vp: torch.Tensor | None = None
-    lengths: dict[str, torch.Tensor] = field(default_factory=dict)  # pass -> [layers, B|1, NS]
-    starts: torch.Tensor | None = None  # [layers, 1, NS] lead of each sequence
-    chunk_pages: torch.Tensor | None = None  # prerotated: the pages the chunk's frames are written to
-    key_frames: torch.Tensor | None = None  # prerotated: frame of each attended key (-1: none), observers
-    seq_types: list[list[str]] = field(default_factory=list)  # per layer: head type of each sequence
-    rerun: bool = False  # a re-run of committed frames (recache), planned from given key sets
-    gathered_bytes: int = 0  # history K/V gathered (and K rotated) into the per-chunk buffers, once
+    natural_chunk: bool = True  # every sequence sees the chunk at its own frames, sequences head-major
+    commit_dest: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, P]: arena row of kept frames
+    commit_src: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, P]: their row in the source
+    commit_from_scratch: bool = True  # the source is the scratch's chunk (else the chunk's K/V rotated apart)
+    query_buffer: torch.Tensor | None = None  # [B, H, S, D] rotated queries, viewed per query frame (classes > 1)
+    dims: tuple = ()  # (batch, heads, head_dim, dtype, device) of the scratch
+
+    def bind(self) -> None:
+        """Allocate the scratch (one layer's keys and values, shared by every layer and call of the chunk)."""
+        if self.prerotated or self.scratch is not None:
+            return
+        B, H, D, dtype, dev = self.dims
+        self.scratch = torch.empty(2, B, self.sequences, self.width, D, dtype=dtype, device=dev)
+        if self.classes > 1:
+            self.query_buffer = torch.empty(B, H, self.frames * self.tokens, D, dtype=dtype, device=dev)
+        for lv in self.layers:
+            lv.k, lv.v = self.scratch[0], self.scratch[1]
+
+    def release(self) -> None:
+        """Free the scratch once the chunk is done (the metadata stays for listings and tests)."""
+        if self.prerotated:
+            return
+        self.scratch = self.query_buffer = None
+        for lv in self.layers:
+            lv.k = lv.v = None
 
     def listing(self, head_type: str, query_frame: int = 0, pass_: str = "noisy") -> list[tuple]:
         """``[(source, index, role, rope_time)]`` of a type's key set (episodes: time None)."""
@@ -108,22 +150,34 @@ class ChunkPlan:
             if seg.store.head_type == head_type and seg.cls == (query_frame if self.classes > 1 else 0):
                 rows = list(seg.listing)
                 if pass_ == "clean":
-                    dropped = {(k.source, k.index) for k in seg.frames[seg.clean_frames:] + seg.blocks[seg.clean_blocks:]}
+                    dropped = {(k.source, k.index) for k in seg.noisy_only}
                     rows = [r for r in rows if (r[0], r[1]) not in dropped]
                 return rows
         raise KeyError(head_type)
 
+    @property
+    def gathered_bytes(self) -> int:
+        """K/V bytes one model call gathers from the arena (every layer; the plan itself copies none)."""
+        if self.prerotated:
+            return 0
+        b, _, d, dtype, _ = self.dims
+        return 2 * b * self.sequences * self.width * d * (torch.finfo(dtype).bits // 8) * len(self.layers)
+
     def chunk_write_bytes(self) -> int:
         """K/V bytes one model call writes (the chunk's own keys and values into every sequence)."""
-        k = self.layers[0].k  # [B, sequences, keys, D]
-        return 2 * k.shape[0] * k.shape[1] * self.frames * self.tokens * k.shape[-1] * k.element_size() \
-            * len(self.layers)
+        if self.prerotated:
+            k = self.layers[0].k_pages  # [B, H, pages, tokens, D]
+            b, ns, d, size = k.shape[0], k.shape[1], k.shape[-1], k.element_size()
+        else:
+            b, _, d, dtype, _ = self.dims
+            ns, size = self.sequences, torch.finfo(dtype).bits // 8
+        return 2 * b * ns * self.frames * self.tokens * d * size * len(self.layers)
 
     def attended_tokens(self, pass_: str = "noisy") -> float:
         """Mean keys a query token attends, over every head (episodic memory: as held now)."""
         if self.prerotated:
             lv = self.layers[0]
-            return float(lv.k.shape[2] if lv.mask[pass_] is None else lv.mask[pass_].sum())
+            return float(lv.k.shape[2] if lv.mask[pass_] is None else (lv.mask[pass_] == 0).sum())
         return float(self.lengths[pass_].to(torch.float64).mean())
 
 
@@ -155,25 +209,16 @@ def _times(mode: str, keys: list[Key], start: int, frames: int, t: int, window: 
                      frames=frames, query_frame=t, window=window, clamp_min=cmin, clamp_max=cmax)
 
 
-def _ordered(noisy: tuple[Key, ...], clean: tuple[Key, ...], source: str) -> tuple[list[Key], int]:
-    """The ``source`` entries of a noisy key set, those the clean pass also sees first."""
-    seen = [k for k in noisy if k.source == source]
-    kept = [k for k in clean if k.source == source]
-    if not set(kept) <= set(seen):
-        raise AssertionError("a clean pass may only drop entries of the noisy passes")  # holds for every rule
-    visible = sorted((k for k in seen if k in kept), key=lambda k: k.time)  # time order, as a pool holds them
-    return visible + [k for k in seen if k not in kept], len(kept)
-
-
 def plan_chunk(cache: HeadwiseKVCache, rope: str, window: int, clamp_min: int, clamp_max: int, start: int,
                frames: int, *, keys: dict[str, ChunkKeys] | None = None, episodes_before: int | None = None,
                gather_prerotated: bool = False, grouped: bool = False) -> ChunkPlan:
-    """Plan the chunk ``[start, start + frames)``.
+    """Plan the chunk ``[start, start + frames)`` (its pages decided by :meth:`HeadwiseKVCache.reserve`).
 
-    ``keys`` (default: each tracker's :meth:`keys`) may be given to plan a re-run (recache);
-    ``episodes_before`` hides episodes holding frames at or after it; ``gather_prerotated``
-    builds a packed layout even for a prerotated pool (recache); ``grouped`` orders each
-    layer's sequences type by type (the grouped backend runs one call per type).
+    ``keys`` (default: each tracker's :meth:`keys`) may be given to plan a re-run (recache): its clean
+    pass then rewrites the re-run frames wherever they are held whole; ``episodes_before`` hides
+    episodes holding frames at or after it; ``gather_prerotated`` builds a packed layout even for a pool
+    read in place (recache); ``grouped`` orders each layer's sequences type by type (the grouped backend
+    runs one call per type).
     """
     given = keys is not None
     if keys is None:
@@ -209,14 +254,21 @@ def plan_chunk(cache: HeadwiseKVCache, rope: str, window: int, clamp_min: int, c
             vt = tuple(chunk_t[j] for j in range(frames))
             if vt not in variants:
                 variants.append(vt)
-            fr, n_cf = _ordered(tuple(ks), tuple(clean), "frame")
-            bl, n_cb = _ordered(tuple(ks), tuple(clean), "block")
             ep = next((k for k in ks if k.source == "episodes"), None)
             dev_t = ep is not None and device_times
-            segments.append(Segment(
-                ts, c, variants.index(vt), fr, bl,
-                None if dev_t else [times[k] for k in fr], None if dev_t else [times[k] for k in bl],
-                n_cf, n_cb, ep, tuple((k.source, k.index, k.role, times.get(k)) for k in ks)))
+            hist = [k for k in ks if k.source in ("frame", "block")]
+            if not set(k for k in clean if k.source in ("frame", "block")) <= set(hist):
+                raise AssertionError("a clean pass may only drop entries of the noisy passes")  # holds for every rule
+            kept = set(clean)
+            by_time = lambda k: (k.time, k.source, k.index)  # noqa: E731 - time order, as a pool holds them
+            noisy_only = sorted((k for k in hist if k not in kept), key=by_time)
+            visible = sorted((k for k in hist if k in kept), key=by_time)
+            if ep is not None and noisy_only:  # both passes see the episodes: nothing may sit before them
+                raise AssertionError(f"{ts.head_type}: episodic memory with entries the clean pass drops")
+            retimed = [k for k in visible if dev_t or times[k] != k.time]
+            own = [k for k in visible if not (dev_t or times[k] != k.time)]
+            segments.append(Segment(ts, c, variants.index(vt), noisy_only, retimed, own, times, dev_t, ep,
+                                    tuple((k.source, k.index, k.role, times.get(k)) for k in ks)))
     rotation = ChunkRotation(cache.head_dim, cache.grid, variants, cache.dtype, cache.device)
     plan = ChunkPlan(start, frames, classes, rotation, segments, cache.prerotated and not gather_prerotated,
                      cache.tokens, grouped=grouped, rerun=given)
@@ -237,7 +289,7 @@ def _layout_pool(plan: ChunkPlan, cache: HeadwiseKVCache, start: int, frames: in
     pool = ts.frames
     H, T = cache.num_heads, cache.tokens
     pages = [pool.page_of[start + j] for j in range(frames)]
-    attended = sorted([pool.page_of[k.index] for k in seg.frames] + pages)
+    attended = sorted([pool.page_of[k.index] for k in seg.history] + pages)
     frame_of_page = {p: f for f, p in pool.page_of.items()}
     prefix = attended == list(range(len(attended)))
     width = len(attended) * T if prefix else pool.capacity * T
@@ -254,12 +306,13 @@ def _layout_pool(plan: ChunkPlan, cache: HeadwiseKVCache, start: int, frames: in
     for li in range(cache.num_layers):
         rows = slice(li * H, (li + 1) * H)  # one type: the layer's heads are consecutive
         k, v = pool.k[:, rows], pool.v[:, rows]  # [B, H, P, T, D]
-        plan.layers.append(LayerViews(k.flatten(2, 3)[:, :, :width], v.flatten(2, 3)[:, :, :width], k, v,
-                                      {p: mask for p in PASSES}, {p: None for p in PASSES}, {p: run for p in PASSES}))
+        plan.layers.append(LayerViews(k.flatten(2, 3)[:, :, :width], v.flatten(2, 3)[:, :, :width],
+                                      {p: mask for p in PASSES}, {p: None for p in PASSES}, {p: run for p in PASSES},
+                                      {p: None for p in PASSES}, k, v))
 
 
 # ---------------------------------------------------------------------------------------------
-# packed layout: history gathered and rotated once per chunk
+# packed layout: metadata once per chunk, one layer's keys gathered at each layer call
 
 
 def _static_layout(cache: HeadwiseKVCache, plan: ChunkPlan):
@@ -270,7 +323,6 @@ def _static_layout(cache: HeadwiseKVCache, plan: ChunkPlan):
         return memo[key]
     H, J, layers = cache.num_heads, plan.classes, cache.num_layers
     NS = H * J
-    seq_of: dict[tuple[int, int, int], int] = {}
     order = []  # per layer: [(segment index, head)]
     for li in range(layers):
         row = []
@@ -278,178 +330,266 @@ def _static_layout(cache: HeadwiseKVCache, plan: ChunkPlan):
             row += [(si, h) for (l_, h) in seg.store.heads if l_ == li]
         if not plan.grouped:  # natural order: head-major, then class (no permutation of q or of the output)
             row.sort(key=lambda sh: (sh[1], plan.segments[sh[0]].cls))
-        for n, (si, h) in enumerate(row):
-            seq_of[(li, h, plan.segments[si].cls)] = n
         order.append(row)
     up = _Upload()
-    q_src, out_src, chunk_src, v_src = [], [], [], []
+    q_src, out_src, chunk_src, v_src, head_at = [], [], [], [], []
+    natural = not plan.grouped and all(s.chunk_variant == 0 for s in plan.segments)
     for li in range(layers):
         q = [h * J + plan.segments[si].cls for si, h in order[li]]
-        ch = [plan.segments[si].chunk_variant * H + h for si, h in order[li]]
         inv = [0] * NS
         for i, s in enumerate(q):
             inv[s] = i
         q_src.append(None if q == list(range(NS)) else up.long(q))
         out_src.append(None if q == list(range(NS)) else up.long(inv))
-        natural_chunk = all(plan.segments[si].chunk_variant == 0 for si, _ in order[li]) and not plan.grouped
-        chunk_src.append(None if natural_chunk else up.long(ch))
+        chunk_src.append(None if natural else up.long([plan.segments[si].chunk_variant * H + h
+                                                       for si, h in order[li]]))
         v_src.append(up.long([h for _, h in order[li]]) if plan.grouped else None)
-    head_at = {}
-    for si, seg in enumerate(plan.segments):
-        head_at[si] = (up.long([li for li, _ in seg.store.heads]),
-                       up.long([seq_of[(li, h, seg.cls)] for li, h in seg.store.heads]))
+        head_at.append(up.long([plan.segments[si].store.base
+                                + cache.slot_of[(li, h)][1] * plan.segments[si].store.head_rows
+                                for si, h in order[li]]))
     longs, _ = up.send(cache.device)
     pick = lambda sl: None if sl is None else longs[sl]  # noqa: E731
-    out = dict(seq_of=seq_of, order=order, q_src=[pick(x) for x in q_src], out_src=[pick(x) for x in out_src],
+    out = dict(order=order, natural=natural, q_src=[pick(x) for x in q_src], out_src=[pick(x) for x in out_src],
                chunk_src=[pick(x) for x in chunk_src], v_src=[pick(x) for x in v_src],
-               head_index={si: (longs[a], longs[b]) for si, (a, b) in head_at.items()})
+               head_base=[longs[x].view(1, NS, 1) for x in head_at])
     memo[key] = out
     return out
 
 
+@dataclass
+class _Run:
+    """Consecutive positions of one table row: ``length`` keys at arena rows ``offset…`` (relative to the
+    head's run; None: padding) re-timed by factor ``factor`` (None: decided on the device)."""
+
+    row: int
+    position: int
+    length: int
+    offset: int
+    factor: int | None
+
+
 def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: int, cmin: int, cmax: int,
                    start: int, frames: int, episodes_before: int | None) -> None:
-    """Per sequence: ``[lead | clean-visible history (time order) | chunk | noisy-only history | episodes | pad]``.
-
-    History first and in time order, then the chunk, is the order a prerotated pool has, so a
-    policy that keeps everything computes bit for bit what ``full`` does. The ``lead`` padding
-    puts every sequence's chunk at the same offset, so a model call writes the chunk's keys with
-    one slice copy. Each pass attends a window ``[lead, lead + length)`` (the clean pass stops
-    after the chunk's own keys, or after the valid episodes)."""
     B, H, D, T = cache.batch, cache.num_heads, cache.head_dim, cache.tokens
     layers, dev = cache.num_layers, cache.device
     S = frames * T
     J = plan.classes
     NS = H * J
-    gh, gw = cache.grid
     static = _static_layout(cache, plan)
     plan.q_src, plan.out_src = static["q_src"], static["out_src"]
     plan.chunk_src, plan.v_src = static["chunk_src"], static["v_src"]
-    sizes = []  # per segment: (history before the chunk, noisy-only history, episode slots' tokens, block tokens)
-    for seg in plan.segments:
-        tp = _pooled_tokens(seg, gh, gw)
-        ep_tokens = seg.store.episodes.slots * seg.store.episodes.k.shape[3] if seg.episodes is not None else 0
-        before = seg.clean_frames * T + seg.clean_blocks * tp
-        after = (len(seg.frames) - seg.clean_frames) * T + (len(seg.blocks) - seg.clean_blocks) * tp
-        if ep_tokens and after:  # both passes count the episodes right after the chunk (see the lengths)
-            raise AssertionError(f"{seg.store.head_type}: episodic memory with entries the clean pass drops")
-        sizes.append((before, after, ep_tokens, tp))
-    lead_to = max(before for before, _, _, _ in sizes)  # where every chunk starts
-    lmax = lead_to + S + max(after + ep for _, after, ep, _ in sizes)
-    lmax = -(-lmax // KEY_ALIGN) * KEY_ALIGN  # masked SDPA kernels want the key axis aligned
-    plan.kp = torch.zeros(layers, B, NS, lmax, D, dtype=cache.dtype, device=dev)
-    plan.vp = torch.zeros_like(plan.kp)
-    # host-known lengths, runs and chunk offsets per (layer, sequence)
-    base = {p: [[0] * NS for _ in range(layers)] for p in PASSES}
-    runs = {p: [[] for _ in range(layers)] for p in PASSES}
-    leads = [[0] * NS for _ in range(layers)]
-    plan.seq_types = [[""] * NS for _ in range(layers)]
-    for li in range(layers):
-        for n, (si, h) in enumerate(static["order"][li]):
-            before, after, ep, _ = sizes[si]
-            plan.seq_types[li][n] = plan.segments[si].store.head_type
-            leads[li][n] = lead_to - before
-            for p, length in (("clean", before + S), ("noisy", before + S + after)):
-                base[p][li][n] = length
-                if plan.grouped:  # only the grouped backend reads runs per sequence
-                    runs[p][li].append(Run(n, n + 1, length + ep, ep > 0, lead_to - before))
-    # ---- one upload: pages, times, lengths, chunk offsets ------------------------------------------
-    up = _Upload()
-    parts = []  # (segment, whole frames or blocks, pages, host times or None, offset)
-    own_at = {}  # device-time segments: own times of their whole frames
-    for si, seg in enumerate(plan.segments):
-        ts = seg.store
-        before, _, _, tp = sizes[si]
-        if seg.episodes is not None and seg.frame_times is None:
-            own_at[si] = up.double([k.time for k in seg.frames])
-        off = {"clean": lead_to - before, "noisy": lead_to + S}
-        for which, entries, times, n_clean, page_of, tokens in (
-                ("frames", seg.frames, seg.frame_times, seg.clean_frames, ts.frames.page_of, T),
-                ("blocks", seg.blocks, seg.block_times, seg.clean_blocks, ts.blocks.page_of if ts.blocks else {}, tp)):
-            for part, sel in (("clean", slice(0, n_clean)), ("noisy", slice(n_clean, len(entries)))):
-                chosen = entries[sel]
-                if not chosen:
-                    continue
-                parts.append((si, which, up.long([page_of[k.index] for k in chosen]),
-                              None if times is None else up.double(times[sel]), sel, off[part]))
-                off[part] += len(chosen) * tokens
-    len_at = {p: up.long([x for row in base[p] for x in row]) for p in PASSES}
-    lead_at = up.long([x for row in leads for x in row])
-    longs, doubles = up.send(dev)
-    lengths = {p: longs[len_at[p]].view(layers, 1, NS) for p in PASSES}
-    starts = longs[lead_at].view(layers, 1, NS)
-    # ---- gather, rotate and write each segment's history -------------------------------------------
-    ep_cache: dict = {}
+    plan.natural_chunk = static["natural"]
+    plan.head_base = static["head_base"]
+    plan.sequences = NS
+    # ---- sizes: every sequence right-aligned, the chunk last ------------------------------------
+    tokens_of = {}  # (source, pool) -> tokens of one entry
 
-    def episode_layout(si):
-        own = doubles[own_at[si]] if si in own_at else None
-        return _episode_layout(plan.segments[si], rope, window, cmin, cmax, start, frames, episodes_before,
-                               ep_cache, own)
+    def n_tokens(k: Key) -> int:
+        if (k.source, k.pool) not in tokens_of:
+            ph, pw = pooled_grid(*cache.grid, k.pool)
+            tokens_of[(k.source, k.pool)] = ph * pw
+        return tokens_of[(k.source, k.pool)]
 
-    for si, which, pages_at, times_at, sel, off in parts:
-        seg = plan.segments[si]
-        ts = seg.store
-        layer_idx, seq_idx = static["head_index"][si]
-        pool = ts.frames if which == "frames" else ts.blocks
-        pages = longs[pages_at]
-        times = None
-        if not cache.prerotated:  # a recache of a prerotated pool gathers keys that are already rotated
-            # compact / window_shift with episodic memory: ranked with the episodes on the device
-            times = doubles[times_at] if times_at is not None else episode_layout(si)[0][..., sel]
-            pool_size = (seg.frames if which == "frames" else seg.blocks)[0].pool
-            sp = spatial_positions(gh, gw, pool_size, "top_left" if which == "blocks" else "centroid")
-        for heads in _head_slices(pool.k, pages.numel()):  # bounded temporaries: a slice of the type's heads
-            gk = pool.k[:, heads].index_select(2, pages)  # [B, n, E, tokens, D]
-            gv = pool.v[:, heads].index_select(2, pages)
-            if times is not None:
-                gk = rotate_entries(gk, times if times.dim() == 1 else times[:, heads], sp)
-            _write(plan, layer_idx[heads], seq_idx[heads], off, gk, gv)
-    for si, seg in enumerate(plan.segments):
-        if seg.episodes is None:
-            continue
+    def ep_slots_tokens(seg: Segment) -> int:
         ep = seg.store.episodes
-        before, after, _, _ = sizes[si]
-        _, ep_times, ep_order, ep_valid = episode_layout(si)
-        idx = _heads(ep, ep_order)  # [B, N, C]
-        layer_idx, seq_idx = static["head_index"][si]
-        for heads in _head_slices(ep.k, ep.slots):
-            shape = idx[:, heads].shape + ep.k.shape[3:]
-            gk = ep.k[:, heads].gather(2, idx[:, heads, :, None, None].expand(shape))
-            gv = ep.v[:, heads].gather(2, idx[:, heads, :, None, None].expand(shape))
-            gk = rotate_entries(gk, ep_times[:, heads], spatial_positions(gh, gw, ep.pool, "centroid"))
-            _write(plan, layer_idx[heads], seq_idx[heads], lead_to + S + after, gk, gv)
-        n_valid = _heads(ep, ep_valid.sum(-1)) * ep.k.shape[3]  # [B, N] keys of the valid episodes
-        for p in PASSES:
-            L = lengths[p]
-            if L.shape[1] != B:
-                L = L.expand(-1, B, -1).clone()
-            L[layer_idx, :, seq_idx] += n_valid.T
-            lengths[p] = L
-    plan.lengths = lengths
-    plan.starts = starts
-    # ---- per-layer views (made once; the five model calls reuse them) ------------------------------
-    masked = any(seg.episodes is not None for seg in plan.segments)
+        return ep.slots * ep.k.shape[3] if seg.episodes is not None else 0
+
+    hist_len = [sum(n_tokens(k) for k in seg.history) + ep_slots_tokens(seg) for seg in plan.segments]
+    width = max(hist_len) + S
+    masked = len(set(hist_len)) > 1 or any(seg.noisy_only or seg.episodes is not None for seg in plan.segments)
+    if masked:  # masked SDPA kernels want the key axis aligned (the padding goes first: sequences end together)
+        width = -(-width // KEY_ALIGN) * KEY_ALIGN
+    retimes = any(seg.retimed or seg.noisy_only or seg.episodes is not None for seg in plan.segments)
+    span = width - S if retimes else 0
+    plan.width, plan.span = width, span
+    # ---- table rows: host-known runs, then the episodic rows (one per batch row and layer) ------------
+    up = _Upload()
+    runs: list[_Run] = []
+    host_deltas: dict[float, int] = {0.0: 0}  # time difference -> factor row (0: identity)
+
+    def factor_of(k: Key, seg: Segment) -> int | None:
+        if seg.device_times and k.source == "frame":
+            return None
+        delta = seg.times[k] - k.time
+        return host_deltas.setdefault(delta, len(host_deltas))
+
+    seg_row: dict[int, int] = {}  # segment -> its (first) table row
+    episodic: list[int] = []  # segments whose rows are per (batch row, layer)
+    n_rows = 0
+    starts_of: dict[str, list[int]] = {p: [] for p in PASSES}  # per host row: start of each pass (episodes: slots)
+    for si, seg in enumerate(plan.segments):
+        seg_row[si] = n_rows
+        pos = width - S - hist_len[si]
+        noisy_start = pos
+        if seg.episodes is not None:
+            episodic.append(si)
+            pos += ep_slots_tokens(seg)  # the episode slots come first; filled on the device
+        for k in seg.history:
+            n = n_tokens(k)
+            if k.source == "frame":
+                offset = seg.store.frames.page_of[k.index] * T
+            else:
+                offset = seg.store.block_offset + seg.store.blocks.page_of[k.index] * n
+            runs.append(_Run(n_rows, pos, n, offset, factor_of(k, seg)))
+            pos += n
+        assert pos == width - S, (pos, width, S)
+        clean_start = noisy_start + sum(n_tokens(k) for k in seg.noisy_only)
+        starts_of["noisy"].append(noisy_start)
+        starts_of["clean"].append(clean_start)
+        n_rows += 1
+    host_rows = n_rows
+    ep_rows: dict[int, int] = {}  # episodic segment -> first of its (layer) rows
+    for si in episodic:
+        ep_rows[si] = n_rows
+        n_rows += plan.segments[si].store.episodes.layers
+    # ---- the tables: [B, rows, width] arena offsets, [B, rows, span] factor indices ----------------------
+    run_at = up.long([x for r in runs for x in (r.row, r.position, r.length, r.offset,
+                                                  -1 if r.factor is None else r.factor)])
+    seg_rows_at = up.long([seg_row[si] for si in range(len(plan.segments))])
+    delta_at = up.double(sorted(host_deltas, key=host_deltas.get))
+    starts_at = {p: up.long(starts_of[p]) for p in PASSES}
+    longs, doubles = up.send(dev)
+    table = torch.zeros(B, n_rows, width, dtype=torch.int64, device=dev)
+    ftable = torch.zeros(B, n_rows, span, dtype=torch.int64, device=dev) if span else None
+    if runs:
+        r = longs[run_at].view(-1, 5)
+        lengths = r[:, 2]
+        total = sum(x.length for x in runs)
+        first_of_run = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(total, device=dev) - first_of_run.repeat_interleave(lengths, output_size=total)
+        row = r[:, 0].repeat_interleave(lengths, output_size=total)
+        pos = r[:, 1].repeat_interleave(lengths, output_size=total) + within
+        table[:, row, pos] = r[:, 3].repeat_interleave(lengths, output_size=total) + within
+        if span:
+            fac = r[:, 4].repeat_interleave(lengths, output_size=total)
+            host_fac = fac >= 0
+            ftable[:, row[host_fac], pos[host_fac]] = fac[host_fac]
+    # the batch rows of the arena (the table's offsets are relative to one batch row's heads)
+    table += (torch.arange(B, device=dev) * cache.rows).view(B, 1, 1)
+    factors = [_factors(doubles[delta_at], cache)]  # host factor rows first: their indices are final
+    n_factors = len(host_deltas)
+    starts = {p: longs[starts_at[p]].view(1, host_rows).expand(B, -1) for p in PASSES}
+    starts = {p: torch.cat([s, torch.zeros(B, n_rows - host_rows, dtype=torch.int64, device=dev)], 1)
+              for p, s in starts.items()}
+    for si in episodic:
+        seg = plan.segments[si]
+        rows = slice(ep_rows[si], ep_rows[si] + seg.store.episodes.layers)
+        times, slot_off, valid_n = _episodes(seg, rope, window, cmin, cmax, start, frames, episodes_before)
+        lm = seg.store.episodes.layers
+        noisy_start = width - S - hist_len[si]
+        ep_len = ep_slots_tokens(seg)
+        table[:, rows] = table[:, seg_row[si]:seg_row[si] + 1]
+        table[:, rows, noisy_start:noisy_start + ep_len] = \
+            slot_off + (torch.arange(B, device=dev) * cache.rows).view(B, 1, 1)
+        # factors on the device: the episodes' read times (stored un-timed), the frames' time differences
+        dev_rows = times.shape[-1]  # per (b, layer): [frames..., episode slots...] in layout order
+        idx = n_factors + torch.arange(B * lm * dev_rows, device=dev).view(B, lm, dev_rows)
+        factors.append(_factors(times.reshape(-1), cache))
+        n_factors += B * lm * dev_rows
+        if span:
+            ep_tok = seg.store.episodes.k.shape[3]
+            n_frames = dev_rows - seg.store.episodes.slots
+            ftable[:, rows] = ftable[:, seg_row[si]:seg_row[si] + 1]
+            ftable[:, rows, noisy_start:noisy_start + ep_len] = idx[:, :, n_frames:].repeat_interleave(ep_tok, dim=-1)
+            if seg.device_times:  # whole frames re-timed on the device: one factor each, T tokens each
+                at = noisy_start + ep_len
+                ftable[:, rows, at:at + n_frames * T] = idx[:, :, :n_frames].repeat_interleave(T, dim=-1)
+        ep_start = (noisy_start + ep_len - valid_n * seg.store.episodes.k.shape[3])  # [B, Lm]
+        for p_ in PASSES:
+            starts[p_][:, rows] = ep_start
+    plan.rows_table, plan.factor_table = table, ftable
+    plan.factors = torch.cat(factors) if len(factors) > 1 else factors[0]
+    # ---- per (layer, sequence): table row, starts and lengths of each pass ----------------------------
+    seq_rows = []
+    for li in range(layers):
+        row = []
+        for si, h in static["order"][li]:
+            if si in ep_rows:
+                row.append(ep_rows[si] + plan.segments[si].store.episodes.layer_ids.index(li))
+            else:
+                row.append(seg_row[si])
+        seq_rows.append(row)
+    up = _Upload()
+    rows_at = up.long([x for row in seq_rows for x in row])
+    longs, _ = up.send(dev)
+    all_rows = longs[rows_at]
+    plan.seq_row = list(all_rows.view(layers, NS).unbind(0))
+    for p in PASSES:
+        st = starts[p].index_select(1, all_rows).view(B, layers, NS).transpose(0, 1)  # [layers, B, NS]
+        if not episodic:
+            st = st[:, :1]
+        plan.starts[p] = st
+        plan.lengths[p] = width - st
+    # ---- the masks (padded / grouped backends), the runs (grouped); the scratch ---------------------------
+    host_starts = {p: [[starts_of[p][si] if si not in ep_rows else None for si, _ in static["order"][li]]
+                       for li in range(layers)] for p in PASSES}
     masks = {}
     for p in PASSES:
-        uniform = not masked and all(x == lmax for row in base[p] for x in row)
-        masks[p] = None if uniform else window_bias(starts, lengths[p], lmax, cache.dtype)
+        uniform = not episodic and all(s == 0 for row in host_starts[p] for s in row)
+        masks[p] = None if uniform else window_bias(plan.starts[p], plan.lengths[p], width, cache.dtype)
     for li in range(layers):
-        k, v = plan.kp[li], plan.vp[li]
-        chunk_dest = None
-        if plan.grouped or plan.chunk_src[li] is not None:  # sequences in another order, or rotation variants
-            chunk_dest = (torch.arange(NS, device=dev).view(NS, 1) * lmax + lead_to
-                          + torch.arange(S, device=dev)).view(-1)
-            k_chunk = v_chunk = None
-        elif J == 1:
-            k_chunk, v_chunk = k[:, :, lead_to:lead_to + S], v[:, :, lead_to:lead_to + S]
-        else:  # sequences (head, query frame): the chunk is broadcast over J
-            k_chunk = k.view(B, H, J, lmax, D)[:, :, :, lead_to:lead_to + S]
-            v_chunk = v.view(B, H, J, lmax, D)[:, :, :, lead_to:lead_to + S]
+        runs_p = {}
+        for p in PASSES:
+            if plan.grouped:
+                runs_p[p] = tuple(_merge_runs([
+                    Run(n, n + 1, width - (s if s is not None else 0), s is None, s if s is not None else 0)
+                    for n, s in enumerate(host_starts[p][li])]))
+            else:
+                runs_p[p] = (Run(0, NS, width, masks[p] is not None),)
         plan.layers.append(LayerViews(
-            k, v, k_chunk, v_chunk, {p: None if masks[p] is None else masks[p][li] for p in PASSES},
-            {p: lengths[p][li] for p in PASSES},
-            {p: tuple(_merge_runs(runs[p][li])) if plan.grouped else (Run(0, NS, lmax, masks[p] is not None),)
-             for p in PASSES}, chunk_dest, starts[li]))
+            None, None, {p: None if masks[p] is None else masks[p][li] for p in PASSES},
+            {p: plan.lengths[p][li] for p in PASSES}, runs_p, {p: plan.starts[p][li] for p in PASSES}))
+    plan.dims = (B, H, D, cache.dtype, dev)
+    plan.bind()
+    _plan_commit(plan, cache, static, start, frames)
+
+
+def _factors(deltas: torch.Tensor, cache: HeadwiseKVCache) -> torch.Tensor:
+    """Complex rotation factors ``exp(i·ω·Δt)`` of the time channels for time differences ``deltas`` ``[n]``."""
+    ft = inverse_frequencies(cache.head_dim)[0].to(deltas.device)
+    angles = deltas.to(torch.float64).unsqueeze(-1) * ft
+    f = torch.polar(torch.ones_like(angles), angles)
+    return f.to(torch.complex128 if cache.dtype == torch.float64 else torch.complex64)
+
+
+def _episodes(seg: Segment, rope, window, cmin, cmax, start, frames, episodes_before):
+    """The episodic memory of a segment as laid out this chunk, on the device, per (batch row, layer):
+    ``times`` ``[B, Lm, frames + slots]`` — the time difference each whole frame is re-timed by, then
+    each slot position's read time (valid episodes right-aligned, in time order); ``slot_offsets``
+    ``[B, Lm, slots·tokens]`` — the arena offset (in its head's run) of each position of the episode
+    slots; ``valid`` ``[B, Lm]`` — episodes held."""
+    ep = seg.store.episodes
+    valid = ep.valid if episodes_before is None else ep.valid & (ep.last < episodes_before)
+    big = torch.iinfo(torch.int64).max
+    order = torch.argsort(torch.where(valid, ep.first, big), dim=-1, stable=True)  # valid first, by time
+    n_valid = valid.sum(-1)  # [B, Lm]
+    c = ep.slots
+    rank = torch.arange(c, device=valid.device) - (c - n_valid).unsqueeze(-1)  # right-aligned
+    held = rank >= 0
+    slot = order.gather(-1, rank.clamp(min=0))  # [B, Lm, C]
+    own = ep.times().gather(-1, slot)
+    ep_tok = ep.k.shape[3]
+    offsets = seg.store.episode_offset + slot * ep_tok
+    offsets = (offsets.unsqueeze(-1) + torch.arange(ep_tok, device=valid.device)).flatten(-2)
+    frames_keys = seg.history  # whole frames, layout order
+    b, lm, _ = valid.shape
+    dev = valid.device
+    own_frames = torch.tensor([k.time for k in frames_keys], dtype=torch.float64, device=dev)
+    if seg.device_times:
+        n = len(frames_keys)
+        own_all = torch.cat([own_frames.expand(b, lm, n), own], dim=-1)
+        flags = [k.role == "sink" for k in frames_keys] + [False] * c
+        sink = torch.tensor(flags, device=dev)
+        anchor = torch.tensor([k.anchor for k in frames_keys] + [False] * c, device=dev)
+        valid_all = torch.cat([torch.ones(b, lm, n, dtype=torch.bool, device=dev), held], dim=-1)
+        mapped = map_times(rope, own_all, is_chunk=torch.zeros_like(sink), is_sink=sink, is_anchor=anchor,
+                           valid=valid_all, chunk_start=start, frames=frames, query_frame=start, window=window,
+                           clamp_min=cmin, clamp_max=cmax)
+        frame_delta, ep_time = mapped[..., :n] - own_frames, mapped[..., n:]
+    else:  # episodes at their own time (mean frame), whole frames by the host
+        frame_delta = torch.zeros(b, lm, 0, dtype=torch.float64, device=dev)
+        ep_time = own
+    return torch.cat([frame_delta, ep_time], dim=-1), offsets, n_valid
 
 
 def _merge_runs(runs: list[Run]) -> list[Run]:
@@ -463,68 +603,47 @@ def _merge_runs(runs: list[Run]) -> list[Run]:
     return out
 
 
-def _pooled_tokens(seg: Segment, gh: int, gw: int) -> int:
-    if not seg.blocks:
-        return 0
-    ph, pw = pooled_grid(gh, gw, seg.blocks[0].pool)
-    return ph * pw
-
-
-PLAN_SLICE_BYTES = 256 * 2**20  # largest float32 gather a plan makes at once (per K or V)
-
-
-def _head_slices(store: torch.Tensor, entries: int) -> list[slice]:
-    """Slices of a pool's heads whose gathered entries stay within :data:`PLAN_SLICE_BYTES` in float32."""
-    b, n = store.shape[:2]
-    per_head = max(1, b * entries * store.shape[3] * store.shape[4] * 4)
-    step = max(1, min(n, PLAN_SLICE_BYTES // per_head))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
-
-
-def _heads(ep, x: torch.Tensor) -> torch.Tensor:
-    """Per-(row, layer) values → per head of the type (``[B, Lm, ...]`` → ``[B, N, ...]``)."""
-    return x.index_select(1, ep.layer_of_head)
-
-
-def _episode_layout(seg: Segment, rope, window, cmin, cmax, start, frames, episodes_before, memo, own_frames):
-    """Order, validity and RoPE times of a segment's episodic memory (and, for compact / window_shift,
-    of its whole-frame entries, ranked together with the episodes) — on the device, once per segment."""
-    if id(seg) in memo:
-        return memo[id(seg)]
-    ep = seg.store.episodes
-    valid = ep.valid if episodes_before is None else ep.valid & (ep.last < episodes_before)
-    big = torch.iinfo(torch.int64).max
-    order = torch.argsort(torch.where(valid, ep.first, big), dim=-1, stable=True)  # [B, Lm, C]
-    ep_valid = valid.gather(-1, order)
-    ep_own = ep.times().gather(-1, order)
-    frame_times = None
-    if seg.frame_times is None:
-        b, lm, c = ep_own.shape
-        n = len(seg.frames)
-        dev = ep_own.device
-        own = torch.cat([own_frames.expand(b, lm, n), ep_own], dim=-1)
-        flags = [k.role == "sink" for k in seg.frames] + [False] * c
-        sink = torch.tensor(flags, device=dev)
-        anchor = torch.tensor([k.anchor for k in seg.frames] + [False] * c, device=dev)
-        valid_all = torch.cat([torch.ones(b, lm, n, dtype=torch.bool, device=dev), ep_valid], dim=-1)
-        mapped = map_times(rope, own, is_chunk=torch.zeros_like(sink), is_sink=sink, is_anchor=anchor,
-                           valid=valid_all, chunk_start=start, frames=frames, query_frame=start, window=window,
-                           clamp_min=cmin, clamp_max=cmax)
-        frame_times, ep_own = _heads(ep, mapped[..., :n]), mapped[..., n:]
-    out = (frame_times, _heads(ep, ep_own), order, ep_valid)
-    memo[id(seg)] = out
-    return out
-
-
-def _write(plan: ChunkPlan, layer_idx, seq_idx, off, gk, gv) -> None:
-    """Write ``[B, N, E, tokens, D]`` into ``kp``/``vp`` at each head's (layer, sequence), from ``off``."""
-    b, n = gk.shape[:2]
-    flat_k = gk.reshape(b, n, -1, gk.shape[-1]).transpose(0, 1)  # [N, B, E·tokens, D]
-    flat_v = gv.reshape(b, n, -1, gv.shape[-1]).transpose(0, 1)
-    width = flat_k.shape[2]
-    plan.gathered_bytes += 2 * flat_k.numel() * plan.kp.element_size()
-    plan.kp[layer_idx, :, seq_idx, off:off + width] = flat_k.to(plan.kp.dtype)
-    plan.vp[layer_idx, :, seq_idx, off:off + width] = flat_v.to(plan.vp.dtype)
+def _plan_commit(plan: ChunkPlan, cache: HeadwiseKVCache, static: dict, start: int, frames: int) -> None:
+    """Where the clean pass writes each layer's kept frames: the pages :meth:`HeadwiseKVCache.reserve`
+    decided (a re-run: the pages of the re-run frames held whole), from the scratch's chunk (its keys at
+    their own times) or, when some sequence sees the chunk at other times, from the chunk's own K/V."""
+    B, H, T, J = cache.batch, cache.num_heads, cache.tokens, plan.classes
+    NS, W, S = plan.sequences, plan.width, frames * T
+    plan.commit_from_scratch = plan.natural_chunk
+    seq_of_head = {}
+    for li in range(cache.num_layers):
+        for n, (si, h) in enumerate(static["order"][li]):
+            if plan.segments[si].cls == 0:
+                seq_of_head[(li, h)] = n
+    up = _Upload()
+    at = []
+    for li in range(cache.num_layers):
+        dest, src = [], []
+        for h in range(H):
+            ti, hidx = cache.slot_of[(li, h)]
+            ts = cache.types[ti]
+            pages = ts.frames.page_of if plan.rerun else ts.frames.pending
+            for j in range(frames):
+                page = pages.get(start + j)
+                if page is None:
+                    continue
+                dest.append(ts.base + hidx * ts.head_rows + page * T)
+                if plan.commit_from_scratch:
+                    src.append(seq_of_head[(li, h)] * W + (W - S) + j * T)
+                else:  # the chunk's K/V [B, H, S, D]
+                    src.append(h * S + j * T)
+        at.append((up.long(dest), up.long(src)))
+    longs, _ = up.send(cache.device)
+    rows = cache.rows
+    src_rows = NS * W if plan.commit_from_scratch else H * S
+    batch = torch.arange(B, device=cache.device).view(B, 1)
+    for d, s in at:
+        if d.stop == d.start:
+            plan.commit_dest.append(None)
+            plan.commit_src.append(None)
+            continue
+        plan.commit_dest.append(longs[d].view(1, -1) + batch * rows)
+        plan.commit_src.append(longs[s].view(1, -1) + batch * src_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,75 +656,127 @@ Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 class ChunkAttention:
     """The runner's self-attention for one model call of a planned chunk.
 
-    ``pass_``: ``"noisy"`` or ``"clean"`` (which key lengths apply). ``stage``: on the clean pass,
-    a ``[layers, B, S, heads, D]`` pair of buffers that receives the raw K/V the cache commits
-    after the call (None for a prerotated pool, written in place). ``observer(layer, q, k,
-    key_frames)`` — full-cache runs only — sees the rotated queries ``[B, S, H, D]``, the keys
-    ``[B, H, L, D]`` and the frame of every key (head profiling).
+    ``pass_``: ``"noisy"`` or ``"clean"`` (which key windows apply; the clean pass also writes the
+    chunk's kept frames into the cache). ``observer(layer, q, k, key_frames)`` — full-cache runs only —
+    sees the rotated queries ``[B, S, H, D]``, the keys ``[B, H, L, D]`` and the frame of every key (head
+    profiling).
     """
 
     def __init__(self, plan: ChunkPlan, cache: HeadwiseKVCache, backend: Backend, pass_: str = "noisy",
-                 stage: tuple[torch.Tensor, torch.Tensor] | None = None, observer: Observer | None = None):
+                 observer: Observer | None = None):
         self.plan, self.cache, self.backend, self.pass_ = plan, cache, backend, pass_
-        self.stage = stage
         self.observer = observer
+        if not plan.prerotated:
+            plan.bind()
+            self._prepare_views()
+
+    def _prepare_views(self) -> None:
+        """Views of the scratch every layer call writes through (made once per model call, not per layer)."""
+        plan, cache = self.plan, self.cache
+        B, D, W, S = cache.batch, cache.head_dim, plan.width, plan.frames * plan.tokens
+        H, J = cache.num_heads, plan.classes
+        scratch = plan.scratch
+        self.flat = scratch.view(2, -1, D)
+        self.chunk_kv = scratch[:, :, :, W - S:]  # [2, B, NS, S, D]
+        if J > 1:  # [2, B, H, J, S, D]: class 0 gets the rotation, the others a copy
+            by_class = scratch.view(2, B, H, J, W, D)[:, :, :, :, W - S:]
+            self.chunk_k0 = by_class[0, :, :, 0].transpose(1, 2)  # [B, S, H, D]
+            self.chunk_k_rest = by_class[0, :, :, 1:]
+            self.chunk_k0_to_rest = self.chunk_k0.transpose(1, 2).unsqueeze(2).expand_as(self.chunk_k_rest)
+            self.chunk_v = by_class[1].permute(0, 3, 1, 2, 4)  # [B, S, H, J, D]
+            self.queries_out = plan.query_buffer.transpose(1, 2)  # [B, S, H, D]
+            self.queries = plan.query_buffer.view(B, H * J, S // J, D)  # one sequence per (head, query frame)
+        else:
+            self.chunk_k0 = self.chunk_kv[0].transpose(1, 2)  # [B, S, NS=H, D]
+            self.chunk_v = self.chunk_kv[1].transpose(1, 2)
+        self.timed = None
+        if plan.span:
+            pt = axis_pairs(D)[0]
+            self.timed = scratch[0, :, :, :plan.span, :2 * pt]  # [B, NS, span, 2·pt]: the time channels
+            self.compute = torch.float64 if cache.dtype == torch.float64 else torch.float32
+            if self.timed.dtype == self.compute:  # re-timed in place: one complex multiply
+                self.timed_complex = torch.view_as_complex(self.timed.unflatten(-1, (-1, 2)))
+        self.token = torch.arange(plan.tokens, device=scratch.device)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if plan.prerotated:
+            return self._in_place(layer, q, k, v)
+        lv, p, rot = plan.layers[layer], self.pass_, plan.rotation
+        b, s, h, d = q.shape
+        J = plan.classes
+        seq_row = plan.seq_row[layer]
+        # ---- this layer's history: keys and values in one gather from the arena, re-timed ------------
+        rows = plan.rows_table.index_select(1, seq_row).add_(plan.head_base[layer])  # [B, NS, W]
+        torch.index_select(self.cache.kv_flat, 1, rows.view(-1), out=self.flat)
+        del rows  # temporaries go as soon as they are used: they add to the call's peak
+        if self.timed is not None:
+            f = plan.factors[plan.factor_table.index_select(1, seq_row)]  # [B, NS, span, pt]
+            if self.timed.dtype == self.compute:
+                self.timed_complex.mul_(f)
+            else:  # half precision: rotated in float32, rounded once
+                x = self.timed.to(self.compute)
+                torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(f)
+                self.timed.copy_(x)
+                del x
+            del f
+        # ---- the chunk's own keys and values, last in every sequence --------------------------------
+        if plan.natural_chunk:
+            rot.apply(k, out=self.chunk_k0)
+            if J > 1:
+                self.chunk_k_rest.copy_(self.chunk_k0_to_rest)
+                self.chunk_v.copy_(v.unsqueeze(3))
+            else:
+                self.chunk_v.copy_(v)
+        else:  # rotation variants or the grouped order: pick each sequence's rotation of the chunk
+            k_all = rot.apply_all(k).permute(0, 1, 3, 2, 4).reshape(b, -1, s, d)  # [B, V·H, S, D]
+            self.chunk_kv[0].copy_(k_all.index_select(1, plan.chunk_src[layer]))
+            vt = v.transpose(1, 2)
+            self.chunk_kv[1].copy_(vt.index_select(1, plan.v_src[layer]) if plan.v_src[layer] is not None
+                                   else vt.unsqueeze(2).expand(-1, -1, J, -1, -1).reshape(b, -1, s, d))
+        # ---- attention ------------------------------------------------------------------------------
+        if J == 1:
+            qs = rot.apply(q).transpose(1, 2)
+        else:
+            rot.apply(q, out=self.queries_out)
+            qs = self.queries
+        if plan.q_src[layer] is not None:
+            qs = qs.index_select(1, plan.q_src[layer])
+        out = self.backend(LayerProblem(qs, lv.k, lv.v, lv.mask[p], lv.lengths[p], lv.runs[p], lv.starts[p]))
+        if plan.out_src[layer] is not None:
+            out = out.index_select(1, plan.out_src[layer])
+        if p == "clean":
+            self._commit(layer, k, v)
+        if J == 1:
+            return out.transpose(1, 2)
+        return out.view(b, h, s, d).transpose(1, 2)
+
+    def _commit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this layer's kept chunk frames into the pages the plan decided (after its attention read
+        whatever those pages held before)."""
+        plan = self.plan
+        dest = plan.commit_dest[layer]
+        if dest is None:
+            return
+        tok = self.token
+        if plan.commit_from_scratch:
+            source = self.flat
+        else:  # the chunk's K (rotated at its own frames) and V, [2, B·H·S, D]
+            k0 = plan.rotation.apply(k).transpose(1, 2)
+            source = torch.stack([k0, v.transpose(1, 2).to(k0.dtype)]).view(2, -1, k.shape[-1])
+        src = (plan.commit_src[layer].unsqueeze(-1) + tok).view(-1)
+        self.cache.kv_flat.index_copy_(1, (dest.unsqueeze(-1) + tok).view(-1), source.index_select(1, src))
+
+    def _in_place(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A pool read in place: write the chunk's pages (rotated keys), then attend the pool."""
         plan, lv, p = self.plan, self.plan.layers[layer], self.pass_
         rot = plan.rotation
         b, s, h, d = q.shape
         q_r = rot.apply(q)
-        if self.stage is not None:
-            self.stage[0][layer].copy_(k)
-            self.stage[1][layer].copy_(v)
-        if plan.prerotated:  # write the chunk's pages in place, then read the pool
-            f = plan.frames
-            lv.k_chunk.index_copy_(2, plan.chunk_pages, rot.apply(k).view(b, f, s // f, h, d).permute(0, 3, 1, 2, 4))
-            lv.v_chunk.index_copy_(2, plan.chunk_pages, v.view(b, f, s // f, h, d).permute(0, 3, 1, 2, 4))
-            if self.observer is not None:
-                self.observer(layer, q_r, lv.k, plan.key_frames)
-            out = self.backend(LayerProblem(q_r.transpose(1, 2), lv.k, lv.v, lv.mask[p], None, lv.runs[p]))
-            return out.transpose(1, 2)
-        J = plan.classes
-        if lv.chunk_dest is None:  # every sequence sees the chunk at its own frames, at one offset
-            vt = v.transpose(1, 2)
-            if J == 1:  # rotated straight into the buffer's chunk slots
-                rot.apply(k, out=lv.k_chunk.transpose(1, 2))
-                lv.v_chunk.copy_(vt)
-            else:
-                lv.k_chunk.copy_(rot.apply(k).transpose(1, 2).unsqueeze(2).expand(-1, -1, J, -1, -1))
-                lv.v_chunk.copy_(vt.unsqueeze(2).expand(-1, -1, J, -1, -1))
-        else:  # per-sequence offsets (or rotation variants, or grouped order): one scatter per tensor
-            src = plan.chunk_src[layer]
-            if src is None:
-                kt = rot.apply(k).transpose(1, 2)
-                ks = kt if J == 1 else kt.unsqueeze(2).expand(-1, -1, J, -1, -1)
-            else:
-                k_all = rot.apply_all(k).permute(0, 1, 3, 2, 4).reshape(b, -1, s, d)  # [B, V·H, S, D]
-                ks = k_all.index_select(1, src)
-            vt = v.transpose(1, 2)
-            if plan.v_src[layer] is not None:
-                vs = vt.index_select(1, plan.v_src[layer])
-            else:
-                vs = vt if J == 1 else vt.unsqueeze(2).expand(-1, -1, J, -1, -1)
-            ns, width = lv.k.shape[1], lv.k.shape[2]
-            lv.k.view(b, ns * width, d).index_copy_(1, lv.chunk_dest, ks.reshape(b, -1, d))
-            lv.v.view(b, ns * width, d).index_copy_(1, lv.chunk_dest, vs.reshape(b, -1, d))
-        if plan.grouped:  # sequences type by type: gather the queries, scatter the output back
-            qs = q_r.transpose(1, 2) if J == 1 else \
-                q_r.view(b, J, s // J, h, d).permute(0, 3, 1, 2, 4).reshape(b, h * J, s // J, d)
-            if plan.q_src[layer] is not None:
-                qs = qs.index_select(1, plan.q_src[layer])
-            out = self.backend(LayerProblem(qs, lv.k, lv.v, lv.mask[p], lv.lengths[p], lv.runs[p], lv.starts))
-            if plan.out_src[layer] is not None:
-                out = out.index_select(1, plan.out_src[layer])
-            if J == 1:
-                return out.transpose(1, 2)
-            return out.view(b, h, J, s // J, d).permute(0, 2, 3, 1, 4).reshape(b, s, h, d)
-        if J == 1:
-            out = self.backend(LayerProblem(q_r.transpose(1, 2), lv.k, lv.v, lv.mask[p], lv.lengths[p], lv.runs[p],
-                                            lv.starts))
-            return out.transpose(1, 2)
-        qs = q_r.view(b, J, s // J, h, d).permute(0, 3, 1, 2, 4).reshape(b, h * J, s // J, d)
-        out = self.backend(LayerProblem(qs, lv.k, lv.v, lv.mask[p], lv.lengths[p], lv.runs[p], lv.starts))
-        return out.view(b, h, J, s // J, d).permute(0, 2, 3, 1, 4).reshape(b, s, h, d)
+        f = plan.frames
+        lv.k_pages.index_copy_(2, plan.chunk_pages, rot.apply(k).view(b, f, s // f, h, d).permute(0, 3, 1, 2, 4))
+        lv.v_pages.index_copy_(2, plan.chunk_pages, v.view(b, f, s // f, h, d).permute(0, 3, 1, 2, 4))
+        if self.observer is not None:
+            self.observer(layer, q_r, lv.k, plan.key_frames)
+        out = self.backend(LayerProblem(q_r.transpose(1, 2), lv.k, lv.v, lv.mask[p], None, lv.runs[p]))
+        return out.transpose(1, 2)

@@ -74,6 +74,12 @@ class Commit:
     to_episodes: list[tuple[int, bool]] = field(default_factory=list)  # (frame, opens a new episode)
 
 
+def pages_at_commit(effects: Commit) -> set[int]:
+    """Frames that need a page when a commit ends: those kept, and those read after the clean pass (merged
+    into blocks, handed to the episodic memory)."""
+    return set(effects.keep_frames) | set(effects.merge_frames) | {f for f, _ in effects.to_episodes}
+
+
 def _frame_key(frame: int, chunk_start: int, role: str, anchor: bool = False) -> Key:
     if frame >= chunk_start:
         return Key("chunk", frame - chunk_start, float(frame), role, anchor)
@@ -92,6 +98,7 @@ class TokenBudget:
     peak: float = 0.0
     before: float = 0.0
     after: float = 0.0
+    history: float = 0.0  # the most history tokens one key set lays out (episode slots at capacity)
 
 
 class Tracker:
@@ -100,9 +107,10 @@ class Tracker:
     rule: Rule
     frames_per_block: int
 
-    def budget(self, total_frames: int, tokens_of) -> TokenBudget:
+    def budget(self, total_frames: int, tokens_of, in_place: bool = False) -> TokenBudget:
         """Tokens one head of this type stores and attends at steady state (``tokens_of(pool)``: the tokens
-        of one frame pooled ``pool×pool``)."""
+        of one frame pooled ``pool×pool``; ``in_place``: the pool also holds the chunk, see
+        :meth:`frame_capacity`)."""
         raise NotImplementedError
 
     def keys(self, start: int, frames: int) -> ChunkKeys:
@@ -119,8 +127,12 @@ class Tracker:
     def stored_frames(self) -> set[int]:
         raise NotImplementedError
 
-    def frame_capacity(self, frames_per_block: int, total_frames: int) -> int:
-        """Whole-frame slots to preallocate: the most frames held at once plus one chunk of headroom."""
+    def frame_capacity(self, frames_per_block: int, total_frames: int, in_place: bool = False) -> int:
+        """Whole-frame pages to preallocate. A pool read in place by attention (``in_place``) holds the
+        chunk during its passes: the most frames held at once plus one chunk. Otherwise the chunk lives in
+        the attention scratch and its clean pass writes the frames the commit keeps into the pages of the
+        frames it evicts (:mod:`headforcing_core.plan`): the most pages a commit needs at once — the frames
+        kept, plus the frames read after the pass (merged into blocks, handed to the episodic memory)."""
         raise NotImplementedError
 
     def block_capacity(self) -> int:
@@ -198,26 +210,31 @@ class RetentionTracker(Tracker):
     def stored_frames(self) -> set[int]:
         return set(self.sinks) | set(self.recent)
 
-    def budget(self, total_frames: int, tokens_of) -> TokenBudget:
+    def budget(self, total_frames: int, tokens_of, in_place: bool = False) -> TokenBudget:
         rule, frames_per_block = self.rule, self.frames_per_block
         full = tokens_of(1)
         hist = self.history
         if hist is None:
             everything = total_frames * full
-            return TokenBudget(everything, everything, everything, everything - frames_per_block * full, 0)
-        stored = attended = (rule.sink + hist + frames_per_block) * full
+            return TokenBudget(everything, everything, everything, everything - frames_per_block * full, 0,
+                               everything - frames_per_block * full)
+        attended = (rule.sink + hist + frames_per_block) * full
+        stored = self.frame_capacity(frames_per_block, total_frames, in_place) * full
         peak, after = attended, 0
         if rule.middle is not None:
             stored += (rule.middle.cap + 1) * tokens_of(rule.middle.pool)  # +1: headroom before a merge
             attended += rule.middle.cap * tokens_of(rule.middle.pool)
             after = (rule.middle.cap + 1) * tokens_of(rule.middle.pool)  # the slots the plan lays out
             peak += after
-        return TokenBudget(stored, attended, peak, (rule.sink + hist) * full, after)
+        return TokenBudget(stored, attended, peak, (rule.sink + hist) * full, after, (rule.sink + hist) * full + after)
 
-    def frame_capacity(self, frames_per_block: int, total_frames: int) -> int:
+    def frame_capacity(self, frames_per_block: int, total_frames: int, in_place: bool = False) -> int:
         if self.history is None:
             return max(total_frames, 1)
-        return self.rule.sink + self.history + frames_per_block
+        # the frames leaving the recent ring at a commit (up to one chunk) are read by the episodic memory
+        # after the clean pass, so a memory keeps their pages until then
+        headroom = frames_per_block if in_place or self.rule.middle is not None else 0
+        return self.rule.sink + self.history + headroom
 
     def on_prompt_switch(self, first_frame: int) -> None:
         if self.rule.middle is not None:
@@ -380,13 +397,14 @@ class PyramidTracker(Tracker):
         self.committed = 0
         self.stores = _PyramidStores()
 
-    def budget(self, total_frames: int, tokens_of) -> TokenBudget:
+    def budget(self, total_frames: int, tokens_of, in_place: bool = False) -> TokenBudget:
         """Steady-state tokens per head: stored (distinct frames and blocks) and attended per query
         frame, averaged over the query frames of a chunk and the four noisy passes plus the clean pass."""
-        b = pyramid_steady_budget(self.rule, self.frames_per_block)
+        b = pyramid_steady_budget(self.rule, self.frames_per_block, in_place)
         full, pooled = tokens_of(1), tokens_of(self.rule.middle.pool)
         tok = lambda frames_and_blocks: frames_and_blocks[0] * full + frames_and_blocks[1] * pooled  # noqa: E731
-        return TokenBudget(tok(b.stored), tok(b.attended), tok(b.peak), tok(b.before), tok(b.after))
+        return TokenBudget(tok(b.stored), tok(b.attended), tok(b.peak), tok(b.before), tok(b.after),
+                           max(tok(h) for h in b.histories))
 
 
     # -- the stores after a chunk ----------------------------------------------------------
@@ -459,13 +477,14 @@ class PyramidTracker(Tracker):
             held |= set(bucket)
         return held
 
-    def frame_capacity(self, frames_per_block: int, total_frames: int) -> int:
+    def frame_capacity(self, frames_per_block: int, total_frames: int, in_place: bool = False) -> int:
         probe = PyramidTracker(self.rule, frames_per_block)
         most = 0
         for s in range(0, _steady_horizon(self.rule, frames_per_block), frames_per_block):
-            probe.commit(s, frames_per_block)
-            most = max(most, len(probe.stored_frames()))
-        return most + frames_per_block
+            held = len(probe.stored_frames())
+            effects = probe.commit(s, frames_per_block)
+            most = max(most, held + frames_per_block if in_place else len(pages_at_commit(effects)))
+        return most
 
     def block_capacity(self) -> int:
         return self.rule.middle.block_capacity
@@ -503,9 +522,10 @@ class SteadyBudget:
     peak: tuple[float, float]
     before: tuple[float, float]
     after: tuple[float, float]
+    histories: tuple[tuple[int, int], ...] = ()  # every noisy history (frames, blocks) seen
 
 
-def pyramid_steady_budget(rule: PyramidRule, frames_per_block: int) -> SteadyBudget:
+def pyramid_steady_budget(rule: PyramidRule, frames_per_block: int, in_place: bool = False) -> SteadyBudget:
     f = frames_per_block
     probe = PyramidTracker(rule, f)
     horizon = _steady_horizon(rule, f)
@@ -514,6 +534,7 @@ def pyramid_steady_budget(rule: PyramidRule, frames_per_block: int) -> SteadyBud
     attended = [0.0, 0.0]
     peak = before = after = (0, 0)
     samples = 0
+    histories = set()
 
     def count(keys):
         hist = [k for k in keys if k.source != "chunk"]
@@ -524,6 +545,7 @@ def pyramid_steady_budget(rule: PyramidRule, frames_per_block: int) -> SteadyBud
             ck = probe.keys(s, f)
             for noisy, clean in zip(ck.noisy, ck.clean):
                 n, c = count(noisy), count(clean)
+                histories.add(n)
                 before = max(before, c)
                 after = max(after, (n[0] - c[0], n[1] - c[1]))
                 peak = max(peak, (n[0] + f, n[1]))
@@ -532,8 +554,10 @@ def pyramid_steady_budget(rule: PyramidRule, frames_per_block: int) -> SteadyBud
                     attended[1] += weight * blocks
                     samples += weight
         probe.commit(s, f)
-    stored = (float(probe.frame_capacity(f, horizon)), float(probe.block_capacity() + (1 if middle.merges else 0)))
-    return SteadyBudget(stored, (attended[0] / samples, attended[1] / samples), peak, before, after)
+    stored = (float(probe.frame_capacity(f, horizon, in_place)),
+              float(probe.block_capacity() + (1 if middle.merges else 0)))
+    return SteadyBudget(stored, (attended[0] / samples, attended[1] / samples), peak, before, after,
+                        tuple(sorted(histories)))
 
 
 # the tracker that follows each rule, by the rule's ``family``

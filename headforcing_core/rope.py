@@ -186,10 +186,12 @@ def _spatial_factors(spatial: torch.Tensor, head_dim: int, device: torch.device,
     return f
 
 
-def rotate_entries(x: torch.Tensor, times: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
+def rotate_entries(x: torch.Tensor, times: torch.Tensor, spatial: torch.Tensor, *,
+                   inverse: bool = False) -> torch.Tensor:
     """Rotate retained entries: ``x`` ``[..., E, T, D]`` whose entry ``e`` sits at ``times[..., e]``
     (broadcastable to ``x.shape[:-2]``) and whose tokens sit at ``spatial`` ``[T, 2]``
-    (a memoised :func:`spatial_positions` table).
+    (a memoised :func:`spatial_positions` table). ``inverse`` undoes that rotation (keys stored
+    rotated, pooled from their raw values).
 
     The time angle is per entry and the spatial angles per token, so no per-token table of
     the whole history is built: the time channels and the spatial channels are rotated apart
@@ -202,6 +204,8 @@ def rotate_entries(x: torch.Tensor, times: torch.Tensor, spatial: torch.Tensor) 
     ta = times.to(x.device, torch.float64).unsqueeze(-1).unsqueeze(-1) * ft  # [..., E, 1, pt]
     t_cos, t_sin = _factors(ta, compute)
     s_cos, s_sin = _spatial_factors(spatial, d, x.device, compute)
+    if inverse:
+        t_sin, s_sin = -t_sin, -s_sin
     out = x.new_empty(_broadcast(x.shape[:-1], t_cos.shape[:-1], s_cos.shape[:-1]) + (d,))
     _rotate(x[..., :2 * pt], t_cos, t_sin, out[..., :2 * pt])  # time channels, then the spatial ones
     _rotate(x[..., 2 * pt:], s_cos, s_sin, out[..., 2 * pt:])

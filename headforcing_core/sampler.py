@@ -9,7 +9,7 @@ For each chunk of ``frames_per_block`` latent frames (the first starts at frame 
    from ``generator`` (shape of the chunk, ``[B, C, f, H, W]``, float32, in chunk
    then step order). These calls read the cache and never change it;
 3. run the chunk's final ``x0`` once more at timestep 0 (the *clean pass*) and
-   commit that pass's raw K/V to the cache.
+   write that pass's K/V into the cache (each layer after its attention) and commit.
 
 With the ``full`` policy this is exactly Self Forcing's inference.
 """
@@ -150,14 +150,15 @@ class ARSampler:
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, generator: torch.Generator | None = None, hooks: Hooks | None = None,
-               calls_done: int = 0, calls_total: int | None = None) -> torch.Tensor:
-        """Generate the frames of ``noise`` (``[B, C, f, H, W]``), continuing from the cache."""
+               calls_done: int = 0, calls_total: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate the frames of ``noise`` (``[B, C, f, H, W]``), continuing from the cache; into ``out``
+        (a tensor like ``noise`` on the model's device) when given."""
         t = self._check_started(noise, "noise")
         hooks = hooks or Hooks()
         calls_total = calls_total or self.total_model_calls(t)
         source_device = noise.device
         noise = noise.to(self.runner.device)  # the chunk math runs where the model runs
-        out = torch.empty_like(noise)
+        out = torch.empty_like(noise) if out is None else out
         done = calls_done
         for chunk_index, (start, f) in enumerate(chunk_bounds(self.next_frame, t, self.frames_per_block)):
             local = slice(start - self.next_frame, start - self.next_frame + f)
@@ -176,7 +177,7 @@ class ARSampler:
         b, f = x.shape[0], x.shape[2]
         noise_schedule, runner = self.noise_schedule_for_chunk(self.chunks_generated), self.runner
         plan = self._plan(start, f)
-        reader = ChunkAttention(plan, self.cache, self.backend, "noisy", observer=self.observer)
+        reader = ChunkAttention(plan, self.cache, self.backend, "noisy", self.observer)
         x0 = x
         for i, t_i in enumerate(noise_schedule.timesteps):
             done = self._call_model_checked(hooks, done, total)
@@ -186,6 +187,7 @@ class ARSampler:
             if i + 1 < len(noise_schedule.timesteps):
                 x = noise_schedule.renoise(x0, _draw_noise(x0.shape, generator, x0), i + 1)
             self._report(hooks, done, total)
+        del reader  # its views of the plan's scratch; the clean pass makes its own
         # clean pass at t = 0: its K/V are what the cache keeps for this chunk
         done = self._call_model_checked(hooks, done, total)
         self._clean_pass(x0, start, hooks, plan)
@@ -195,6 +197,7 @@ class ARSampler:
 
     def _plan(self, start: int, frames: int) -> ChunkPlan:
         pol = self.policy
+        self.last_plan = None  # the previous chunk's metadata goes before this one's is made
         self.cache.reserve(start, frames)
         plan = plan_chunk(self.cache, pol.rope, pol.window, pol.clamp_min, pol.clamp_max, start, frames,
                           grouped=self.backend_name == "grouped")
@@ -202,21 +205,15 @@ class ARSampler:
         return plan
 
     def _clean_pass(self, x0: torch.Tensor, start: int, hooks: Hooks, plan: ChunkPlan | None = None) -> None:
-        """Run ``x0`` at timestep 0 and commit its K/V (planning the chunk first when not yet planned)."""
+        """Run ``x0`` at timestep 0 — each layer writes the chunk's K/V into the cache after its attention —
+        and commit (planning the chunk first when not yet planned)."""
         b, f = x0.shape[0], x0.shape[2]
         plan = plan or self._plan(start, f)
-        stage = None if plan.prerotated else self._stage(f)
         self.runner.forward(x0, torch.zeros(b, f, device=self.runner.device), self.text,
-                            ChunkAttention(plan, self.cache, self.backend, "clean", stage, self.observer),
+                            ChunkAttention(plan, self.cache, self.backend, "clean", self.observer),
                             hooks.should_stop)
-        self.cache.commit(start, f, *(stage or (None, None)))
-
-    def _stage(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Buffers receiving the clean pass's raw K/V of every layer (committed after the call)."""
-        spec, cache = self.runner.spec, self.cache
-        shape = (spec.num_layers, self.batch, frames * cache.tokens, spec.num_heads, spec.head_dim)
-        return (torch.empty(shape, dtype=self.runner.dtype, device=self.runner.device),
-                torch.empty(shape, dtype=self.runner.dtype, device=self.runner.device))
+        plan.release()  # the chunk is done: its scratch goes before the commit's temporaries come
+        self.cache.commit(start, f)
 
     @staticmethod
     def _call_model_checked(hooks: Hooks, done: int, total: int) -> int:

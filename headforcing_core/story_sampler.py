@@ -75,10 +75,11 @@ class ScheduleSampler(ARSampler):
             raise ShapeError(f"noise {tuple(noise.shape)} does not cover the schedule's {total_frames} latent frames")
         total = calls_total or (calls_done + self.schedule_model_calls(schedule))
         done = calls_done
-        out = torch.empty_like(noise)
+        out = torch.empty_like(noise, device=self.runner.device)
         for p in plans:
             seg = p.segment
-            previous = self.text
+            # a blend reads the previous prompt's K/V over its frames; nothing else keeps them past a switch
+            previous = self.text if p.switch and seg.transition == "blend" else None
             done = self._enter(p, hooks, done, total)
             local0 = p.start - plans[0].start
             seg_noise = noise[:, :, local0:local0 + seg.frames]
@@ -88,33 +89,35 @@ class ScheduleSampler(ARSampler):
                 for s, f in chunk_bounds(0, seg.frames, self.frames_per_block):
                     if s >= k:
                         self.text = new_text
-                        out[:, :, local0 + s:local0 + seg.frames], done = self._sample(
-                            seg_noise[:, :, s:], generator, hooks, done, total)
+                        done = self._sample(seg_noise[:, :, s:], generator, hooks, done, total,
+                                            out[:, :, local0 + s:local0 + seg.frames])
                         break
                     self.text = blend_text(previous, new_text, blend_weight(s, f, k))
-                    out[:, :, local0 + s:local0 + s + f], done = self._sample(seg_noise[:, :, s:s + f], generator,
-                                                                              hooks, done, total)
+                    done = self._sample(seg_noise[:, :, s:s + f], generator, hooks, done, total,
+                                        out[:, :, local0 + s:local0 + s + f])
                 self.text = new_text
             else:
-                out[:, :, local0:local0 + seg.frames], done = self._sample(seg_noise, generator, hooks, done, total)
-        return out
+                done = self._sample(seg_noise, generator, hooks, done, total, out[:, :, local0:local0 + seg.frames])
+        return out.to(noise.device)
 
-    def _sample(self, noise, generator, hooks: Hooks, done: int, total: int) -> tuple[torch.Tensor, int]:
-        """Sample frames (chunk indexes of ``on_chunk`` run on across segments); returns (frames, calls done)."""
+    def _sample(self, noise, generator, hooks: Hooks, done: int, total: int, out: torch.Tensor) -> int:
+        """Sample frames into ``out`` (a view of the run's output; chunk indexes of ``on_chunk`` run on across
+        segments); returns the model calls done."""
         offset = self.chunks_generated
         calls = self.total_model_calls(noise.shape[2])
         on_chunk = hooks.on_chunk
         wrapped = Hooks(hooks.progress, hooks.should_stop,
                         (lambda i, x0: on_chunk(offset + i, x0)) if on_chunk is not None else None)
-        out = self.sample(noise, generator, wrapped, done, total)
+        self.sample(noise, generator, wrapped, done, total, out=out)
         self.remember(out)
-        return out, done + calls
+        return done + calls
 
     def remember(self, latents: torch.Tensor) -> None:
-        """Keep the newest committed latents (up to 21 frames) for a later recache."""
-        self.tail = latents if self.tail is None else torch.cat([self.tail.to(latents.device, latents.dtype), latents],
-                                                                dim=2)
-        self.tail = self.tail[:, :, -TAIL_FRAMES:]
+        """Keep (a copy of) the newest committed latents, up to 21 frames, for a later recache."""
+        new = latents[:, :, -TAIL_FRAMES:]
+        if self.tail is not None:
+            new = torch.cat([self.tail.to(latents.device, latents.dtype), new], dim=2)[:, :, -TAIL_FRAMES:]
+        self.tail = new.clone(memory_format=torch.contiguous_format)
 
     def _enter(self, p: SegmentPlan, hooks: Hooks, done: int, total: int) -> int:
         seg = p.segment
@@ -160,17 +163,16 @@ class ScheduleSampler(ARSampler):
         for s, f in chunk_bounds(start, n, self.frames_per_block):
             done = self._call_model_checked(hooks, done, total)
             keys = {ts.head_type: ts.tracker.history_keys(s, f) for ts in cache.types}
+            self.last_plan = None
             plan = plan_chunk(cache, pol.rope, pol.window, pol.clamp_min, pol.clamp_max, s, f, keys=keys,
                               episodes_before=s, gather_prerotated=True)
             self.last_plan = plan
-            stage = self._stage(f)
+            # the clean pass rewrites the re-run frames wherever they are held whole, layer by layer
             self.runner.forward(latents[:, :, s - start:s - start + f], torch.zeros(b, f, device=self.runner.device),
-                                self.text, ChunkAttention(plan, cache, self.backend, "clean", stage, self.observer),
+                                self.text, ChunkAttention(plan, cache, self.backend, "clean", self.observer),
                                 hooks.should_stop)
-            k, v = stage
-            if cache.prerotated:  # the pool keeps keys rotated at their own (absolute) frames
-                k = plan.rotation.apply(k)
-            replaced += cache.replace_frames(s, f, k, v)
+            plan.release()
+            replaced += cache.held_whole(s, f)
             self._report(hooks, done, total)
         return done, replaced
 
@@ -212,18 +214,16 @@ class ScheduleSampler(ARSampler):
             one = tuple(held + [Key("chunk", j, float(first + j), "recent") for j in range(n)])
             keys[ts.head_type] = ChunkKeys(first, n, (one,) * n, (one,) * n)
         done = self._call_model_checked(hooks, done, total)
+        if new_sink is not None:  # before planning: the pass writes the new sinks into their pages
+            cache.move_sinks(new_sink)
+        self.last_plan = None
         plan = plan_chunk(cache, "absolute", self.policy.window, self.policy.clamp_min, self.policy.clamp_max, first, n,
                           keys=keys, gather_prerotated=True)
         self.last_plan = plan
-        stage = self._stage(n)
         latents = self.tail[:, :, self.tail.shape[2] - n:]
         self.runner.forward(latents, torch.zeros(latents.shape[0], n, device=self.runner.device), self.text,
-                            ChunkAttention(plan, cache, self.backend, "clean", stage, self.observer), hooks.should_stop)
-        k, v = stage
-        if cache.prerotated:  # the pool keeps keys rotated at their own (absolute) frames
-            k = plan.rotation.apply(k)
-        if new_sink is not None:
-            cache.move_sinks(new_sink)
-        replaced = cache.replace_frames(first, n, k, v)
+                            ChunkAttention(plan, cache, self.backend, "clean", self.observer), hooks.should_stop)
+        plan.release()
+        replaced = cache.held_whole(first, n)
         self._report(hooks, done, total)
         return done, replaced
