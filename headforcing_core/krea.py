@@ -350,15 +350,16 @@ class KreaSampler:
         previous = None
         for blk, embedding in zip(request.blocks, request.embeddings):
             text = texts.get(id(embedding)) or runner.encode_text(embedding)
-            ar.cache = None  # the old cache goes before the new one is made
+            # the context first (a re-encode runs while no cache is held), then a fresh cache
+            ctx = torch.cat([self._context_latent(c, out, pixels) for c in blk.context], dim=2) if blk.context else None
             ar.start(b, h, w, k + f)
-            if blk.context:
+            if ctx is not None:
                 ar.text = previous  # the context pass keeps the previous block's prompt
-                ctx = torch.cat([self._context_latent(c, out, pixels) for c in blk.context], dim=2)
                 done = ar.prefill(ctx, hooks, done, total)
             ar.text = text
             x = noise[:, :, blk.start:blk.start + blk.frames].to(runner.device)
             x0 = ar.run_chunk(x, blk.rope_start, generator, hooks, done, total, commit=False)
+            ar.cache = ar.last_plan = None  # rebuilt before the next block: the decode below runs without it
             done += len(self.settings.steps)
             out[:, :, blk.start:blk.start + blk.frames] = x0
             if pixels is not None:
@@ -367,7 +368,6 @@ class KreaSampler:
                 hooks.on_chunk(blk.index, x0)
             texts = {id(embedding): text}
             previous = text
-        ar.cache = None
         return out.to(noise.device)
 
     @staticmethod
@@ -404,6 +404,24 @@ def generate_krea(backbone: torch.nn.Module, prompt: torch.Tensor | PromptSchedu
 # memory
 
 
+# The Wan 2.1 VAE in Krea's re-encode, measured with ComfyUI 0.3.75's own module (tools/vae_stream_memory.py: the
+# real architecture, base dim 96, random weights, float32 on a CPU, at 208x128 and 416x240; it scales with a
+# frame's pixels): the streaming decode's causal cache, kept from block to block, holds ≈ 2365 values per pixel of a
+# frame; decoding one more block takes ≈ 2350 more at its peak, encoding one frame ≈ 1365 (docs/krea.md)
+WAN_VAE_STREAM_CACHE_PER_PIXEL = 2365
+WAN_VAE_DECODE_PER_PIXEL = 2350
+WAN_VAE_ENCODE_PER_PIXEL = 1365
+
+
+def wan_vae_stream_bytes(latent_height: int, latent_width: int, dtype: torch.dtype, batch: int = 1) -> tuple[int, int]:
+    """(the streaming decode's causal cache, the peak of decoding a block or encoding a frame), in bytes, for a Wan
+    2.1 VAE computing in ``dtype``."""
+    pixels = batch * latent_height * latent_width * SPACE_COMPRESSION ** 2
+    item = torch.finfo(dtype).bits // 8
+    return (WAN_VAE_STREAM_CACHE_PER_PIXEL * pixels * item,
+            max(WAN_VAE_DECODE_PER_PIXEL, WAN_VAE_ENCODE_PER_PIXEL) * pixels * item)
+
+
 def pixel_frame_bytes(latent_height: int, latent_width: int, batch: int = 1) -> int:
     """One decoded frame as the deque keeps it: 3 float32 channels at 8× the latent size."""
     return batch * 3 * latent_height * latent_width * SPACE_COMPRESSION ** 2 * 4
@@ -411,21 +429,26 @@ def pixel_frame_bytes(latent_height: int, latent_width: int, batch: int = 1) -> 
 
 def estimate_krea(spec: BackboneSpec, settings: KreaSettings, *, latent_frames: int, latent_height: int,
                   latent_width: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16, weights_bytes: int = 0,
-                  vae_bytes: int = 0, switches: bool = False, output_copies: int = 0) -> RunEstimate:
+                  vae_dtype: torch.dtype | None = None, switches: bool = False, output_copies: int = 0) -> RunEstimate:
     """The pre-flight of a Krea run: :func:`~.memory.estimate_run` of the ``full`` policy over the rebuilt cache
     (K context frames + one block) holding the whole video's noise and output, plus Krea's own terms: the
-    decoded frames kept for the re-encode, the context latents, the VAE on the device (``vae_bytes``: its
-    weights and a decode's workspace, from the caller) and, with prompt changes, the previous block's
-    cross-attention K/V next to the current one's."""
+    context latents, with the re-encode the decoded frames kept and the VAE's streaming state on the device
+    (``vae_dtype``: the VAE computes there in that dtype; its weights are the caller's, like the model's), and,
+    with prompt changes, the previous block's cross-attention K/V next to the current one's. The VAE decodes and
+    encodes while no KV cache is held (:meth:`KreaSampler.run`): that phase counts only where it is the larger."""
     k, f = int(settings.context_frames), int(settings.frames_per_block)
-    extra = vae_bytes + latent_bytes(spec, k, latent_height, latent_width, batch)
-    if settings.needs_vae:
-        extra += settings.pixel_window * pixel_frame_bytes(latent_height, latent_width, batch)
     base = estimate_run(spec, "full", latent_frames=k + f, new_frames=latent_frames, latent_height=latent_height,
                         latent_width=latent_width, frames_per_block=f, batch=batch, dtype=dtype,
                         weights_bytes=weights_bytes, capture_state=False, output_copies=output_copies)
-    if switches:
-        extra += base.text_bytes
+    held = latent_bytes(spec, k, latent_height, latent_width, batch) + (base.text_bytes if switches else 0)
+    vae_cache = vae_work = 0
+    if settings.needs_vae:
+        held += settings.pixel_window * pixel_frame_bytes(latent_height, latent_width, batch)
+        if vae_dtype is not None:
+            vae_cache, vae_work = wan_vae_stream_bytes(latent_height, latent_width, vae_dtype, batch)
+    run_phase = base.phases["run"] + held + vae_cache
+    vae_phase = base.latent_bytes + base.text_bytes + held + vae_cache + vae_work  # no KV cache, no activations
+    extra = held + vae_cache + max(0, vae_phase - run_phase)
     return replace(base, policy="krea", extra_bytes=base.extra_bytes + extra,
-                   extra_label="Krea context (VAE, decoded frames)" if settings.needs_vae else "Krea context",
+                   extra_label="Krea context (VAE, decoded frames)" if vae_cache else "Krea context",
                    notes=(f"Krea's loop: a cache of {k} context + {f} block frames, rebuilt every block",))

@@ -137,7 +137,8 @@ def dense_generate(m, context, noise, steps, shift, chunk_frames, generator, ini
     ``initial_latent``), part of every prefix at timestep 0; ``first_steps``: the first generated
     chunk's nominal steps (Causal Forcing's ``denoising_step_list_first_chunk``)."""
     sigma, tt = self_forcing_table(shift)
-    warp = lambda steps_: [float(tt[1000 - s]) for s in steps_]  # noqa: E731
+    padded = torch.cat([tt, tt.new_zeros(1)])  # Self Forcing's warp table ends with a 0 (nominal step 0)
+    warp = lambda steps_: [float(padded[1000 - int(s)]) for s in steps_]  # noqa: E731
 
     def sig(t):
         return float(sigma[torch.argmin((tt - t).abs())])
