@@ -285,3 +285,18 @@ def test_estimate_composes_the_rebuilt_cache_and_kreas_terms():
     # encode run while no KV cache is held, so at 14B they add nothing to the peak
     assert 1.6 * GiB < with_vae.run_bytes - est.run_bytes < 2.0 * GiB
     assert with_vae.peak_phase == "run"
+
+
+def test_bench_estimate_row(capsys):
+    import json
+
+    from headforcing_core.bench import main
+    assert main(["--estimate", "--model-shape", "14b", "--seconds", "60", "--loop", "krea",
+                 "--policy", "self_forcing_window"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    row = report["results"]["60s"]["policies"]["krea"]
+    assert row["kv_bytes"] == 6 * 40 * 2 * 1560 * 5120 * 2
+    assert report["weights_bytes"]["fp8"] == 14_288_491_584 and report["weights_bytes"]["bf16"] == 2 * 14_288_491_584
+    # Krea's loop with fp8 weights and the VAE's state fits a 32 GB card (90 % of it), not a 24 GB one
+    total = row["total_bytes"] + report["weights_bytes"]["fp8"]
+    assert 0.9 * 24 * GiB < total < 0.9 * 32 * GiB
