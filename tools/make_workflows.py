@@ -840,7 +840,7 @@ model_preset 'Krea Realtime 14B' runs Krea's loop, as its server (release_server
 
 The other loop: model_preset 'Krea Realtime 14B, Self Forcing loop' runs the same checkpoint with Self Forcing's loop (a clean pass per chunk, the cache kept) and a Cache Policy (head_forcing, pyramid_forcing, ...): bounded head-aware caches on a 14B model. Set the Cache Policy's model_shape to Wan 2.1 14B to see its memory.
 
-Memory at 832x480 (python -m headforcing_core.bench --estimate --model-shape 14b --loop krea; README): weights 13.3 GiB in fp8 + the run about 10.4 GiB with the VAE, about 24 GiB in all: a 32 GB card, not a 24 GB one (README has the table). Length: 4 segments of 5 s = 84 latent frames (333 frames, about 21 s). No CFG, no negative prompt."""
+Memory at 832x480 (python -m headforcing_core.bench --estimate --model-shape 14b --seconds 60 --loop krea; README): weights 13.3 GiB in fp8 + the VAE 0.24 GiB + the run about 10.4 GiB (the rebuilt cache 7.1 GiB, the VAE's streaming state 1.8 GiB), about 24 GiB in all: a 32 GB card, not a 24 GB one (README and docs/krea.md have the table). Length: 4 segments of 5 s = 84 latent frames (333 frames, about 21 s); the sampler's own length is not used with a prompt_schedule. No CFG, no negative prompt."""
 
 
 def krea_realtime(info: dict) -> Graph:
