@@ -404,10 +404,11 @@ def generate_krea(backbone: torch.nn.Module, prompt: torch.Tensor | PromptSchedu
 # memory
 
 
-# The Wan 2.1 VAE in Krea's re-encode, measured with ComfyUI 0.3.75's own module (tools/vae_stream_memory.py: the
-# real architecture, base dim 96, random weights, float32 on a CPU, at 208x128 and 416x240; it scales with a
-# frame's pixels): the streaming decode's causal cache, kept from block to block, holds ≈ 2365 values per pixel of a
-# frame; decoding one more block takes ≈ 2350 more at its peak, encoding one frame ≈ 1365 (docs/krea.md)
+# The Wan 2.1 VAE in Krea's re-encode, measured with ComfyUI 0.3.75's own module
+# (tests/core/vae_stream_memory.py: the real architecture, base dim 96, random weights, float32 on a CPU, at
+# 208x128 and 416x240; it scales with a frame's pixels): the streaming decode's causal cache, kept from block to
+# block, holds ≈ 2365 values per pixel of a frame; decoding one more block takes ≈ 2350 more at its peak, encoding
+# one frame ≈ 1365 (docs/krea.md)
 WAN_VAE_STREAM_CACHE_PER_PIXEL = 2365
 WAN_VAE_DECODE_PER_PIXEL = 2350
 WAN_VAE_ENCODE_PER_PIXEL = 1365

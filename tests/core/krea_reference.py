@@ -18,13 +18,11 @@ sharing nothing with the core's Krea module, sampler, cache, plan, RoPE or sched
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 import torch
-import torch.nn.functional as F
 
-from .dense_reference import layer_norm, rms, rope_apply, rope_table, sinusoid
+from .dense_reference import dense_forward, text_kv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,85 +118,6 @@ def embedding_of(entry, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
 # the dense run
 
 
-def text_kv(m, text, dtype):
-    """Every layer's cross-attention K and V of a text-encoder output (zero-padded to 512 first)."""
-    b, heads = text.shape[0], m.num_heads
-    lin = lambda mod, inp: F.linear(inp, mod.weight.to(dtype), mod.bias.to(dtype))  # noqa: E731
-    t = torch.cat([text, text.new_zeros(b, 512 - text.shape[1], text.shape[2])], 1).to(dtype)
-    tx = m.text_embedding
-    ctx = lin(tx[2], F.gelu(lin(tx[0], t), approximate="tanh"))
-    out = []
-    for blk in m.blocks:
-        ca = blk.cross_attn
-        hd = ca.q.weight.shape[0] // heads
-        out.append((rms(lin(ca.k, ctx), ca.norm_k.weight).view(b, -1, heads, hd), lin(ca.v, ctx).view(b, -1, heads, hd)))
-    return out
-
-
-def dense_forward(m, latents, timesteps, texts, text_of_frame, chunk_of_frame):
-    """One forward of ``latents`` ``[B, C, F, H, W]`` at positions ``0 … F−1``; frame ``i`` uses text
-    ``texts[text_of_frame[i]]`` (per layer (K, V), :func:`text_kv`) and attends every frame whose chunk is not
-    after its own (``chunk_of_frame``)."""
-    dtype = latents.dtype
-    b, c, fr, hh, ww = latents.shape
-    dim = m.patch_embedding.weight.shape[0]
-    heads = m.num_heads
-    hd = dim // heads
-    p = m.patch_embedding.weight.shape[2:]
-    gh, gw = hh // p[1], ww // p[2]
-    tok = gh * gw
-    x = F.conv3d(latents, m.patch_embedding.weight.to(dtype), m.patch_embedding.bias.to(dtype), stride=tuple(p))
-    x = x.flatten(2).transpose(1, 2)
-    s = x.shape[1]
-    lin = lambda mod, inp: F.linear(inp, mod.weight.to(dtype), mod.bias.to(dtype))  # noqa: E731
-    te = m.time_embedding
-    e = lin(te[2], F.silu(lin(te[0], sinusoid(m.freq_dim, timesteps).to(dtype))))
-    e0 = lin(m.time_projection[1], F.silu(e)).view(b, fr, 6, dim)
-    chunk_tok = torch.tensor(chunk_of_frame).repeat_interleave(tok)
-    mask = chunk_tok[:, None] >= chunk_tok[None, :]
-    text_tok = torch.tensor(text_of_frame).repeat_interleave(tok)
-    table = rope_table(hd)
-
-    def per_frame(y):
-        return y.view(b, fr, tok, dim)
-
-    for layer, blk in enumerate(m.blocks):
-        mod = (blk.modulation.to(dtype)[:, None] + e0).chunk(6, dim=2)
-        inp = (per_frame(layer_norm(x)) * (1 + mod[1]) + mod[0]).reshape(b, s, dim)
-        sa = blk.self_attn
-        q = rms(lin(sa.q, inp), sa.norm_q.weight).view(b, s, heads, hd)
-        k = rms(lin(sa.k, inp), sa.norm_k.weight).view(b, s, heads, hd)
-        v = lin(sa.v, inp).view(b, s, heads, hd)
-        q, k = rope_apply(q, fr, gh, gw, table), rope_apply(k, fr, gh, gw, table)
-        att = torch.einsum("bsnd,btnd->bnst", q, k) / math.sqrt(hd)
-        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-        y = torch.einsum("bnst,btnd->bsnd", att, v).reshape(b, s, dim)
-        x = x + (per_frame(lin(sa.o, y)) * mod[2]).reshape(b, s, dim)
-
-        ca = blk.cross_attn
-        xn = layer_norm(x, weight=blk.norm3.weight.to(dtype), bias=blk.norm3.bias.to(dtype))
-        cq = rms(lin(ca.q, xn), ca.norm_q.weight).view(b, s, heads, hd)
-        co = torch.empty_like(cq)
-        for i, kv in enumerate(texts):
-            sel = text_tok == i
-            if not bool(sel.any()):
-                continue
-            ck, cv = kv[layer]
-            catt = (torch.einsum("bsnd,btnd->bnst", cq[:, sel], ck) / math.sqrt(hd)).softmax(-1)
-            co[:, sel] = torch.einsum("bnst,btnd->bsnd", catt, cv)
-        x = x + lin(ca.o, co.reshape(b, s, dim))
-
-        inp = (per_frame(layer_norm(x)) * (1 + mod[4]) + mod[3]).reshape(b, s, dim)
-        y = lin(blk.ffn[2], F.gelu(lin(blk.ffn[0], inp), approximate="tanh"))
-        x = x + (per_frame(y) * mod[5]).reshape(b, s, dim)
-
-    hm = (m.head.modulation.to(dtype)[:, None] + e.view(b, fr, 1, dim)).chunk(2, dim=2)
-    out = lin(m.head.head, per_frame(layer_norm(x)) * (1 + hm[1]) + hm[0])
-    cout = out.shape[-1] // (p[1] * p[2])
-    out = out.view(b, fr, gh, gw, p[1], p[2], cout).permute(0, 6, 1, 2, 4, 3, 5)
-    return out.reshape(b, cout, fr, hh, ww)
-
-
 def dense_krea(m, trace: list[dict], embeddings: dict[str, torch.Tensor], noise_bthw, generator, *, steps,
                shift: float, f: int = 3, decode_all=None, encode=None):
     """Krea's run, block by block, every call a dense forward (module docstring). ``noise_bthw``: the initial
@@ -242,7 +161,8 @@ def dense_krea(m, trace: list[dict], embeddings: dict[str, torch.Tensor], noise_
         for i, t in enumerate(steps):
             lat = torch.cat([ctx, x], dim=2)
             tvec = torch.cat([torch.zeros(b, n), torch.full((b, f), t)], dim=1)
-            flow = dense_forward(m, lat, tvec, texts, text_of_frame, chunk_of_frame)[:, :, n:]
+            flow = dense_forward(m, lat, tvec, None, f, texts=texts, text_of_frame=text_of_frame,
+                                 chunk_of_frame=chunk_of_frame)[:, :, n:]
             x0 = (x.double() - sig(t) * flow.double()).to(x.dtype)
             if i + 1 < len(steps):
                 eps = torch.randn((b * f, c, hh, ww), generator=generator, dtype=x.dtype)

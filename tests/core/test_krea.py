@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from headforcing_core import WanConfig, random_backbone
+from headforcing_core import random_backbone
 from headforcing_core.errors import HeadForcingError, ShapeError
 from headforcing_core.krea import (KreaError, KreaSettings, estimate_krea, generate_krea, plan_blocks,
                                    resolve_krea)
@@ -15,26 +15,10 @@ from headforcing_core.schedule import FlowMatchSchedule, linspace_steps
 from headforcing_core.backbone import BackboneSpec
 from headforcing_core.wan_model import WAN21_14B
 
-from .conftest import TINY, text_context
+from .conftest import LAYOUT_14B, TINY, text_context
 from .krea_reference import dense_krea, embedding_of, krea_trace, padded, sigma_table, step_list
 
-# the Wan 2.1 14B layout, narrow: 40 layers × 40 heads of width 8
-LAYOUT_14B = WanConfig(dim=40 * 8, num_heads=40, num_layers=40, ffn_dim=64)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """40 layers of tiny matrices: one thread is several times faster than a contended pool."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_grad")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ from headforcing_core.convert import convert, extract_generator, load_weights
 from headforcing_core.errors import ModelFamilyError
 from headforcing_core.krea import KreaError, KreaSettings, generate_krea
 from headforcing_core.noise import krea_generator, krea_initial_noise
-from headforcing_core.wan_model import WAN21_1_3B, WAN21_14B, WanBackbone, WanConfig, random_backbone
+from headforcing_core.wan_model import WAN21_1_3B, WAN21_14B, WanBackbone, random_backbone
 
-from .conftest import TINY, text_context
+from .conftest import LAYOUT_14B, TINY, text_context
 from .test_comfy_bridge import bridge
 
 SPEC_14B = BackboneSpec.from_config(WAN21_14B)
 SPEC_1_3B = BackboneSpec.from_config(WAN21_1_3B)
-NARROW_14B = BackboneSpec.from_config(WanConfig(dim=320, num_heads=40, num_layers=40, ffn_dim=64))
+NARROW_14B = BackboneSpec.from_config(LAYOUT_14B)
 TINY_SPEC = BackboneSpec.from_config(TINY)
 
 

@@ -19,26 +19,14 @@ from headforcing_core.profiling.profile import estimate_profile
 from headforcing_core.schedule import linspace_steps
 from headforcing_core.wan_model import WAN21_1_3B, WAN21_14B
 
-from .conftest import latent_noise, text_context
+from .conftest import LAYOUT_14B, latent_noise, text_context
 from .dense_reference import dense_generate
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYOUT_14B = WanConfig(dim=40 * 8, num_heads=40, num_layers=40, ffn_dim=64)
 KREA_STEPS = linspace_steps(5)  # the Krea checkpoint's own step list, through the Self Forcing loop
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_grad")
 
 
 @pytest.fixture(scope="module")

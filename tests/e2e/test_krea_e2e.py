@@ -5,12 +5,12 @@ sampling, and the shipped Krea workflow."""
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 
 import pytest
 
 from .conftest import REPO, ComfyError, expected_frames, host
+from .core_runs import run_core
 from .workflow_twins import shipped_twins
 
 KREA_FILE = "hf_tiny_krea_format.safetensors"
@@ -93,42 +93,18 @@ def test_krea_loop_without_a_vae_is_the_core_run(comfy, sampler_wf, krea_model, 
     report = "\n".join(comfy.ui_text(entry, "20"))
     assert "context's first latent: latent — APPROXIMATION (no VAE)" in report, report
     (latent,) = comfy.outputs(entry, ".latent")
-    script = tmp_path / "core_krea.py"
-    script.write_text(_CORE_KREA.format(repo=str(REPO), comfy=str(host.COMFY)))
-    out = tmp_path / "core.json"
-    proc = subprocess.run([str(host.VENV_PY), str(script), str(latent), str(out), str(width), str(height),
-                           str(length), str(seed), str(text_seed), "40"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.read_text())
+    res = run_core(tmp_path, _CORE_KREA, latent, width, height, length, seed, text_seed, 40)
     assert res["shape"] == [1, 16, 12, 4, 6] and res["max_abs_diff"] < 1e-4, res
 
 
 _CORE_KREA = r'''
-import json, sys
-sys.path.insert(0, {repo!r})
-import importlib.util
-import torch
-from safetensors.torch import load_file
 from headforcing_core.krea import KreaSettings, generate_krea
 from headforcing_core.noise import krea_generator, krea_initial_noise
-from headforcing_core.wan_model import WanBackbone
-from tools.tiny_models import tiny_wan_config, tiny_wan_state_dict
-lf_spec = importlib.util.spec_from_file_location("lf", {comfy!r} + "/comfy/latent_formats.py")
-lf = importlib.util.module_from_spec(lf_spec); lf_spec.loader.exec_module(lf)
-
-path, out, width, height, length, seed, text_seed, tokens = sys.argv[1:]
-width, height, length, seed, text_seed, tokens = map(int, (width, height, length, seed, text_seed, tokens))
-comfy_latent = load_file(path)["latent_tensor"].float()
-model = WanBackbone(tiny_wan_config())
-model.load_state_dict(tiny_wan_state_dict(seed=0))
-g = torch.Generator(device="cpu").manual_seed(text_seed % (2**63))
-context = torch.randn((1, tokens, 4096), generator=g) * 0.1
-T = (length - 1) // 4 + 1
 gen = krea_generator(seed)
-noise = krea_initial_noise((1, 16, T, height // 8, width // 8), gen, torch.float32)
+noise = krea_initial_noise((1, 16, (length - 1) // 4 + 1, height // 8, width // 8), gen, torch.float32)
 latents = generate_krea(model, context, noise, gen, KreaSettings(first_latent="latent"), dtype=torch.float32)
 mine = lf.Wan21().process_out(latents.float())
-json.dump({{"shape": list(comfy_latent.shape), "max_abs_diff": float((mine - comfy_latent).abs().max())}},
+json.dump({"shape": list(comfy_latent.shape), "max_abs_diff": float((mine - comfy_latent).abs().max())},
           open(out, "w"))
 '''
 

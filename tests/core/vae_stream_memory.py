@@ -1,11 +1,10 @@
-#!/usr/bin/env python3
 """Memory of Krea's context re-encode with ComfyUI's Wan 2.1 VAE (JSON on stdout): the streaming decode's
 causal cache (kept from block to block), the peak of decoding one more block, and of encoding one frame.
 
 Run with the host's python, in a fresh process, with freed buffers handed back to the OS at once (so the
-peak RSS follows the live tensors):
+peak RSS follows the live tensors), as ``tests/core/schedule_memory.py``:
 
-    MALLOC_MMAP_THRESHOLD_=65536 .host/venv/bin/python tools/vae_stream_memory.py [width] [height] [dtype]
+    MALLOC_MMAP_THRESHOLD_=65536 .host/venv/bin/python -m tests.core.vae_stream_memory [width] [height] [fp32|bf16]
 
 The VAE is ComfyUI's own module (``comfy.ldm.wan.vae.WanVAE``, the Wan 2.1 VAE's shape: base dim 96) with
 random weights — memory depends on shapes, not values — driven the way ``nodes/krea.py``
@@ -18,25 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / ".host" / "ComfyUI"))
+import torch
 
-import torch  # noqa: E402
+from .schedule_memory import reset_peak
+from .schedule_memory import status as rss
 
-
-def rss() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS", "VmHWM")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> int:
@@ -44,6 +30,7 @@ def main() -> int:
     height = int(sys.argv[2]) if len(sys.argv) > 2 else 480
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[3] if len(sys.argv) > 3 else "fp32"]
     torch.set_grad_enabled(False)
+    sys.path.insert(0, str(REPO / ".host" / "ComfyUI"))
     sys.argv = sys.argv[:1] + ["--cpu"]  # ComfyUI reads its command line when comfy is imported
     import comfy.options
     comfy.options.enable_args_parsing()
