@@ -146,3 +146,15 @@ def test_krea_workflow_twins_and_tiny_run(comfy, krea_model):
     from .video_check import read_video
     (video,) = comfy.outputs(entry, ".mp4")
     assert read_video(video)[0].shape[0] == expected_frames(12)
+
+
+def test_krea_checkpoint_through_the_self_forcing_loop(comfy, sampler_wf, krea_model):
+    """The second Krea preset: Krea's steps (the last at timestep 0) through Self Forcing's loop, so that a
+    head-aware cache policy applies; the report says which loop ran."""
+    wf = sampler_wf({"model_preset": "Krea Realtime 14B, Self Forcing loop", "policy": "head_forcing"},
+                    unet_name=krea_model, width=64, height=48, length=33, prefix=_prefix("krea_sf"))
+    wf["20"] = {"class_type": "PreviewAny", "inputs": {"source": [SAMPLER, 1]}}
+    entry = comfy.run(wf, timeout=600)
+    report = "\n".join(comfy.ui_text(entry, "20"))
+    assert "loop: Self Forcing's loop" in report and "steps 1000,750,500,250,0" in report, report
+    assert "policy: head_forcing" in report or "head_forcing" in report
