@@ -76,6 +76,11 @@ def test_profile_heads_labels_1600_heads(model):
     assert counts == {"anchor": 400, "local": 240, "memory": 960}
     assert prof.labels_for("pyramid_forcing").shape == (40, 40)
     assert "40 layers × 40 heads" in prof.describe()
+    # the browser's head map gets all 1,600 heads with their statistics, in a payload of reasonable size
+    import json
+    payload = _load_nodes_module("messages").head_map_payload(prof)
+    assert (payload["layers"], payload["heads"]) == (40, 40) and payload["stats"] is not None
+    assert len(json.dumps(payload)) < 2_000_000
 
 
 def test_profile_preflight_at_14b_size_says_what_fits():
