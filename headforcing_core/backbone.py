@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .errors import HeadForcingError, Interrupted, ModelFamilyError, ShapeError
-from .wan_model import WAN_TEXT_LEN  # umT5 contexts are padded to this (when a module does not say)
+from .wan_model import WAN_TEXT_LEN, layout_name  # umT5 contexts are padded to WAN_TEXT_LEN (when a module does not say)
 
 
 class SelfAttentionFn(Protocol):
@@ -81,6 +81,17 @@ class BackboneSpec:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def layout(self) -> str | None:
+        """The public Wan 2.1 layout this shape has (``"Wan 2.1 1.3B"``, ``"Wan 2.1 14B"``; by layers × heads),
+        None for any other (a test model, a future size)."""
+        return layout_name(self.num_layers, self.num_heads)
+
+    def describe_layout(self) -> str:
+        """``"40 layers × 40 heads × 128 (Wan 2.1 14B)"``."""
+        name = self.layout
+        return f"{self.num_layers} layers × {self.num_heads} heads × {self.head_dim}" + (f" ({name})" if name else "")
 
     def check_context(self, context: torch.Tensor, batch: int | None = None, what: str = "conditioning") -> None:
         """A text-encoder output must be ``[1 or batch, tokens ≤ text_len, text_dim]`` (the one check of

@@ -6,6 +6,7 @@ Examples::
     python -m headforcing_core.bench --estimate --model-shape 14b --weights-dtype fp8 --seconds 60
     python -m headforcing_core.bench --model-shape tiny --width 256 --height 128 --seconds 30 --chunks 3
     python -m headforcing_core.bench --model-shape 1.3b --device cuda --dtype bf16 --seconds 30 60
+    python -m headforcing_core.bench --estimate --model-shape 14b --seconds 60 --loop krea     # + Krea's loop
 
 Timed runs use random weights of the named shape. To measure a long video's
 steady state without generating all of it, the cache is first filled with
@@ -294,6 +295,19 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
     return out
 
 
+def _krea_row(spec: BackboneSpec, frames: int, args) -> dict:
+    """The estimate row of Krea Realtime's loop (headforcing_core.krea): its default settings, the context
+    re-encode's VAE state in the KV dtype."""
+    from .krea import KreaSettings, estimate_krea
+
+    dtype = DTYPES[args.dtype] if args.dtype != "fp32" else torch.bfloat16
+    est = estimate_krea(spec, KreaSettings(), latent_frames=frames, latent_height=args.height // SPACE_COMPRESSION,
+                        latent_width=args.width // SPACE_COMPRESSION, dtype=dtype, vae_dtype=dtype)
+    return {"kv_bytes": est.kv_bytes, "kv_bytes_by_type": est.kv_bytes_by_type, "attended_tokens": est.attended_tokens,
+            "attended_frames": est.attended_tokens / est.tokens_per_frame, "workspace_bytes": est.attention_bytes,
+            "total_bytes": est.total_bytes, "krea_context_bytes": est.extra_bytes, "kv_dtype": str(dtype)[6:]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m headforcing_core.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="1.3b")
@@ -315,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
                          "embedding); the timed model still runs in --dtype")
     ap.add_argument("--profile", action="store_true",
                     help="one more steady-state chunk per policy under torch.profiler: time per op kind, top ops")
+    ap.add_argument("--loop", choices=("self_forcing", "krea"), default="self_forcing",
+                    help="krea: with --estimate, also a row for Krea Realtime's loop (its defaults, the Wan 2.1 VAE's "
+                         "re-encode state in the KV dtype)")
     args = ap.parse_args(argv)
+    if args.loop == "krea" and not args.estimate:
+        ap.error("--loop krea is an estimate row: add --estimate")
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     cfg = MODEL_SHAPES[args.model_shape]
@@ -364,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "counters" in row and "counters" in ref:
                     row["counters"]["ops_ratio_vs_self_forcing_window"] = (
                         row["counters"]["aten_ops_per_chunk"] / ref["counters"]["aten_ops_per_chunk"])
+        if args.loop == "krea":
+            per_policy["krea"] = _krea_row(spec, frames, args)
         report["results"][f"{seconds:g}s"] = {"latent_frames": frames, "policies": per_policy}
     if model is not None:
         for length in report["results"].values():
@@ -371,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["forward_fraction_of_peak"] = row["achieved_tflops"] / report["matmul_peak_tflops"]
                 row["attention"]["fraction_of_peak"] = row["attention"]["tflops"] / report["matmul_peak_tflops"]
     report["vae_decode"] = "not measured: the core has no VAE; decode speed is ComfyUI's VAEDecode"
+    with torch.device("meta"):
+        params = sum(p.numel() for p in random_backbone(cfg).parameters())
+    report["weights_bytes"] = {"bf16": 2 * params, "fp8": params}  # what a run adds: the model's weights
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

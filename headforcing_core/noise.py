@@ -127,3 +127,32 @@ def segment_noise(draw, start_frame: int, frames: list[int]) -> torch.Tensor:
         out[:, :, pos - start_frame:pos - start_frame + n] = part
         pos += n
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Krea Realtime's draws
+
+def krea_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The one generator of a Krea run: ``torch.Generator(device).manual_seed(seed)`` (``release_server.py``
+    ``GenerationSession.__init__``: ``self.rnd``, on the GPU the server runs on)."""
+    return torch.Generator(device=device).manual_seed(int(seed) & MAX_SEED)
+
+
+def krea_initial_noise(shape, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A Krea run's initial noise, all of it drawn first: ``torch.randn([B, T, C, H, W], dtype, generator)``
+    (``GenerationSession.__init__``: ``self.noise``, in the model's dtype) returned in ComfyUI's layout
+    ``shape = [B, C, T, H, W]`` (a view; block ``b`` reads frames ``3b … 3b + 2`` of it)."""
+    b, c, t, h, w = (int(s) for s in shape)
+    return torch.randn((b, t, c, h, w), generator=generator, device=generator.device, dtype=dtype).permute(0, 2, 1, 3, 4)
+
+
+def krea_renoise(shape, generator: torch.Generator | None, like: torch.Tensor, *,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fresh re-noising draw between two denoising steps, Krea's way (``generate_block_internal``:
+    ``torch.randn(denoised_pred.flatten(0, 1).shape, generator=self.rnd, dtype=torch.bfloat16)``): frames
+    before channels (``[B·f, C, H, W]``), in ``dtype`` (the model's), from the run's one generator;
+    returned as ``[B, C, f, H, W]`` in ``like``'s device and dtype. The sampler's ``draw_renoise``."""
+    b, c, f, h, w = (int(s) for s in shape)
+    device = generator.device if generator is not None else like.device
+    eps = torch.randn((b, f, c, h, w), generator=generator, device=device, dtype=dtype or like.dtype)
+    return eps.permute(0, 2, 1, 3, 4).to(like.device, like.dtype)

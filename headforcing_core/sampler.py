@@ -77,6 +77,9 @@ class ARSampler:
     observer: Observer | None = None  # sees rotated q/k of every layer (head profiling; full cache only)
     first_noise_schedule: FlowMatchSchedule | None = None  # the first generated chunk's steps (Causal Forcing++)
     chunks_generated: int = 0  # chunks denoised so far (initial latents put into the cache do not count)
+    # the re-noising draw between steps, ``(shape, generator, like) -> noise`` (None: float32 from the generator,
+    # shape [B, C, f, H, W]; Krea's loop draws its own way, :func:`~headforcing_core.noise.krea_renoise`)
+    draw_renoise: Callable | None = None
 
     def __post_init__(self):
         spec = self.runner.spec
@@ -172,8 +175,10 @@ class ARSampler:
         return out.to(source_device)
 
     def run_chunk(self, x: torch.Tensor, start: int, generator: torch.Generator | None, hooks: Hooks,
-                  done: int, total: int) -> torch.Tensor:
-        """Denoise one chunk (noise ``x`` ``[B, C, f, H, W]`` on the model's device) and commit it."""
+                  done: int, total: int, commit: bool = True) -> torch.Tensor:
+        """Denoise one chunk (noise ``x`` ``[B, C, f, H, W]`` on the model's device) and commit it. With
+        ``commit=False`` there is no clean pass: the cache is left as it was (Krea's loop, which rebuilds
+        the cache before every block)."""
         b, f = x.shape[0], x.shape[2]
         noise_schedule, runner = self.noise_schedule_for_chunk(self.chunks_generated), self.runner
         plan = self._plan(start, f)
@@ -185,13 +190,16 @@ class ARSampler:
             flow = runner.forward(x, timesteps, self.text, reader, hooks.should_stop)
             x0 = noise_schedule.to_x0(x, flow.to(x.dtype), i)
             if i + 1 < len(noise_schedule.timesteps):
-                x = noise_schedule.renoise(x0, _draw_noise(x0.shape, generator, x0), i + 1)
+                x = noise_schedule.renoise(x0, (self.draw_renoise or _draw_noise)(x0.shape, generator, x0), i + 1)
             self._report(hooks, done, total)
         del reader  # its views of the plan's scratch; the clean pass makes its own
-        # clean pass at t = 0: its K/V are what the cache keeps for this chunk
-        done = self._call_model_checked(hooks, done, total)
-        self._clean_pass(x0, start, hooks, plan)
-        self._report(hooks, done, total)
+        if commit:
+            # clean pass at t = 0: its K/V are what the cache keeps for this chunk
+            done = self._call_model_checked(hooks, done, total)
+            self._clean_pass(x0, start, hooks, plan)
+            self._report(hooks, done, total)
+        else:
+            plan.release()
         self.chunks_generated += 1
         return x0
 

@@ -34,6 +34,33 @@ def blend_weight(first: int, frames: int, k: int) -> float:
     return sum(min(1.0, (j + 0.5) / k) for j in range(first, first + frames)) / frames
 
 
+def krea_interpolation(old: torch.Tensor, new: torch.Tensor, blocks: int) -> list[torch.Tensor]:
+    """Krea Realtime's prompt change: the text embeddings of the next ``blocks`` blocks.
+
+    ``release_server.py`` ``GenerationSession.interpolate_prompt_embeds``: ``torch.lerp(old, new, w)`` with
+    ``w = torch.linspace(0, 1, steps=blocks)``, one embedding per block, taken one per block by
+    ``generate_block_internal`` (``self.interpolated_prompt_embeds.pop(0)``); ``ws_session`` asks for
+    ``interp_steps`` blocks, default 4 (so 0, 1/3, 2/3, 1: the first block after the change still has
+    the old embedding, the fourth the new one). Interpolated in embedding space — the umT5 output, both
+    zero-padded to a common length (Krea's text encoder pads to 512; the runner pads the result the
+    same way) — not in the cross-attention K/V (:func:`blend_text`).
+
+    ``blocks = 1`` is an immediate switch (``w = [1]``). Krea's code would give ``linspace(0, 1, 1) = [0]``,
+    the old embedding, and never reach the new prompt; docs/krea.md lists this as one of our differences.
+    ``old`` / ``new``: ``[B, L, C]`` text-encoder outputs (batches broadcast)."""
+    n = int(blocks)
+    if n < 1:
+        raise ValueError(f"a prompt interpolation takes at least 1 block, got {blocks}")
+    length = max(old.shape[1], new.shape[1])
+    a = torch.nn.functional.pad(old, (0, 0, 0, length - old.shape[1]))
+    b = torch.nn.functional.pad(new.to(old.device, old.dtype), (0, 0, 0, length - new.shape[1]))
+    a, b = torch.broadcast_tensors(a, b)
+    if n == 1:
+        return [b]
+    weights = torch.linspace(0, 1, steps=n, dtype=torch.float32)
+    return [torch.lerp(a, b, w.to(a.dtype)) for w in weights]
+
+
 def blend_text(old: TextContext, new: TextContext, alpha: float) -> TextContext:
     """``(1-α)·old + α·new`` of every layer's cross-attention K and V (batches broadcast)."""
     a = float(alpha)

@@ -90,6 +90,21 @@ class WanConfig:
         )
 
 
+WAN21_1_3B = WanConfig()  # Self Forcing, Causal Forcing, LongLive: 30 layers × 12 heads × 128, dim 1536
+WAN21_14B = WanConfig(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824)  # Krea Realtime 14B: 40 × 40 × 128
+# the public Wan 2.1 text-to-video layouts, named by (layers, heads): every checkpoint of one is distilled from
+# that base model (tests use narrow models of the same layout: 40 layers × 40 heads of width 8)
+WAN_LAYOUTS = {"Wan 2.1 1.3B": WAN21_1_3B, "Wan 2.1 14B": WAN21_14B}
+
+
+def layout_name(num_layers: int, num_heads: int) -> str | None:
+    """The public Wan 2.1 layout with these layers × heads (``"Wan 2.1 14B"``), or None."""
+    for name, cfg in WAN_LAYOUTS.items():
+        if (cfg.num_layers, cfg.num_heads) == (int(num_layers), int(num_heads)):
+            return name
+    return None
+
+
 class WanRMSNorm(nn.Module):
     """RMS norm over the whole model width, computed in float32 (as Wan does)."""
 

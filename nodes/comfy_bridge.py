@@ -30,15 +30,17 @@ from headforcing_core.errors import HeadForcingError, ModelFamilyError, ProfileE
 from headforcing_core.geometry import (FPS, SIZE_MULTIPLE, SPACE_COMPRESSION, TIME_COMPRESSION, added_video_frames,
                                        chunk_bounds, latent_frames_for, seconds_of, video_frames_for,
                                        video_frames_for_seconds)
+from headforcing_core.krea import (FIRST_LATENT_MODES, KREA_CONTEXT_FRAMES, KREA_INTERPOLATION_BLOCKS, KREA_STEPS,
+                                   KreaError, KreaSettings)
 from headforcing_core.memory import estimate_run
 from headforcing_core.noise import initial_noise  # noqa: F401  (the tests draw the sampler's noise through here)
 from headforcing_core.policies import (PRESETS, CachePolicy, Cyclic, Episodic, HeadLabels, Merge, PyramidRule, Stride,
                                       describe, make_policy)
 from headforcing_core.profiling import HeadProfile
 from headforcing_core.prompts import PromptSchedule, ScheduleError
-from headforcing_core.schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
+from headforcing_core.schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule, linspace_steps
 from headforcing_core.state import ARState
-from headforcing_core.wan_model import WanConfig
+from headforcing_core.wan_model import WAN_LAYOUTS, WanConfig
 
 decoded_frames = video_frames_for  # the name the tests know: T latent frames decode to 4T-3 video frames
 
@@ -54,7 +56,7 @@ PYRAMID_DEFAULTS = {
     "stride_interval": 6, "stride_capacity": 4, "cyclic_period": 6, "cyclic_bucket_capacity": 4,
     "merge_patch": 2, "merge_capacity": 4, "sink_time_clamp_min": 18, "sink_time_clamp_max": 21,
 }
-WAN_1_3B = WanConfig()      # the shape the policy node's memory figure assumes
+WAN_1_3B = WanConfig()      # the shape the policy node's memory figure assumes without a profile or model_shape
 
 
 # =============================================================================================
@@ -100,15 +102,26 @@ def parse_first_chunk_steps(text) -> tuple[float, ...] | None:
     return steps
 
 
+LOOPS = {
+    "self_forcing": "Self Forcing's loop: each chunk's steps + a clean pass committed to the cache, the cache "
+                    "policy deciding what every head keeps",
+    "krea": "Krea's loop: the cache rebuilt every block from a few context frames, no clean pass, no cache policy",
+}
+WAN_1_3B_LAYOUT, WAN_14B_LAYOUT = "Wan 2.1 1.3B", "Wan 2.1 14B"  # headforcing_core.wan_model.WAN_LAYOUTS
+
+
 @dataclass(frozen=True)
 class ModelPreset:
-    """The sampling settings of one public checkpoint, as its own inference config sets them."""
+    """The sampling settings of one public checkpoint, as its own inference code sets them: which loop
+    runs it (:data:`LOOPS`) and the layout its checkpoints have (a model of another public layout is refused)."""
 
     frames_per_block: int
     steps: tuple[float, ...]
     first_chunk_steps: tuple[float, ...] | None
     shift: float
     source: str  # checkpoint and config it comes from
+    loop: str = "self_forcing"
+    layout: str | None = WAN_1_3B_LAYOUT
 
     def widget_values(self) -> dict:
         """The four sampler widgets as this preset sets them (what the browser fills in, and what a
@@ -119,6 +132,8 @@ class ModelPreset:
 
 _FOUR = SELF_FORCING_STEPS  # (1000, 750, 500, 250)
 CUSTOM_PRESET = "custom"
+KREA_PRESET = "Krea Realtime 14B"
+KREA_SF_PRESET = "Krea Realtime 14B, Self Forcing loop"
 # the model_preset choices of the AR sampler (README "Model presets"; /work notes: each repository's configs/)
 MODEL_PRESETS: dict[str, ModelPreset | None] = {
     CUSTOM_PRESET: None,
@@ -139,6 +154,15 @@ MODEL_PRESETS: dict[str, ModelPreset | None] = {
     "LongLive": ModelPreset(
         3, _FOUR, None, 5.0,
         "Efficient-Large-Model/LongLive-1.3B longlive_base.pt + lora.pt, configs/longlive_interactive_inference.yaml"),
+    # Krea Realtime 14B: its server's session (release_server.py GenerationSession), docs/krea.md
+    KREA_PRESET: ModelPreset(
+        3, linspace_steps(KREA_STEPS), None, 5.0,
+        "krea/krea-realtime-video krea-realtime-video-14b.safetensors, release_server.py GenerationSession "
+        "(kv_cache_num_frames 3, num_denoising_steps 5, timestep_shift 5)", loop="krea", layout=WAN_14B_LAYOUT),
+    KREA_SF_PRESET: ModelPreset(
+        3, linspace_steps(KREA_STEPS), None, 5.0,
+        "krea/krea-realtime-video krea-realtime-video-14b.safetensors with Krea's steps and shift, run by Self "
+        "Forcing's loop (a clean pass per chunk) so that the cache policies apply", layout=WAN_14B_LAYOUT),
 }
 
 
@@ -149,7 +173,7 @@ def steps_text(steps) -> str:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Frames per block, steps, first-chunk steps and shift after the model preset is applied."""
+    """Frames per block, steps, first-chunk steps and shift after the model preset is applied, and the loop."""
 
     preset: str
     frames_per_block: int
@@ -158,6 +182,8 @@ class SamplingSettings:
     shift: float
     source: str = ""
     replaced: tuple[str, ...] = ()  # widget values the preset replaced ("steps 1000,750 -> 1000,500")
+    loop: str = "self_forcing"
+    layout: str | None = None  # the model layout the preset is for (None: any)
 
 
 def apply_model_preset(model_preset: str, *, frames_per_block: int, steps: str, first_chunk_steps: str,
@@ -187,7 +213,44 @@ def apply_model_preset(model_preset: str, *, frames_per_block: int, steps: str, 
         if not same:
             replaced.append(f"{name} {_widget_text(old)} -> {_widget_text(value)}")
     return SamplingSettings(model_preset, want["frames_per_block"], want["steps"], want["first_chunk_steps"],
-                            want["shift"], preset.source, tuple(replaced))
+                            want["shift"], preset.source, tuple(replaced), preset.loop, preset.layout)
+
+
+def check_model_layout(sampling: SamplingSettings, spec: BackboneSpec) -> None:
+    """A model of one public Wan 2.1 layout with a preset made for another is refused by name (a Krea Realtime
+    14B checkpoint with a Self Forcing preset, a 1.3B checkpoint with Krea's); models of no public layout
+    (narrow test models, other sizes) take any preset, and ``custom`` any model."""
+    have = spec.layout
+    if sampling.layout is None or have is None or have == sampling.layout:
+        return
+    fits = [name for name, p in MODEL_PRESETS.items() if p is not None and p.layout == have]
+    raise ModelFamilyError(
+        f"this model has the {have} layout ({spec.describe_layout()}); model_preset {sampling.preset!r} is for "
+        f"{sampling.layout} checkpoints. Choose {' or '.join(repr(n) for n in fits)} (or 'custom')")
+
+
+FIRST_LATENT_CHOICES = ("auto", *FIRST_LATENT_MODES)
+
+
+def krea_settings(sampling: SamplingSettings, *, context_frames: int = KREA_CONTEXT_FRAMES,
+                  interpolation_blocks: int = KREA_INTERPOLATION_BLOCKS, first_latent: str = "auto",
+                  has_vae: bool = False) -> KreaSettings:
+    """Krea's loop settings from the sampler's widgets (checked). ``first_latent="auto"``: Krea's re-encode when
+    a VAE is connected, else the ``latent`` approximation; ``reencode`` without a VAE is refused."""
+    if first_latent not in FIRST_LATENT_CHOICES:
+        raise KreaError(f"unknown context_first_latent {first_latent!r}; choose one of "
+                        f"{', '.join(FIRST_LATENT_CHOICES)}")
+    if first_latent == "auto":
+        first_latent = "reencode" if has_vae else "latent"
+    elif first_latent == "reencode" and not has_vae:
+        raise KreaError("context_first_latent 'reencode' (Krea's rule) VAE-encodes a decoded frame: connect the Wan "
+                        "2.1 VAE to the sampler's vae input, or choose 'latent' (an approximation without a VAE) or "
+                        "'keep_first' (Krea's keep_first_frame option)")
+    settings = KreaSettings(context_frames=int(context_frames), frames_per_block=int(sampling.frames_per_block),
+                            steps=parse_steps(sampling.steps), shift=float(sampling.shift),
+                            interpolation_blocks=int(interpolation_blocks), first_latent=first_latent)
+    settings.validate()
+    return settings
 
 
 def _widget_text(value) -> str:
@@ -339,6 +402,9 @@ def check_schedule(value) -> PromptSchedule:
 
 
 def check_state(value) -> ARState:
+    if value is None:
+        raise StateError("no AR_STATE: the sampler ran Krea's loop, which rebuilds its cache every block and keeps "
+                         "no state to continue from; continue a Self Forcing loop run (any other model_preset)")
     if not isinstance(value, ARState):
         raise StateError(f"ar_state must come from a Head Forcing sampler, Continue or Load AR State node, got "
                          f"{type(value).__name__}")
@@ -359,14 +425,28 @@ def profile_spec(head_profile: HeadProfile) -> BackboneSpec:
     return BackboneSpec.from_fingerprint(head_profile.model)
 
 
+# the policy node's model_shape choices: the public layouts (headforcing_core.wan_model.WAN_LAYOUTS), as named
+# in the estimate's text
+MODEL_SHAPES = {name: f"Wan2.1-T2V-{name.split()[-1]}" for name in WAN_LAYOUTS}
+
+
+def shape_spec(model_shape: str) -> BackboneSpec:
+    """The spec of a public layout by its name (the policy node's ``model_shape``)."""
+    if model_shape not in WAN_LAYOUTS:
+        raise HeadForcingError(f"unknown model_shape {model_shape!r}; choose one of {', '.join(WAN_LAYOUTS)}")
+    return BackboneSpec.from_config(WAN_LAYOUTS[model_shape])
+
+
 def policy_summary(policy: CachePolicy, *, width: int, height: int, frames: int, frames_per_block: int = 3,
-                   spec: BackboneSpec | None = None, dtype: torch.dtype = torch.bfloat16) -> str:
-    """What the policy keeps and the memory it will use for a video of ``width``×``height``, ``frames`` frames."""
+                   spec: BackboneSpec | None = None, dtype: torch.dtype = torch.bfloat16,
+                   model_shape: str = WAN_1_3B_LAYOUT) -> str:
+    """What the policy keeps and the memory it will use for a video of ``width``×``height``, ``frames`` frames,
+    on a model of ``spec`` (a profile's) or else of the public layout ``model_shape``."""
     check_video_size(width, height)
     latent = latent_frames_for(frames)
     check_length(frames, latent, frames_per_block)
-    shape_note = "" if spec is not None else "Wan2.1-T2V-1.3B, "
-    spec = spec or BackboneSpec.from_config(WAN_1_3B)
+    shape_note = "" if spec is not None else f"{MODEL_SHAPES.get(model_shape, model_shape)}, "
+    spec = spec or shape_spec(model_shape)
     est = estimate_run(spec, policy, latent_frames=latent, latent_height=height // SPACE_COMPRESSION,
                        latent_width=width // SPACE_COMPRESSION, frames_per_block=frames_per_block, batch=1,
                        dtype=dtype)

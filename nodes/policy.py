@@ -13,8 +13,8 @@ from comfy_api.latest import io
 from headforcing_core.backbone import BackboneSpec
 from headforcing_core.policies import PRESETS, CachePolicy, make_policy
 
-from .comfy_bridge import (PYRAMID_DEFAULTS, ROPE_CHOICES, TYPED_PRESETS, WAN_1_3B, build_policy, check_profile,
-                           policy_summary, profile_labels, profile_spec)
+from .comfy_bridge import (MODEL_SHAPES, PYRAMID_DEFAULTS, ROPE_CHOICES, TYPED_PRESETS, WAN_1_3B_LAYOUT, build_policy,
+                           check_profile, policy_summary, profile_labels, profile_spec, shape_spec)
 from .types import HEAD_PROFILE, KV_POLICY
 
 _HEAD_FORCING = make_policy("head_forcing").rule_map["memory"].middle  # episodic defaults
@@ -115,22 +115,30 @@ class HeadForcingCachePolicy(io.ComfyNode):
                     tooltip="Head labels from Profile Heads / Load Head Profile: they type every head for the "
                             "pyramid_forcing and head_forcing presets (the profile's labels of that taxonomy). "
                             "Other presets ignore them. Without a profile those presets use default labels."),
+                # added last so that workflows saved before it keep their widget values in place
+                io.Combo.Input(
+                    "model_shape", options=list(MODEL_SHAPES), default=WAN_1_3B_LAYOUT, optional=True,
+                    tooltip="For the memory figure only, when no head_profile is connected: the model it is "
+                            "computed for. Wan 2.1 1.3B: Self Forcing, Causal Forcing, LongLive (30 layers x 12 "
+                            "heads). Wan 2.1 14B: Krea Realtime 14B (40 x 40). With a profile, the profile's "
+                            "model. The policy itself fits any model."),
             ],
             outputs=[
                 KV_POLICY.Output(display_name="kv_policy",
                                  tooltip="The cache policy, for Head Forcing AR Sampler's kv_policy input."),
                 io.String.Output(display_name="summary",
                                  tooltip="What each head type keeps and the KV memory it needs at the given "
-                                         "size (Wan2.1-T2V-1.3B shape, bf16, 3 frames per block)."),
+                                         "size (the model_shape's or the profile's model, bf16, 3 frames per "
+                                         "block)."),
             ],
         )
 
     @classmethod
     def execute(cls, preset, rope, sink_frames, recent_frames, memory_episodes, memory_similarity, width,
-                height, length, head_profile=None, **pyramid) -> io.NodeOutput:
+                height, length, head_profile=None, model_shape=WAN_1_3B_LAYOUT, **pyramid) -> io.NodeOutput:
         out = policy_output(dict(preset=preset, rope=rope, sink_frames=sink_frames, recent_frames=recent_frames,
                                  memory_episodes=memory_episodes, memory_similarity=memory_similarity, width=width,
-                                 height=height, length=length, **pyramid), head_profile)
+                                 height=height, length=length, model_shape=model_shape, **pyramid), head_profile)
         return io.NodeOutput(out.policy, out.summary)
 
 
@@ -138,7 +146,7 @@ class HeadForcingCachePolicy(io.ComfyNode):
 class PolicyOutput:
     policy: CachePolicy
     summary: str
-    spec: BackboneSpec  # the model shape of the summary's memory figure (the profile's, else Wan2.1-T2V-1.3B)
+    spec: BackboneSpec  # the model shape of the summary's memory figure (the profile's, else model_shape's)
 
 
 def policy_output(values: Mapping, head_profile=None) -> PolicyOutput:
@@ -151,10 +159,10 @@ def policy_output(values: Mapping, head_profile=None) -> PolicyOutput:
                                  recent_frames=values["recent_frames"], memory_episodes=values["memory_episodes"],
                                  memory_similarity=values["memory_similarity"], labels=labels, pyramid=pyramid)
     spec = profile_spec(head_profile) if labels is not None else None
+    model_shape = values.get("model_shape") or WAN_1_3B_LAYOUT
     summary = policy_summary(policy, width=values["width"], height=values["height"], frames=values["length"],
-                                    spec=spec)
-    return PolicyOutput(policy, summary + profile_note(head_profile, preset),
-                        spec or BackboneSpec.from_config(WAN_1_3B))
+                             spec=spec, model_shape=model_shape)
+    return PolicyOutput(policy, summary + profile_note(head_profile, preset), spec or shape_spec(model_shape))
 
 
 def profile_note(head_profile, preset: str) -> str:

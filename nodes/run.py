@@ -64,7 +64,7 @@ log = logging.getLogger("headforcing")
 
 def preflight(model, spec: BackboneSpec, estimate_at, *, latent_frames: int, latent_height: int,
               latent_width: int, min_frames: int, describe_length=None, describe_size=None,
-              what: str = "the video", bounded_policy_hint: bool = False):
+              what: str = "the video", bounded_policy_hint: bool = False, extra_models=()):
     """The one pre-flight of every node that allocates: refuse (naming the input that drives the cost)
     what cannot fit in an empty device before evicting or loading anything, load the model, then
     refuse what does not fit next to its weights. Returns the run's estimate, its weights term the
@@ -72,17 +72,20 @@ def preflight(model, spec: BackboneSpec, estimate_at, *, latent_frames: int, lat
     parameter; :meth:`~headforcing_core.backbone.BackboneSpec.weights_bytes` restates it).
 
     ``estimate_at(latent_frames, latent_height, latent_width)`` is the run's
-    :func:`~headforcing_core.memory.estimate_run` at another length or size."""
+    :func:`~headforcing_core.memory.estimate_run` at another length or size. ``extra_models``: other
+    ModelPatchers the run calls directly (Krea's context VAE), loaded together with the model so that
+    nothing is loaded (and nothing unloaded) in the middle of the run; their weights count as weights,
+    their workspace is ``estimate_at``'s."""
     import comfy.model_management as mm
 
     device = model.load_device
-    weights = int(model.model_size())
+    weights = int(model.model_size()) + sum(int(m.model_size()) for m in extra_models)  # all loaded together
     kw = dict(latent_frames=latent_frames, latent_height=latent_height, latent_width=latent_width,
               patch=tuple(spec.patch_size[1:]), min_frames=min_frames, describe_length=describe_length,
               describe_size=describe_size, what=what, bounded_policy_hint=bounded_policy_hint)
     est = core_preflight(lambda t, h, w: with_weights(estimate_at(t, h, w), weights),
                          free_bytes=mm.get_total_memory(device), **kw)
-    mm.load_models_gpu([model], memory_required=est.run_bytes, force_full_load=True)
+    mm.load_models_gpu([model, *extra_models], memory_required=est.run_bytes, force_full_load=True)
     # free memory is counted next to the loaded weights; the estimate keeps them for the report
     return with_weights(core_preflight(estimate_at, free_bytes=mm.get_free_memory(device), **kw), weights)
 

@@ -14,17 +14,20 @@ from comfy_api.latest import io
 from headforcing_core.backbone import WanRunner
 from headforcing_core.errors import StateError
 from headforcing_core.geometry import FPS, added_video_frames, chunk_bounds, video_frames_for
+from headforcing_core.krea import KREA_CONTEXT_FRAMES, KREA_INTERPOLATION_BLOCKS
 from headforcing_core.memory import TAIL_FRAMES, estimate_run, latent_bytes
-from headforcing_core.policies import PRESETS, CachePolicy, describe
+from headforcing_core.policies import PRESETS, TRAINING_WINDOW, CachePolicy, describe
 from headforcing_core.prompts import PromptSchedule
 from headforcing_core.sampler import validate_inputs
 from headforcing_core.story import generate_schedule
 
-from .comfy_bridge import (CUSTOM_PRESET, DEFAULT_SAMPLER_POLICY, DEFAULT_SHIFT, DEFAULT_STEPS, LENGTH_UNITS,
-                           MAX_SEED, MODEL_PRESETS, SamplerRequest, apply_model_preset, check_initial_latent,
-                           check_schedule, compute_dtype, conditioning_tensor, count_noun, describe_pixels,
-                           describe_schedule_length, describe_video_length, initial_latent_samples, latent_shape,
-                           make_request, on_host, renoise_generator, sampler_policy, steps_text, wan_backbone)
+from .comfy_bridge import (CUSTOM_PRESET, DEFAULT_SAMPLER_POLICY, DEFAULT_SHIFT, DEFAULT_STEPS, FIRST_LATENT_CHOICES,
+                           LENGTH_UNITS, LOOPS, MAX_SEED, MODEL_PRESETS, SamplerRequest, apply_model_preset,
+                           check_initial_latent, check_model_layout, check_schedule, compute_dtype,
+                           conditioning_tensor, count_noun, describe_pixels, describe_schedule_length,
+                           describe_video_length, initial_latent_samples, krea_settings, latent_shape, make_request,
+                           on_host, renoise_generator, sampler_policy, steps_text, wan_backbone)
+from .krea import run_krea_sampler
 from .messages import live_panel
 from .run import (ModelRun, default_recache_mode, finish_report, memory_line, schedule_report, story_model_calls,
                   story_noise, story_panel)
@@ -41,16 +44,18 @@ class HeadForcingARSampler(io.ComfyNode):
             display_name="Head Forcing AR Sampler",
             category="sampling/head_forcing",
             description=(
-                "Generates a video autoregressively, chunk by chunk, with a Self Forcing / Causal Forcing "
-                "(Wan2.1-T2V distilled) model and a head-aware KV cache. No CFG, no negative prompt. "
-                "Outputs a LATENT for VAEDecode (T latent frames decode to 4T-3 frames at 16 fps). With an "
-                "initial_latent it starts from an image or extends a video, and outputs only the new frames."
+                "Generates a video autoregressively, chunk by chunk, with a Self Forcing / Causal Forcing / "
+                "LongLive (Wan2.1-T2V-1.3B distilled) or Krea Realtime 14B model and a head-aware KV cache. No "
+                "CFG, no negative prompt. Outputs a LATENT for VAEDecode (T latent frames decode to 4T-3 frames "
+                "at 16 fps). With an initial_latent it starts from an image or extends a video, and outputs only "
+                "the new frames. model_preset 'Krea Realtime 14B' runs Krea's own loop (docs/krea.md)."
             ),
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="A Self Forcing, Causal Forcing or LongLive checkpoint (Wan2.1-T2V-1.3B shape) from "
-                            "'Load Diffusion Model'. Other model families are refused."),
+                    tooltip="A Self Forcing, Causal Forcing or LongLive checkpoint (Wan2.1-T2V-1.3B) or Krea "
+                            "Realtime 14B (Wan2.1-T2V-14B) from 'Load Diffusion Model'. Other model families are "
+                            "refused, and a model_preset made for the other size."),
                 io.Conditioning.Input(
                     "conditioning", optional=True,
                     tooltip="The prompt: CLIPTextEncode with the umT5-XXL text encoder (CLIPLoader type 'wan'). "
@@ -125,13 +130,41 @@ class HeadForcingARSampler(io.ComfyNode):
                             "Self Forcing / Causal Forcing chunk-wise / LongLive: 3, 1000,750,500,250, none, 5. "
                             "Causal Forcing frame-wise 4-step: 1, 1000,750,500,250, none, 5. Causal Forcing++ "
                             "frame-wise 2-step: 1, 1000,500, first chunk 1000,750,500,250, 5; 1-step: 1, 1000, "
-                            "first chunk 1000,750,500,250, 5."),
+                            "first chunk 1000,750,500,250, 5. Krea Realtime 14B: 3, 1000,750,500,250,0, none, 5, "
+                            "and KREA'S LOOP (the cache rebuilt every block; context_frames, interpolation_blocks, "
+                            "context_first_latent and vae below apply, the cache policy does not). 'Krea Realtime "
+                            "14B, Self Forcing loop': the same steps through Self Forcing's loop, with the cache "
+                            "policy (head_forcing etc.)."),
                 io.String.Input(
                     "first_chunk_steps", default="", optional=True,
                     tooltip="Step list of the first GENERATED chunk (after an initial latent: the first new one), "
                             "like 'steps'; empty = the same steps as every chunk. Causal Forcing++ 1- and 2-step "
                             "models run their first chunk with 1000,750,500,250 "
                             "(denoising_step_list_first_chunk). Filled by model_preset; used as set with 'custom'."),
+                # Krea's loop (model_preset "Krea Realtime 14B"); added last, see above
+                io.Vae.Input(
+                    "vae", optional=True,
+                    tooltip="Krea's loop only: the Wan 2.1 VAE, for Krea's context re-encode (each block's first "
+                            "context latent is a decoded frame encoded again, as Krea's server does). Without it the "
+                            "sampler uses an approximation and says so in its report. Other presets ignore it."),
+                io.Int.Input(
+                    "context_frames", default=KREA_CONTEXT_FRAMES, min=1, max=TRAINING_WINDOW - 1, optional=True,
+                    tooltip="Krea's loop only: latent frames the cache is rebuilt from before every block "
+                            "(Krea's kv_cache_num_frames, default 3). Context + block must stay within the 21 "
+                            "positions the model was trained on."),
+                io.Int.Input(
+                    "interpolation_blocks", default=KREA_INTERPOLATION_BLOCKS, min=1, max=64, optional=True,
+                    tooltip="Krea's loop only: at a prompt change (a new prompt_schedule segment) the text "
+                            "embedding moves to the new prompt linearly over this many blocks (Krea's "
+                            "interp_steps, default 4: the first still the old prompt, the fourth the new). 1: "
+                            "switch at once."),
+                io.Combo.Input(
+                    "context_first_latent", options=list(FIRST_LATENT_CHOICES), default="auto", optional=True,
+                    tooltip="Krea's loop only: the context's first latent once the video is longer than the "
+                            "context. reencode: Krea's rule, the oldest of the last decoded frames VAE-encoded alone "
+                            "(needs the vae input). latent: approximation without a VAE, the generated latent that "
+                            "frame came from. keep_first: Krea's keep_first_frame option, always the video's first "
+                            "latent. auto: reencode with a VAE connected, else latent."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent",
@@ -150,13 +183,16 @@ class HeadForcingARSampler(io.ComfyNode):
     def execute(cls, model, width, height, length, seed, conditioning=None, kv_policy=None, length_unit="frames",
                 steps=DEFAULT_STEPS, shift=DEFAULT_SHIFT, frames_per_block=3,
                 policy=DEFAULT_SAMPLER_POLICY, prompt_schedule=None, initial_latent=None,
-                model_preset=CUSTOM_PRESET, first_chunk_steps="") -> io.NodeOutput:
+                model_preset=CUSTOM_PRESET, first_chunk_steps="", vae=None, context_frames=KREA_CONTEXT_FRAMES,
+                interpolation_blocks=KREA_INTERPOLATION_BLOCKS, context_first_latent="auto") -> io.NodeOutput:
         with live_panel():  # per-chunk progress events for the browser panel (web/headforcing.js)
             latent, report, state = run_ar_sampler(
                 model, conditioning, kv_policy=kv_policy, policy_preset=policy, width=width, height=height,
                 length=length, length_unit=length_unit, seed=seed, steps=steps, shift=shift,
                 frames_per_block=frames_per_block, prompt_schedule=prompt_schedule, initial_latent=initial_latent,
-                model_preset=model_preset, first_chunk_steps=first_chunk_steps)
+                model_preset=model_preset, first_chunk_steps=first_chunk_steps, vae=vae,
+                context_frames=context_frames, interpolation_blocks=interpolation_blocks,
+                context_first_latent=context_first_latent)
         return io.NodeOutput(latent, report, state)
 
 
@@ -173,7 +209,9 @@ def sampler_schedule(prompt_schedule, conditioning, latent_frames: int, frames_p
 def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy_preset: str, width: int,
                    height: int, length: int, length_unit: str, seed: int, steps: str, shift: float,
                    frames_per_block: int, prompt_schedule=None, initial_latent=None, model_preset: str = CUSTOM_PRESET,
-                   first_chunk_steps: str = "") -> tuple[dict, str, object]:
+                   first_chunk_steps: str = "", vae=None, context_frames: int = KREA_CONTEXT_FRAMES,
+                   interpolation_blocks: int = KREA_INTERPOLATION_BLOCKS,
+                   context_first_latent: str = "auto") -> tuple[dict, str, object]:
     """HeadForcingARSampler's work: validate, pre-flight memory check, load, generate, un-normalize.
 
     Returns ``({"samples": latents}, report, ar_state)``. Every input error is raised (as a ValueError
@@ -187,10 +225,18 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     space) is mapped into the model's space with ``process_latent_in`` (as KSampler does) and put into the
     cache first; ``length`` then counts the whole video and the output LATENT holds only the new frames (join
     them with LatentConcat).
+
+    A preset whose loop is Krea's (``KREA_PRESET``) goes to :func:`~.krea.run_krea_sampler` with
+    ``vae``, ``context_frames``, ``interpolation_blocks`` and ``context_first_latent``; a model of another
+    public layout than the preset's is refused (:func:`~.comfy_bridge.check_model_layout`).
     """
     policy = sampler_policy(kv_policy, policy_preset)
     sampling = apply_model_preset(model_preset, frames_per_block=frames_per_block, steps=steps,
                                          first_chunk_steps=first_chunk_steps, shift=shift)
+    krea = None
+    if sampling.loop == "krea":
+        krea = krea_settings(sampling, context_frames=context_frames, interpolation_blocks=interpolation_blocks,
+                             first_latent=context_first_latent, has_vae=vae is not None)
     initial = initial_latent_samples(initial_latent)
     t0 = 0 if initial is None else int(initial.shape[2])
     req = make_request(width=width, height=height, length=length, length_unit=length_unit, seed=seed,
@@ -198,12 +244,18 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
                               policy=policy, first_chunk_steps=sampling.first_chunk_steps, initial_frames=t0,
                               sampling=sampling)
     module, spec = wan_backbone(model)
+    check_model_layout(sampling, spec)
     schedule = sampler_schedule(prompt_schedule, conditioning, req.latent_frames, req.frames_per_block)
     req = replace(req, latent_frames=schedule.total_frames)
     shape = latent_shape(req.width, req.height, req.latent_frames, channels=spec.in_dim)
     # text width, channels, grid: checked on a shape-only tensor (nothing allocated yet)
     for segment in schedule:
         validate_inputs(WanRunner(module), segment.context, torch.empty(shape, device="meta"), req.frames_per_block)
+    if krea is not None:
+        return run_krea_sampler(model, module, spec, schedule, req, krea, vae=vae, kv_policy=kv_policy,
+                                policy_preset=policy_preset, initial_latent=initial_latent,
+                                prompt_schedule_given=prompt_schedule is not None,
+                                report_head=_report_lines(req, policy, None))
     if initial is not None:
         check_initial_latent(initial, req, spec.in_dim)
 
@@ -277,8 +329,9 @@ def sampling_lines(req: SamplerRequest) -> list[str]:
     return lines
 
 
-def _report_lines(req: SamplerRequest, policy: CachePolicy, run: ModelRun, initial_latent=None) -> list[str]:
-    seconds, chunk_seconds = run.seconds, run.chunk_seconds
+def _report_lines(req: SamplerRequest, policy: CachePolicy, run: ModelRun | None, initial_latent=None) -> list[str]:
+    """The report's lines; without ``run`` (before it), only those that do not need it."""
+    seconds, chunk_seconds = (run.seconds, run.chunk_seconds) if run is not None else (0.0, [])
     per_chunk = seconds / max(1, len(chunk_seconds))
     steady = sum(chunk_seconds[1:]) / (len(chunk_seconds) - 1) if len(chunk_seconds) > 1 else per_chunk
     new_video = added_video_frames(req.latent_frames) if req.initial_frames else req.frames
@@ -301,10 +354,13 @@ def _report_lines(req: SamplerRequest, policy: CachePolicy, run: ModelRun, initi
         init = []
     first = (f"; the first chunk {len(req.first_chunk_steps)} steps ({steps_text(req.first_chunk_steps)})"
              if req.first_chunk_steps is not None else "")
+    if run is None:
+        return [head, *init, *sampling_lines(req)]
     return [
         head,
         *init,
         *sampling_lines(req),
+        f"loop: {LOOPS['self_forcing']}",
         f"chunks: {req.chunks} of {req.frames_per_block} latent frames"
         + (f" (the last one {req.latent_frames % req.frames_per_block})" if req.latent_frames % req.frames_per_block
            else "")

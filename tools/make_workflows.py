@@ -31,6 +31,8 @@ twin of a UI file, same node ids, used by the tests and ``tools/host.py demo``):
   ``initial_latent``; LatentConcat(video, new) → video.
 * ``headforcing_longlive_story.json`` (+ API twin) — a multi-prompt story with LongLive (base +
   LoRA through LoraLoaderModelOnly), the ``longlive`` cache preset and its recache.
+* ``headforcing_krea_realtime.json`` (+ API twin) — Krea Realtime 14B (fp8 weights) with its own loop:
+  a four-prompt story interpolated between blocks, the Wan 2.1 VAE for the context re-encode.
 
 Models are referenced by their standard names (``REAL_MODELS`` in ``tools/comfyhost/paths.py``).
 Standard library only.
@@ -648,7 +650,7 @@ def story(info: dict) -> Graph:
         if segments:
             g.link(segments[-1].out("prompt_schedule"), seg, "previous")
         segments.append(seg)
-    pol = g.add("HeadForcingCachePolicy", (810, 620), (380, 300), "Head Forcing Cache Policy", preset="head_forcing",
+    pol = g.add("HeadForcingCachePolicy", (810, 760), (380, 300), "Head Forcing Cache Policy", preset="head_forcing",
                 width=832, height=480, length=961)
     smp = g.add("HeadForcingARSampler", (810, 40), (360, 420), "Head Forcing AR Sampler (story)", width=832,
                 height=480, length=961, seed=42, length_unit="frames", policy="head_forcing",
@@ -801,7 +803,7 @@ def longlive_story(info: dict) -> Graph:
         segments.append(seg)
         start += frames
     total = 4 * start - 3
-    pol = g.add("HeadForcingCachePolicy", (810, 620), (380, 300), "Cache Policy (LongLive window)", preset="longlive",
+    pol = g.add("HeadForcingCachePolicy", (810, 760), (380, 300), "Cache Policy (LongLive window)", preset="longlive",
                 width=832, height=480, length=total)
     smp = g.add("HeadForcingARSampler", (810, 40), (360, 420), "Head Forcing AR Sampler (LongLive)", width=832,
                 height=480, length=total, seed=1, length_unit="frames", policy="longlive", model_preset="LongLive")
@@ -818,6 +820,59 @@ def longlive_story(info: dict) -> Graph:
     return g
 
 
+KREA_UNET = "krea-realtime-video-14b.safetensors"
+KREA_PROMPTS = [
+    "A woman in a yellow raincoat walks her bicycle along a rainy city street at night, neon reflections on the wet "
+    "asphalt, cinematic tracking shot, highly detailed, natural motion.",
+    "The woman stops under a red awning and shakes the rain off her umbrella, neon signs flickering behind her, "
+    "cinematic close-up, highly detailed.",
+    "The rain stops; the woman rides her bicycle across a bridge over a dark river, city lights shimmering on the "
+    "water, wide cinematic shot, natural motion.",
+    "Dawn breaks over the city; the woman rides along an empty avenue lined with trees, soft morning light, "
+    "cinematic tracking shot, highly detailed.",
+]
+
+KREA_NOTE = """Head Forcing: Krea Realtime 14B with its own loop (a prompt story)
+
+Model: diffusion_models/krea-realtime-video-14b.safetensors from Hugging Face krea/krea-realtime-video (Krea Realtime 14B: Wan 2.1 14B distilled with Self Forcing; CC BY-NC-SA 4.0). Load Diffusion Model reads Krea's file as it is ('model.' + Wan 2.1 names). weight_dtype fp8_e4m3fn keeps the 14B weights at one byte each (about 13.3 GiB instead of 26.6); 'default' loads them in bf16. Text encoder text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (CLIPLoader type wan), vae/wan_2.1_vae.safetensors.
+
+model_preset 'Krea Realtime 14B' runs Krea's loop, as its server (release_server.py GenerationSession) does: before every block of 3 latent frames the KV cache is emptied and rebuilt from 3 context frames (context_frames) at RoPE positions 0-2; the block is denoised at positions 3-5 with 5 steps (1000,750,500,250,0 warped through the shift-5 table) and no clean pass. The context is the first latent and the last two while the video is short; later the oldest of the last 9 decoded frames is decoded and VAE-encoded again as its first latent - that is why the VAE is connected to the sampler. Without the vae input the sampler puts the generated latent in its place (an approximation, said in the report). Prompt changes (the segments) are interpolated over 4 blocks (interpolation_blocks), as Krea's server does; the segments' own transitions do not apply. A cache policy does not apply either (the cache is rebuilt every block): this loop holds 6 frames of K/V whatever the length.
+
+The other loop: model_preset 'Krea Realtime 14B, Self Forcing loop' runs the same checkpoint with Self Forcing's loop (a clean pass per chunk, the cache kept) and a Cache Policy (head_forcing, pyramid_forcing, ...): bounded head-aware caches on a 14B model. Set the Cache Policy's model_shape to Wan 2.1 14B to see its memory.
+
+Memory at 832x480 (python -m headforcing_core.bench --estimate --model-shape 14b --seconds 60 --loop krea; README): weights 13.3 GiB in fp8 + the VAE 0.24 GiB + the run about 10.4 GiB (the rebuilt cache 7.1 GiB, the VAE's streaming state 1.8 GiB), about 24 GiB in all: a 32 GB card, not a 24 GB one (README and docs/krea.md have the table). Length: 4 segments of 5 s = 84 latent frames (333 frames, about 21 s); the sampler's own length is not used with a prompt_schedule. No CFG, no negative prompt."""
+
+
+def krea_realtime(info: dict) -> Graph:
+    g = Graph(info, "headforcing_krea_realtime")
+    unet = g.add("UNETLoader", (-460, 40), (380, 82), "Load Diffusion Model (Krea Realtime 14B, fp8)",
+                 unet_name=KREA_UNET, weight_dtype="fp8_e4m3fn")
+    clip = _text_loader(g, -460, 170)
+    vae = g.add("VAELoader", (-460, 330), (380, 60), "Load VAE (Wan 2.1)", vae_name=VAE)
+    segments = []
+    for i, text in enumerate(KREA_PROMPTS):
+        node = g.add("CLIPTextEncode", (-20, 40 + 230 * i), (420, 200), f"Prompt {i + 1}", text=text)
+        g.link(clip, node, "clip")
+        seg = g.add("HeadForcingPromptSegment", (440, 40 + 230 * i), (330, 200), f"Segment {i + 1} (5 s)",
+                    length=5.0, length_unit="seconds", transition="cut", transition_frames=0, label=f"part {i + 1}")
+        g.link(node, seg, "conditioning")
+        if segments:
+            g.link(segments[-1].out("prompt_schedule"), seg, "previous")
+        segments.append(seg)
+    smp = g.add("HeadForcingARSampler", (810, 40), (380, 520), "Head Forcing AR Sampler (Krea's loop)", width=832,
+                height=480, length=333, seed=42, length_unit="frames", model_preset="Krea Realtime 14B",
+                frames_per_block=3, steps="1000,750,500,250,0", shift=5.0, context_frames=3, interpolation_blocks=4,
+                context_first_latent="auto")
+    g.link(unet, smp, "model")
+    g.link(segments[-1].out("prompt_schedule"), smp, "prompt_schedule")
+    g.link(vae, smp, "vae")
+    _decode_save(g, smp.out("latent"), vae, 1240, 40, "video/headforcing_krea_realtime")
+    report = g.add("PreviewAny", (1240, 260), (300, 260), "Sampler Report")
+    g.link(smp.out("report"), report, "source")
+    g.note(KREA_NOTE, (-460, 460), (400, 760), "Read me: Krea Realtime 14B")
+    return g
+
+
 # file name -> (builder, whether an API twin is written to workflows/api/)
 BUILDERS = {
     "headforcing_long_video.json": (long_video, True),
@@ -828,6 +883,7 @@ BUILDERS = {
     "headforcing_image_to_video.json": (image_to_video, True),
     "headforcing_extend_video.json": (extend_video, True),
     "headforcing_longlive_story.json": (longlive_story, True),
+    "headforcing_krea_realtime.json": (krea_realtime, True),
 }
 
 

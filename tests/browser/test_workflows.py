@@ -28,6 +28,7 @@ EXPECTED = [
     "headforcing_image_to_video.json",
     "headforcing_extend_video.json",
     "headforcing_longlive_story.json",
+    "headforcing_krea_realtime.json",
 ]
 # node class -> the DOM widget the extension adds to it
 PACK_WIDGETS = {
@@ -144,6 +145,8 @@ CHECKPOINT_SETTINGS = {
     "Causal Forcing++ frame-wise 2-step": (1, "1000,500", "1000,750,500,250", 5.0),
     "Causal Forcing++ frame-wise 1-step": (1, "1000", "1000,750,500,250", 5.0),
     "LongLive": (3, "1000,750,500,250", "", 5.0),
+    "Krea Realtime 14B": (3, "1000,750,500,250,0", "", 5.0),
+    "Krea Realtime 14B, Self Forcing loop": (3, "1000,750,500,250,0", "", 5.0),
 }
 FILLED = ("frames_per_block", "steps", "first_chunk_steps", "shift")
 SET_WIDGET_JS = """([id, name, value]) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === name);

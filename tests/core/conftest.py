@@ -4,6 +4,24 @@ import torch
 from headforcing_core import WanConfig, random_backbone
 
 TINY = WanConfig(dim=256, num_heads=2, num_layers=2, ffn_dim=512)
+# the Wan 2.1 14B layout (Krea Realtime 14B), narrow: 40 layers × 40 heads of width 8
+LAYOUT_14B = WanConfig(dim=40 * 8, num_heads=40, num_layers=40, ffn_dim=64)
+
+
+@pytest.fixture
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of many tiny matrix calls (40-layer models): several times faster than a
+    contended thread pool on a small shared machine. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -61,8 +61,27 @@ def layer_norm(x, eps=1e-6, weight=None, bias=None):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def dense_forward(m, latents, timesteps, context, chunk_frames):
-    """Full-prefix forward. latents [B, C, F, H, W]; timesteps [B, F]; chunk_frames: chunk size."""
+def text_kv(m, context, dtype):
+    """Every layer's cross-attention K and V of a text-encoder output ``[B, L, 4096]``, zero-padded to 512 tokens
+    first (Wan pads after the text encoder)."""
+    b, heads = context.shape[0], m.num_heads
+    lin = lambda mod, inp: F.linear(inp, mod.weight.to(dtype), mod.bias.to(dtype))  # noqa: E731
+    ctx = torch.cat([context, context.new_zeros(b, 512 - context.shape[1], context.shape[2])], 1).to(dtype)
+    tx = m.text_embedding
+    ctx = lin(tx[2], F.gelu(lin(tx[0], ctx), approximate="tanh"))
+    out = []
+    for blk in m.blocks:
+        ca = blk.cross_attn
+        hd = ca.q.weight.shape[0] // heads
+        out.append((rms(lin(ca.k, ctx), ca.norm_k.weight).view(b, -1, heads, hd), lin(ca.v, ctx).view(b, -1, heads, hd)))
+    return out
+
+
+def dense_forward(m, latents, timesteps, context, chunk_frames, *, texts=None, text_of_frame=None,
+                  chunk_of_frame=None):
+    """Full-prefix forward at positions ``0 … F−1``. latents [B, C, F, H, W]; timesteps [B, F]; chunk_frames: chunk
+    size (a frame attends every frame of its chunk and the chunks before). Optionally frames with prompts of their
+    own — ``texts`` (each :func:`text_kv`) and the text of every frame — and chunks given frame by frame."""
     dtype = latents.dtype
     b, c, fr, hh, ww = latents.shape
     dim = m.patch_embedding.weight.shape[0]
@@ -75,24 +94,23 @@ def dense_forward(m, latents, timesteps, context, chunk_frames):
     x = x.flatten(2).transpose(1, 2)  # [B, S, dim]
     s = x.shape[1]
 
-    lin = lambda mod, inp: F.linear(inp, mod.weight.to(dtype), mod.bias.to(dtype))
+    lin = lambda mod, inp: F.linear(inp, mod.weight.to(dtype), mod.bias.to(dtype))  # noqa: E731
     te = m.time_embedding
     e = lin(te[2], F.silu(lin(te[0], sinusoid(m.freq_dim, timesteps).to(dtype))))  # [B*F, dim]
     e0 = lin(m.time_projection[1], F.silu(e)).view(b, fr, 6, dim)
 
-    ctx = torch.cat([context, context.new_zeros(b, 512 - context.shape[1], context.shape[2])], 1).to(dtype)
-    tx = m.text_embedding
-    ctx = lin(tx[2], F.gelu(lin(tx[0], ctx), approximate="tanh"))
-
+    texts = texts if texts is not None else [text_kv(m, context, dtype)]
+    text_tok = torch.tensor(text_of_frame if text_of_frame is not None else [0] * fr).repeat_interleave(tok)
     # block-causal mask over frames: chunk i attends chunks ≤ i
-    chunk_of_token = (torch.arange(s) // tok) // chunk_frames
+    chunks = chunk_of_frame if chunk_of_frame is not None else [i // chunk_frames for i in range(fr)]
+    chunk_of_token = torch.tensor(chunks).repeat_interleave(tok)
     mask = chunk_of_token[:, None] >= chunk_of_token[None, :]
     table = rope_table(hd)
 
     def per_frame(y):
         return y.view(b, fr, tok, dim)
 
-    for blk in m.blocks:
+    for layer, blk in enumerate(m.blocks):
         mod = (blk.modulation.to(dtype)[:, None] + e0).chunk(6, dim=2)
         inp = (per_frame(layer_norm(x)) * (1 + mod[1]) + mod[0]).reshape(b, s, dim)
         sa = blk.self_attn
@@ -108,10 +126,14 @@ def dense_forward(m, latents, timesteps, context, chunk_frames):
         ca = blk.cross_attn
         xn = layer_norm(x, weight=blk.norm3.weight.to(dtype), bias=blk.norm3.bias.to(dtype))
         cq = rms(lin(ca.q, xn), ca.norm_q.weight).view(b, s, heads, hd)
-        ck = rms(lin(ca.k, ctx), ca.norm_k.weight).view(b, -1, heads, hd)
-        cv = lin(ca.v, ctx).view(b, -1, heads, hd)
-        catt = (torch.einsum("bsnd,btnd->bnst", cq, ck) / math.sqrt(hd)).softmax(-1)
-        x = x + lin(ca.o, torch.einsum("bnst,btnd->bsnd", catt, cv).reshape(b, s, dim))
+        co = torch.empty_like(cq)
+        for i, kv in enumerate(texts):
+            sel = text_tok == i
+            if bool(sel.any()):
+                ck, cv = kv[layer]
+                catt = (torch.einsum("bsnd,btnd->bnst", cq[:, sel], ck) / math.sqrt(hd)).softmax(-1)
+                co[:, sel] = torch.einsum("bnst,btnd->bsnd", catt, cv)
+        x = x + lin(ca.o, co.reshape(b, s, dim))
 
         inp = (per_frame(layer_norm(x)) * (1 + mod[4]) + mod[3]).reshape(b, s, dim)
         y = lin(blk.ffn[2], F.gelu(lin(blk.ffn[0], inp), approximate="tanh"))
@@ -137,7 +159,8 @@ def dense_generate(m, context, noise, steps, shift, chunk_frames, generator, ini
     ``initial_latent``), part of every prefix at timestep 0; ``first_steps``: the first generated
     chunk's nominal steps (Causal Forcing's ``denoising_step_list_first_chunk``)."""
     sigma, tt = self_forcing_table(shift)
-    warp = lambda steps_: [float(tt[1000 - s]) for s in steps_]  # noqa: E731
+    padded = torch.cat([tt, tt.new_zeros(1)])  # Self Forcing's warp table ends with a 0 (nominal step 0)
+    warp = lambda steps_: [float(padded[1000 - int(s)]) for s in steps_]  # noqa: E731
 
     def sig(t):
         return float(sigma[torch.argmin((tt - t).abs())])

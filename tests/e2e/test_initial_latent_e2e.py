@@ -445,6 +445,8 @@ def test_api_twin_matches_ui_workflow(comfy, name):
             if ins["model_preset"] != "custom":
                 assert ins["frames_per_block"] == (1 if "frame-wise" in ins["model_preset"] else 3), (name, ins)
                 assert ins["steps"] == {"Causal Forcing++ frame-wise 2-step": "1000,500",
-                                        "Causal Forcing++ frame-wise 1-step": "1000"}.get(ins["model_preset"],
-                                                                                            "1000,750,500,250")
+                                        "Causal Forcing++ frame-wise 1-step": "1000",
+                                        "Krea Realtime 14B": "1000,750,500,250,0",
+                                        "Krea Realtime 14B, Self Forcing loop": "1000,750,500,250,0"}.get(
+                                            ins["model_preset"], "1000,750,500,250")
                 assert ins["shift"] == 5.0

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, ComfyError, expected_frames, host
+from .core_runs import run_core
 from .video_check import read_video
 from .workflow_twins import assert_twins
 
@@ -147,13 +148,7 @@ def test_sampler_matches_core_run_and_latent_scaling(comfy, sampler_wf, tmp_path
     latents = comfy.outputs(entry, ".latent")
     assert len(latents) == 1, entry.get("outputs")
 
-    script = tmp_path / "core_run.py"
-    script.write_text(_CORE_RUN.format(repo=str(REPO), comfy=str(host.COMFY)))
-    out = tmp_path / "core.json"
-    proc = subprocess.run([str(host.VENV_PY), str(script), str(latents[0]), str(out), str(width), str(height),
-                    str(length), str(seed), str(text_seed), "40"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.read_text())
+    res = run_core(tmp_path, _CORE_RUN, latents[0], width, height, length, seed, text_seed, 40)
     assert res["shape"] == [1, 16, 4, 4, 6], res
     assert res["max_abs_diff"] < 1e-4, res
     # the scaling really is applied: the raw (normalized) latent is far from what ComfyUI holds
@@ -163,30 +158,9 @@ def test_sampler_matches_core_run_and_latent_scaling(comfy, sampler_wf, tmp_path
 
 
 _CORE_RUN = r'''
-import json, sys
-sys.path.insert(0, {repo!r})
-sys.path.append({comfy!r})
-import torch
-from safetensors.torch import load_file
 from headforcing_core import generate
-from tools.tiny_models import tiny_wan_state_dict, tiny_wan_config
-from headforcing_core.wan_model import WanBackbone
-import importlib.util
-spec = importlib.util.spec_from_file_location("cbridge", {repo!r} + "/nodes/comfy_bridge.py")
+spec = importlib.util.spec_from_file_location("cbridge", sys.path[0] + "/nodes/comfy_bridge.py")
 bridge = importlib.util.module_from_spec(spec); sys.modules["cbridge"] = bridge; spec.loader.exec_module(bridge)
-lf_spec = importlib.util.spec_from_file_location("lf", {comfy!r} + "/comfy/latent_formats.py")
-lf = importlib.util.module_from_spec(lf_spec); lf_spec.loader.exec_module(lf)
-
-path, out, width, height, length, seed, text_seed, tokens = sys.argv[1:]
-width, height, length, seed, text_seed, tokens = map(int, (width, height, length, seed, text_seed, tokens))
-comfy_latent = load_file(path)["latent_tensor"].float()
-
-model = WanBackbone(tiny_wan_config())
-model.load_state_dict(tiny_wan_state_dict(seed=0))
-model.eval()
-# HFTestConditioning: randn((1, L, 4096), generator=cpu seeded) * 0.1
-g = torch.Generator(device="cpu").manual_seed(text_seed % (2**63))
-context = torch.randn((1, tokens, 4096), generator=g) * 0.1
 T = bridge.latent_frames_for(length)
 shape = bridge.latent_shape(width, height, T)
 noise = bridge.initial_noise(shape, seed)
@@ -194,16 +168,17 @@ latents = generate(model, context, noise, steps=(1000, 750, 500, 250), shift=5.0
                    policy="full", generator=bridge.renoise_generator(seed), dtype=torch.float32)
 mine = lf.Wan21().process_out(latents.float())
 
+sys.path.append(lf_spec.origin.rsplit("/comfy/", 1)[0])
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
 import comfy.sample
 ref = comfy.sample.prepare_noise(torch.zeros(shape), seed)
-json.dump({{
+json.dump({
     "shape": list(comfy_latent.shape),
     "max_abs_diff": float((mine - comfy_latent).abs().max()),
     "max_abs_diff_unscaled": float((latents - comfy_latent).abs().max()),
     "noise_matches_prepare_noise": bool(torch.equal(ref, noise)),
-}}, open(out, "w"))
+}, open(out, "w"))
 '''
 
 

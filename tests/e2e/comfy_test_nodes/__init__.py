@@ -8,6 +8,8 @@ harness links it into the server's ``custom_nodes/`` next to the pack.
 * ``HFTestRandomLatent``: a random Wan-shaped LATENT ``[B, 16, T, H/8, W/8]``.
 * ``HFTestModelInfo`` / ``HFTestVAEInfo``: output nodes that report, as UI text (JSON), how
   ComfyUI detected a loaded MODEL / VAE (classes, shapes, dtypes, latent format).
+* ``HFTestContextVAE``: the pack's streaming VAE for Krea's context re-encode (``nodes/krea.py``
+  ``ComfyContextVAE``) against ComfyUI's own ``VAE.decode`` / ``VAE.encode``; reports the differences.
 """
 from __future__ import annotations
 
@@ -154,10 +156,54 @@ class HFTestVAEInfo(io.ComfyNode):
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
+class HFTestContextVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HFTestContextVAE",
+            display_name="HF Test: Krea context VAE",
+            category="testing/headforcing",
+            description="Streams a LATENT through the pack's context VAE block by block and compares it with "
+                        "ComfyUI's VAE.decode of the whole latent, and its one-frame encode with VAE.encode. "
+                        "Reports (UI text, JSON) the largest differences. Test-only.",
+            inputs=[io.Model.Input("model"), io.Vae.Input("vae"), io.Latent.Input("latent"),
+                    io.Int.Input("block", default=3, min=1, max=64)],
+            outputs=[io.String.Output()],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, vae, latent, block=3) -> io.NodeOutput:
+        import sys
+
+        import comfy.model_management as mm
+
+        # the pack's module as ComfyUI loaded it (named after the pack's folder path)
+        pack = next(m for name, m in list(sys.modules.items())
+                    if name.endswith(".nodes.krea") and hasattr(m, "ComfyContextVAE"))
+        mm.load_models_gpu([model, vae.patcher], force_full_load=True)
+        raw = latent["samples"].float()
+        stream = pack.ComfyContextVAE(vae, model)
+        x = model.model.process_latent_in(raw)
+        frames = torch.cat([stream.decode(x[:, :, s:s + block]) for s in range(0, x.shape[2], block)], dim=1)
+        whole = vae.decode(raw)  # [B, F, H, W, 3] in [0, 1]
+        ours = frames.movedim(2, -1).to(whole.device)
+        frame = whole[:, -1]  # one decoded frame [B, H, W, 3]
+        enc_ours = stream.encode(frame.movedim(-1, 1))
+        enc_comfy = model.model.process_latent_in(vae.encode(frame).float())
+        info = {"frames": int(ours.shape[1]), "comfy_frames": int(whole.shape[1]),
+                "decode_max_abs": float((ours - whole).abs().max()), "decode_scale": float(whole.abs().max()),
+                "encode_shape": list(enc_ours.shape),
+                "encode_max_abs": float((enc_ours - enc_comfy.to(enc_ours)).abs().max()),
+                "encode_scale": float(enc_comfy.abs().max())}
+        text = json.dumps(info, sort_keys=True)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
 class HFTestExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [HFTestConditioning, HFTestRandomLatent, HFTestModelInfo, HFTestVAEInfo]
+        return [HFTestConditioning, HFTestRandomLatent, HFTestModelInfo, HFTestVAEInfo, HFTestContextVAE]
 
 
 async def comfy_entrypoint() -> HFTestExtension:
