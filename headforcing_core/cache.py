@@ -55,10 +55,11 @@ KEY_FORMAT = "rotated"  # how an AR_STATE's cache stores keys (see the module do
 COMMIT_SLICE_BYTES = 64 * 2**20  # the most of a frame (as float32) a commit un-rotates and pools at once
 
 
-def _head_slices(frame: torch.Tensor) -> list[slice]:
-    """Slices of the heads of a frame ``[B, N, T, D]`` each within :data:`COMMIT_SLICE_BYTES` as float32."""
-    b, n, t, d = frame.shape
-    step = max(1, min(n, COMMIT_SLICE_BYTES // max(1, b * t * d * 4)))
+def _head_slices(x: torch.Tensor) -> list[slice]:
+    """Slices of the heads (dim 1) of ``x`` ``[B, N, ...]``, each within :data:`COMMIT_SLICE_BYTES` as float32."""
+    per_head = max(1, x.numel() // max(1, x.shape[1]) * 4)
+    n = x.shape[1]
+    step = max(1, min(n, COMMIT_SLICE_BYTES // per_head))
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
@@ -191,16 +192,22 @@ class EpisodicMemory:
         nb = self._per_layer((b * b).sum(-1))
         return dot / torch.clamp(torch.sqrt(na * nb), min=1e-12)
 
-    def _gather_slots(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """``x[b, n, slot[b, layer(n)]]`` for ``x`` ``[B, N, slots, ...]`` and ``slot`` ``[B, layers]``."""
+    def _slot_index(self, x: torch.Tensor, slot: torch.Tensor, heads: slice | None) -> torch.Tensor:
         idx = self._heads(slot)
-        idx = idx.view(idx.shape + (1,) * (x.dim() - 2)).expand((-1, -1, 1) + tuple(x.shape[3:]))
-        return x.gather(2, idx).squeeze(2)
+        if heads is not None:
+            idx = idx[:, heads]
+        return idx.view(idx.shape + (1,) * (x.dim() - 2)).expand((-1, -1, 1) + tuple(x.shape[3:]))
 
-    def _scatter_slots(self, x: torch.Tensor, slot: torch.Tensor, value: torch.Tensor) -> None:
-        idx = self._heads(slot)
-        idx = idx.view(idx.shape + (1,) * (x.dim() - 2)).expand((-1, -1, 1) + tuple(x.shape[3:]))
-        x.scatter_(2, idx, value.unsqueeze(2).to(x.dtype))
+    def _gather_slots(self, x: torch.Tensor, slot: torch.Tensor, heads: slice | None = None) -> torch.Tensor:
+        """``x[b, n, slot[b, layer(n)]]`` for ``x`` ``[B, N, slots, ...]`` and ``slot`` ``[B, layers]`` (the heads
+        ``heads`` only, when given)."""
+        part = x if heads is None else x[:, heads]
+        return part.gather(2, self._slot_index(x, slot, heads)).squeeze(2)
+
+    def _scatter_slots(self, x: torch.Tensor, slot: torch.Tensor, value: torch.Tensor,
+                       heads: slice | None = None) -> None:
+        part = x if heads is None else x[:, heads]
+        part.scatter_(2, self._slot_index(x, slot, heads), value.unsqueeze(2).to(x.dtype))
 
     def time_order(self) -> torch.Tensor:
         """Slots of every (row, layer) sorted by time, valid episodes first: ``[B, layers, slots]``."""
@@ -212,15 +219,10 @@ class EpisodicMemory:
         return (self.first + self.last).to(torch.float64) / 2
 
     # ---- one evicted frame ---------------------------------------------------------------
-    def accept(self, pk: torch.Tensor, pv: torch.Tensor, frame: int, opens: bool, grid: tuple[int, int]) -> None:
-        """Fold one evicted frame, pooled (``[B, N, pooled tokens, D]`` raw K, V), into every (row, layer)'s
-        memory."""
-        sig = pk.float().mean(dim=2)  # [B, N, D]: each head's mean key of this frame
-        at = spatial_positions(*grid, self.pool, "centroid")
-        pk = rotate_entries(pk.unsqueeze(2), torch.zeros(1, dtype=torch.float64), at).squeeze(2)  # stored rotated
-        self._accept_one(pk, pv, sig, frame, opens)
-
-    def _accept_one(self, pk: torch.Tensor, pv: torch.Tensor, sig: torch.Tensor, frame: int, opens: bool) -> None:
+    def accept(self, pk: torch.Tensor, pv: torch.Tensor, sig: torch.Tensor, frame: int, opens: bool) -> None:
+        """Fold one evicted frame into every (row, layer)'s memory: ``pk`` / ``pv`` ``[B, N, pooled tokens, D]``
+        its keys pooled (stored rotated at the pooled positions) and values, ``sig`` ``[B, N, D]`` each head's
+        mean raw key (:meth:`HeadwiseKVCache.pooled_frame`)."""
         n_valid = self.valid.sum(-1)  # [B, L]
         order = self.time_order()
         newest = order.gather(-1, torch.clamp(n_valid - 1, min=0).unsqueeze(-1)).squeeze(-1)
@@ -230,21 +232,27 @@ class EpisodicMemory:
         target = torch.where(join, newest, free)
         count = self.count.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         w_old = torch.where(join, count / (count + 1), torch.zeros_like(count))  # [B, L] float64
-        self._fold(target, pk, pv, sig, w_old)
+        new = {"k": pk, "v": pv, "sig": sig}
+        self._fold(target, lambda name, heads: new[name][:, heads], w_old)
         first = torch.where(join, self.first.gather(-1, target.unsqueeze(-1)).squeeze(-1),
                             torch.full_like(target, frame))
         self._set(target, first=first, last=torch.full_like(target, frame), count=count * join + 1)
         self._merge_when_full()
 
-    def _fold(self, target, k, v, sig, w_old) -> None:
-        """Running mean of the target slots with (k, v, sig) at weight ``1 - w_old``."""
-        w_h = self._heads(w_old)  # [B, N]
-        for store, new in ((self.k, k), (self.v, v), (self.sig, sig)):
-            old = self._gather_slots(store, target)
-            w = w_h.view(w_h.shape + (1,) * (old.dim() - 2)).to(torch.float32 if store.dtype != torch.float64
-                                                                  else torch.float64)
-            mixed = old.to(w.dtype) * w + new.to(w.dtype) * (1 - w)
-            self._scatter_slots(store, target, mixed)
+    def _fold(self, target, new, w_old) -> None:
+        """Running mean of the target slots with new values at weight ``1 - w_old``; ``new(store, heads)``
+        gives them for a slice of heads (the fold goes a slice at a time: bounded temporaries)."""
+        w_all = self._heads(w_old)  # [B, N]
+        for name in ("k", "v", "sig"):
+            store = getattr(self, name)
+            for heads in _head_slices(store):
+                old = self._gather_slots(store, target, heads)
+                w_h = w_all[:, heads]
+                w = w_h.view(w_h.shape + (1,) * (old.dim() - 2)).to(torch.float32 if store.dtype != torch.float64
+                                                                      else torch.float64)
+                mixed = old.to(w.dtype) * w + new(name, heads).to(w.dtype) * (1 - w)
+                del old
+                self._scatter_slots(store, target, mixed, heads)
 
     def _set(self, slot, *, first, last, count) -> None:
         i = slot.unsqueeze(-1)
@@ -266,8 +274,7 @@ class EpisodicMemory:
         ca = self.count.gather(-1, a.unsqueeze(-1)).squeeze(-1)
         cb = self.count.gather(-1, b.unsqueeze(-1)).squeeze(-1)
         w_old = torch.where(need, ca / (ca + cb), torch.ones_like(ca))  # rows that need no merge keep a as it is
-        self._fold(a, self._gather_slots(self.k, b), self._gather_slots(self.v, b), self._gather_slots(self.sig, b),
-                   w_old)
+        self._fold(a, lambda name, heads: self._gather_slots(getattr(self, name), b, heads), w_old)
         first = self.first.gather(-1, a.unsqueeze(-1)).squeeze(-1)
         last_b = self.last.gather(-1, b.unsqueeze(-1)).squeeze(-1)
         last_a = self.last.gather(-1, a.unsqueeze(-1)).squeeze(-1)
@@ -475,29 +482,38 @@ class HeadwiseKVCache:
             if ts.blocks is not None and effects.merge_frames:
                 self._merge(ts, effects)
             if ts.episodes is not None:
+                ep = ts.episodes
                 for frame, opens in effects.to_episodes:
-                    pk, pv = self._pooled_frame(ts, frame, ts.episodes.pool)
-                    ts.episodes.accept(pk, pv, frame, opens, self.grid)
+                    pk, pv, sig = self.pooled_frame(ts, frame, ep.pool, spatial_positions(*self.grid, ep.pool,
+                                                                                           "centroid"))
+                    ep.accept(pk, pv, sig, frame, opens)
             ts.frames.release(effects.keep_frames)
 
-    def _pooled_frame(self, ts: TypeStore, frame: int, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A held frame's raw K and its V, pooled ``pool×pool`` (``[B, N, pooled tokens, D]``): its stored keys
-        un-rotated and pooled a slice of heads at a time, so the temporaries stay within
-        :data:`COMMIT_SLICE_BYTES`."""
+    def pooled_frame(self, ts: TypeStore, frame: int, pool: int, placed: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A held frame pooled ``pool×pool``: its keys un-rotated to raw keys and pooled — rotated again at
+        ``placed`` pooled positions (time 0) when given —, its values pooled, and with ``placed`` each head's
+        mean raw pooled key ``[B, N, D]`` (float32; the episodic memory's signature). ``[B, N, pooled tokens,
+        D]`` each, made a slice of heads at a time so the temporaries stay within :data:`COMMIT_SLICE_BYTES`."""
         page = ts.frames.page_of[frame]
         k, v = ts.frames.k[:, :, page], ts.frames.v[:, :, page]  # [B, N, T, D]
-        pooled_k = pooled_v = None
+        b, n, _, d = k.shape
+        ph, pw = pooled_grid(*self.grid, pool)
+        out_k = k.new_empty(b, n, ph * pw, d)
+        out_v = v.new_empty(b, n, ph * pw, d)
+        sig = torch.empty(b, n, d, dtype=torch.float32, device=k.device) if placed is not None else None
         when = torch.tensor([float(frame)], dtype=torch.float64)
+        zero = torch.zeros(1, dtype=torch.float64)
         for heads in _head_slices(k):
             raw = rotate_entries(k[:, heads].unsqueeze(2), when, self._native, inverse=True).squeeze(2)
-            pk, pv = pool_tokens(raw, *self.grid, pool), pool_tokens(v[:, heads], *self.grid, pool)
-            if pooled_k is None:
-                if heads.stop >= k.shape[1]:
-                    return pk, pv
-                pooled_k = pk.new_empty((k.shape[0], k.shape[1]) + tuple(pk.shape[2:]))
-                pooled_v = pv.new_empty(pooled_k.shape)
-            pooled_k[:, heads], pooled_v[:, heads] = pk, pv
-        return pooled_k, pooled_v
+            pk = pool_tokens(raw, *self.grid, pool)
+            del raw
+            if placed is not None:
+                sig[:, heads] = pk.float().mean(dim=2)
+                pk = rotate_entries(pk.unsqueeze(2), zero, placed).squeeze(2)
+            out_k[:, heads] = pk
+            out_v[:, heads] = pool_tokens(v[:, heads], *self.grid, pool)
+        return out_k, out_v, sig
 
     def _type_heads(self, ts: TypeStore, x: torch.Tensor) -> torch.Tensor:
         """``[layers, B, S, heads, D]`` → ``[B, N, S, D]`` for the (layer, head) pairs of ``ts``."""
@@ -527,7 +543,7 @@ class HeadwiseKVCache:
         bp, rule = ts.blocks, ts.rule.middle
         n = rule.block_frames
         for frame in effects.merge_frames:
-            pk, pv = self._pooled_frame(ts, frame, rule.patch)
+            pk, pv, _ = self.pooled_frame(ts, frame, rule.patch)
             if bp.acc_frames == 0:
                 bp.acc_k.copy_(pk)
                 bp.acc_v.copy_(pv)

@@ -7,8 +7,8 @@ metadata. It checks what :meth:`HeadwiseKVCache.load_state_dict` needs, so that 
 state that passed it never fails with a raw error:
 
 * ``grid`` / ``head_dim`` / ``frames_per_block`` agree with the state's latent size, model and
-  chunking; ``total_frames`` covers the frames made; ``prerotated`` is how this policy stores
-  keys;
+  chunking; ``total_frames`` covers the frames made; ``prerotated`` is whether attention reads this
+  policy's pool in place, ``keys`` how keys are stored (rotated at their own time);
 * ``types``: one record per head type, in the order the policy makes them, each naming its
   ``(layer, head)`` pairs as the policy's labels do;
 * each type's tracker state replays: it is the bookkeeping of the type's rule (whole numbers
@@ -32,6 +32,7 @@ from .validation import FLOAT_DTYPES, LIMITS, Fields
 def validate_cache_meta(cache: Mapping, tensors: Mapping[str, torch.Tensor], meta: Mapping, *, where: str,
                         error: type[HeadForcingError]) -> None:
     """Raise ``error`` naming the field unless the cache section fits the rest of the (validated) state."""
+    from .cache import KEY_FORMAT
     from .policies import policy_from_dict, resolve_labels
     from .retention import make_tracker
     from .rope import pooled_grid
@@ -60,8 +61,11 @@ def validate_cache_meta(cache: Mapping, tensors: Mapping[str, torch.Tensor], met
                       LIMITS["latent_frames"])
     if total < next_frame:
         f.fail("cache.total_frames", f"is {total}, below the {next_frame} frames the state has made")
-    if f.boolean(cache.get("prerotated", False), "cache.prerotated") != policy.keys_stay_in_place():
+    in_place = policy.keys_stay_in_place()
+    if f.boolean(cache.get("prerotated", False), "cache.prerotated") != in_place:
         f.fail("cache.prerotated", "does not match how the state's policy stores keys")
+    if cache.get("keys") != KEY_FORMAT:
+        f.fail("cache.keys", f"is {f.shown(cache.get('keys'))}; this pack stores keys {KEY_FORMAT!r}")
     order = [t for t in rules if any(t in row for row in labels)]
     types = f.array(f.get(cache, "types", "cache.types"), "cache.types", len(order), len(order))
     expected: set[str] = set()
@@ -164,7 +168,7 @@ def validate_cache_meta(cache: Mapping, tensors: Mapping[str, torch.Tensor], met
             f.fail(f"{field}.tracker", f"does not replay ({type(e).__name__}: {e})")
         if getattr(tracker, "committed", next_frame) != next_frame:
             f.fail(f"{field}.tracker.committed", f"is {tracker.committed}; the state has made {next_frame} frames")
-        capacity = tracker.frame_capacity(fpb, total)
+        capacity = tracker.frame_capacity(fpb, total, in_place)
         pages = table(f.get(rec, "frame_pages", f"{field}.frame_pages"), f"{field}.frame_pages",
                       capacity)
         if set(pages) != held:

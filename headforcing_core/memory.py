@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from .backbone import BackboneSpec
-from .cache import type_layout
+from .cache import COMMIT_SLICE_BYTES, type_layout
 from .errors import MemoryBudgetError
 from .policies import TRAINING_WINDOW, CachePolicy, Episodic, Merge, make_policy, resolve_labels
 from .retention import make_tracker
@@ -159,6 +159,30 @@ def _rotation_temps(elements: int, itemsize: int, compute: int, allocates: bool)
     return elements * (itemsize + 2 * compute + (max(itemsize, compute) if allocates else 0))
 
 
+def _commit_temps(batch: int, heads: int, tokens: int, pooled: int, head_dim: int, itemsize: int, compute: int,
+                  slots: int) -> int:
+    """What :meth:`~headforcing_core.cache.HeadwiseKVCache.pooled_frame` and the episodic memory's fold hold at
+    once: the pooled frame of every head (keys, values, signatures), and per slice of heads (within
+    :data:`~headforcing_core.cache.COMMIT_SLICE_BYTES`) a frame un-rotated — its copy, the pair-swapped
+    channels and two products in the compute precision — or pooled (a float32 copy of half precision), then
+    a slot of the memory mixed with the new frame."""
+    time_pairs = axis_pairs(head_dim)[0]
+    spatial = 1 - 2 * time_pairs / head_dim  # the channels rotated last (the widest rotation step)
+    frame_head = batch * tokens * head_dim  # one head's frame (elements)
+    per_slice = max(1, min(heads, COMMIT_SLICE_BYTES // (frame_head * 4)))
+    frame_slice = per_slice * frame_head
+    half = compute if itemsize != compute else 0
+    unrotate = frame_slice * (itemsize + spatial * (itemsize + 2 * compute))
+    pool = frame_slice * (itemsize + half) + frame_slice // 4 * (compute + itemsize)
+    outputs = 2 * heads * batch * pooled * head_dim * itemsize + (batch * heads * head_dim * 4 if slots else 0)
+    fold = 0
+    if slots:
+        store_head = batch * slots * pooled * head_dim  # one head's episode slots (elements)
+        fold_slice = max(1, min(heads, COMMIT_SLICE_BYTES // (store_head * 4))) * batch * pooled * head_dim
+        fold = fold_slice * (2 * itemsize + compute + half)
+    return outputs + max(unrotate, pool, fold)
+
+
 def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames: int, latent_height: int,
                  latent_width: int, frames_per_block: int = 3, batch: int = 1,
                  dtype: torch.dtype = torch.bfloat16, weights_bytes: int = 0, new_frames: int | None = None,
@@ -254,13 +278,13 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     rotation_tables = 2 * s * D * compute
     ffn_call = 2 * row + 2 * ffn  # hidden states, the modulated input, the hidden layer in and out of GELU
     act = max(attention_call, ffn_call) + rotation_tables
-    # ---- a commit: a frame un-rotated and pooled for every head of a pooling type ----------------------
+    # ---- a commit: a frame un-rotated and pooled, a slice of a pooling type's heads at a time -----------
     commit = 0
     for t in order:
         middle = rules[t].middle
         if isinstance(middle, (Episodic, Merge)):
-            frame = batch * heads_of[t] * tokens * D
-            commit = max(commit, frame * (itemsize + 2 * compute) + 2 * frame * compute)
+            commit = max(commit, _commit_temps(batch, heads_of[t], tokens, tokens_of(middle.pool), D, itemsize,
+                                               compute, slots=middle.cap + 1 if isinstance(middle, Episodic) else 0))
     text_len = spec.text_len
     text = spec.num_layers * 2 * batch * text_len * spec.dim * itemsize
     text_encode = batch * text_len * (spec.text_dim + 3 * spec.dim) * itemsize

@@ -261,7 +261,10 @@ def validate_state(meta, tensors: Mapping[str, torch.Tensor], where: str, error:
                          f"{f.shown(meta.get('format'))}")
     version = meta.get("version")
     if not (isinstance(version, int) and not isinstance(version, bool)) or version != STATE_VERSION:
-        f.fail("version", f"is {f.shown(version)}; this pack reads AR_STATE version {STATE_VERSION}")
+        older = isinstance(version, int) and not isinstance(version, bool) and 0 < version < STATE_VERSION
+        f.fail("version", f"is {f.shown(version)}; this pack reads AR_STATE version {STATE_VERSION}"
+               + ("; the state was saved by an earlier version of the pack, whose cache stores keys another way: "
+                  "run the graph that made it again to save a new state" if older else ""))
     fp = validate_fingerprint(f.get(meta, "fingerprint"), where, error, "fingerprint")
     digest = meta.get("weights_digest")
     if digest is not None:
