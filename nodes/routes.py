@@ -20,6 +20,9 @@ runs. Answers JSON:
   server never goes down for a bad request. ComfyUI also serves every route under ``/api``
   (``/api/headforcing/estimate``).
 
+``POST /headforcing/live`` — a prompt for a running sampler, from its panel: answered by
+:func:`~.live.live_response` (``nodes/live.py`` documents the trip and the checks; docs/live.md the API).
+
 ``GET /headforcing/model_presets`` — the AR sampler's model presets as the widget values each one
 fills in the browser (:data:`~.comfy_bridge.MODEL_PRESETS`, the table the sampler itself applies):
 200 ``{"ok": true, "custom": "custom", "presets": {name: {"frames_per_block", "steps",
@@ -40,6 +43,7 @@ from headforcing_core.profiling import is_preset, resolve_profile
 
 from .comfy_bridge import CUSTOM_PRESET, MODEL_PRESETS
 from .files import profile_folders
+from .live import LIVE_PATH, MAX_BODY_BYTES, live_response
 from .policy import HeadForcingCachePolicy, policy_output
 
 log = logging.getLogger("headforcing")
@@ -211,6 +215,13 @@ def register_routes() -> bool:
     async def headforcing_estimate(request):
         query = {k: request.query.get(k) for k in request.query.keys()}
         status, body = await asyncio.to_thread(estimate_response, query)
+        return web.json_response(body, status=status)
+
+    @srv.routes.post(LIVE_PATH)
+    async def headforcing_live(request):
+        # read at most one byte past the limit: a long body is refused without being held
+        raw = await request.content.read(MAX_BODY_BYTES + 1)
+        status, body = live_response(raw)
         return web.json_response(body, status=status)
 
     @srv.routes.get(MODEL_PRESETS_PATH)

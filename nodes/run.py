@@ -63,23 +63,25 @@ log = logging.getLogger("headforcing")
 
 def preflight(model, spec: BackboneSpec, estimate_at, *, latent_frames: int, latent_height: int,
               latent_width: int, min_frames: int, describe_length=None, describe_size=None,
-              what: str = "the video", bounded_policy_hint: bool = False):
+              what: str = "the video", bounded_policy_hint: bool = False, also_load=()):
     """The one pre-flight of every node that allocates: refuse (naming the input that drives the cost)
     what cannot fit in an empty device before evicting or loading anything, load the model, then
     refuse what does not fit next to its weights. Returns the run's estimate.
 
     ``estimate_at(latent_frames, latent_height, latent_width)`` is the run's
-    :func:`~headforcing_core.memory.estimate_run` at another length or size."""
+    :func:`~headforcing_core.memory.estimate_run` at another length or size. ``also_load``: other models
+    the run calls (the text encoder of live prompts), loaded with it and counted with its weights, so
+    loading one later in the run evicts nothing."""
     import comfy.model_management as mm
 
     device = model.load_device
-    weights = int(model.model_size())
+    weights = int(model.model_size()) + sum(int(m.model_size()) for m in also_load)
     kw = dict(latent_frames=latent_frames, latent_height=latent_height, latent_width=latent_width,
               patch=tuple(spec.patch_size[1:]), min_frames=min_frames, describe_length=describe_length,
               describe_size=describe_size, what=what, bounded_policy_hint=bounded_policy_hint)
     est = core_preflight(lambda t, h, w: with_weights(estimate_at(t, h, w), weights),
                          free_bytes=mm.get_total_memory(device), **kw)
-    mm.load_models_gpu([model], memory_required=est.run_bytes, force_full_load=True)
+    mm.load_models_gpu([model, *also_load], memory_required=est.run_bytes, force_full_load=True)
     return core_preflight(estimate_at, free_bytes=mm.get_free_memory(device), **kw)
 
 
@@ -225,8 +227,9 @@ def story_noise(shape_of, seed: int, start_frame: int, schedule: PromptSchedule)
     frames ``[s, e)`` starts from frames ``s…e-1`` of the noise a fresh run of ``e`` frames would draw with
     the same seed. So with the sampler's seed on every Continue, Sampler(A) → Continue(B) → Continue(C)
     gives what one Sampler run of the schedule [A, B, C] gives. Each segment's frames are drawn on their
-    own (same values as the whole draw, bounded memory)."""
-    return segment_noise(lambda s, e: noise_frames(shape_of, seed, s, e), start_frame, [s.frames for s in schedule])
+    own (same values as the whole draw, bounded memory); a segment marked ``same_noise`` goes on with the
+    draw of the one before (a live switch's line in a take)."""
+    return segment_noise(lambda s, e: noise_frames(shape_of, seed, s, e), start_frame, schedule.noise_lengths())
 
 
 def story_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: int, *, first_steps: int | None = None,
@@ -253,16 +256,23 @@ def schedule_report(schedule: PromptSchedule, start_frame: int = 0, default_mode
     return "\n".join(lines)
 
 
+def text_encoder(clip) -> list:
+    """The model behind a CLIP (its ModelPatcher) for :func:`preflight`'s ``also_load``; [] for none."""
+    patcher = getattr(clip, "patcher", None)
+    return [patcher] if patcher is not None and hasattr(patcher, "model_size") else []
+
+
 def story_panel(model, spec: BackboneSpec, policy, schedule: PromptSchedule, *, start_frame: int,
                 frames_per_block: int, latent_size: tuple[int, int], width: int, height: int, dtype: torch.dtype,
-                batch: int = 1) -> dict:
+                batch: int = 1, live=None) -> dict:
     """What the sampler's live panel shows of a schedule run (:meth:`ModelRun.call`'s ``panel``): chunk k of n,
-    seconds, the segment, and the KV cache in use after each chunk."""
+    seconds, the segment, and the KV cache in use after each chunk; ``live`` (a ``nodes/live.py`` LiveRun):
+    what its prompt box may send."""
     h, w = latent_size
     return dict(
         total_latent_frames=schedule.total_frames, start_frame=start_frame, frames_per_block=frames_per_block,
         policy=policy.preset, latent_format=model.model.latent_format,
-        segments=[(seg.label, seg.frames) for seg in schedule],
+        segments=[(seg.label or seg.text or "", seg.frames) for seg in schedule],
         kv_bytes_at=lambda n: estimate_run(spec, policy, latent_frames=max(1, n), latent_height=h, latent_width=w,
                                            frames_per_block=frames_per_block, batch=batch, dtype=dtype).kv_bytes,
-        width=width, height=height)
+        width=width, height=height, live=live.panel_info() if live is not None else None)

@@ -25,9 +25,10 @@ from .comfy_bridge import (CUSTOM_PRESET, DEFAULT_SAMPLER_POLICY, DEFAULT_SHIFT,
                            check_schedule, compute_dtype, conditioning_tensor, count_noun, describe_pixels,
                            describe_schedule_length, describe_video_length, initial_latent_samples, latent_shape,
                            make_request, on_host, renoise_generator, sampler_policy, steps_text, wan_backbone)
-from .messages import live_panel
+from .live import CLIP_TOOLTIP, TAKE_TOOLTIP, live_input, schedule_texts, take_result
+from .messages import TAKE_KEY, live_panel, preview_report
 from .run import (ModelRun, default_recache_mode, finish_report, memory_line, schedule_report, story_model_calls,
-                  story_noise, story_panel)
+                  story_noise, story_panel, text_encoder)
 from .types import AR_STATE, KV_POLICY, PROMPT_SCHEDULE
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -132,6 +133,7 @@ class HeadForcingARSampler(io.ComfyNode):
                             "like 'steps'; empty = the same steps as every chunk. Causal Forcing++ 1- and 2-step "
                             "models run their first chunk with 1000,750,500,250 "
                             "(denoising_step_list_first_chunk). Filled by model_preset; used as set with 'custom'."),
+                io.Clip.Input("clip", optional=True, tooltip=CLIP_TOOLTIP),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent",
@@ -143,21 +145,23 @@ class HeadForcingARSampler(io.ComfyNode):
                 AR_STATE.Output(display_name="ar_state",
                                 tooltip="The finished run (cache, position, RNG state) for Head Forcing Continue "
                                         "or Save AR State. Held in CPU memory (about the KV cache's size)."),
+                io.String.Output(display_name="take", tooltip=TAKE_TOOLTIP),
             ],
+            hidden=[io.Hidden.prompt],  # the queued prompt: the texts behind the conditionings, for the take
         )
 
     @classmethod
     def execute(cls, model, width, height, length, seed, conditioning=None, kv_policy=None, length_unit="frames",
                 steps=DEFAULT_STEPS, shift=DEFAULT_SHIFT, frames_per_block=3,
                 policy=DEFAULT_SAMPLER_POLICY, prompt_schedule=None, initial_latent=None,
-                model_preset=CUSTOM_PRESET, first_chunk_steps="") -> io.NodeOutput:
+                model_preset=CUSTOM_PRESET, first_chunk_steps="", clip=None) -> io.NodeOutput:
         with live_panel():  # per-chunk progress events for the browser panel (web/headforcing.js)
-            latent, report, state = run_ar_sampler(
+            latent, report, state, take = run_ar_sampler(
                 model, conditioning, kv_policy=kv_policy, policy_preset=policy, width=width, height=height,
                 length=length, length_unit=length_unit, seed=seed, steps=steps, shift=shift,
                 frames_per_block=frames_per_block, prompt_schedule=prompt_schedule, initial_latent=initial_latent,
-                model_preset=model_preset, first_chunk_steps=first_chunk_steps)
-        return io.NodeOutput(latent, report, state)
+                model_preset=model_preset, first_chunk_steps=first_chunk_steps, clip=clip, graph=cls.hidden.prompt)
+        return io.NodeOutput(latent, report, state, take, ui={TAKE_KEY: [take]})
 
 
 def sampler_schedule(prompt_schedule, conditioning, latent_frames: int, frames_per_block: int) -> PromptSchedule:
@@ -173,10 +177,10 @@ def sampler_schedule(prompt_schedule, conditioning, latent_frames: int, frames_p
 def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy_preset: str, width: int,
                    height: int, length: int, length_unit: str, seed: int, steps: str, shift: float,
                    frames_per_block: int, prompt_schedule=None, initial_latent=None, model_preset: str = CUSTOM_PRESET,
-                   first_chunk_steps: str = "") -> tuple[dict, str, object]:
+                   first_chunk_steps: str = "", clip=None, graph=None) -> tuple[dict, str, object, str]:
     """HeadForcingARSampler's work: validate, pre-flight memory check, load, generate, un-normalize.
 
-    Returns ``({"samples": latents}, report, ar_state)``. Every input error is raised (as a ValueError
+    Returns ``({"samples": latents}, report, ar_state, take)``. Every input error is raised (as a ValueError
     subclass) before the model is loaded or anything is allocated. A connected ``prompt_schedule``
     (PROMPT_SCHEDULE) replaces ``conditioning`` and ``length`` (one segment from frame 0 samples exactly
     like ``generate``).
@@ -187,6 +191,10 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     space) is mapped into the model's space with ``process_latent_in`` (as KSampler does) and put into the
     cache first; ``length`` then counts the whole video and the output LATENT holds only the new frames (join
     them with LatentConcat).
+
+    ``clip`` (optional): the text encoder of prompts typed live in the panel (``nodes/live.py``); ``graph``:
+    the queued prompt (ComfyUI's hidden ``PROMPT``), where the texts behind the conditionings are read for
+    the take (the run as schedule text, live switches included).
     """
     policy = sampler_policy(kv_policy, policy_preset)
     sampling = apply_model_preset(model_preset, frames_per_block=frames_per_block, steps=steps,
@@ -198,7 +206,8 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
                               policy=policy, first_chunk_steps=sampling.first_chunk_steps, initial_frames=t0,
                               sampling=sampling)
     module, spec = wan_backbone(model)
-    schedule = sampler_schedule(prompt_schedule, conditioning, req.latent_frames, req.frames_per_block)
+    schedule = schedule_texts(graph, sampler_schedule(prompt_schedule, conditioning, req.latent_frames,
+                                                      req.frames_per_block))
     req = replace(req, latent_frames=schedule.total_frames)
     shape = latent_shape(req.width, req.height, req.latent_frames, channels=spec.in_dim)
     # text width, channels, grid: checked on a shape-only tensor (nothing allocated yet)
@@ -232,7 +241,7 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
         describe_length=describe_schedule_length if prompt_schedule is not None else describe_length,
         describe_size=None if t0 else describe_pixels,  # the initial latent fixes the size
         what="the schedule" if prompt_schedule is not None else "the video",
-        bounded_policy_hint=not policy.is_bounded())
+        bounded_policy_hint=not policy.is_bounded(), also_load=text_encoder(clip))
     device = run.device
     # the segment covering latent frames [s, e) starts from frames s..e-1 of a fresh e-frame draw (the new
     # frames after an initial latent: frames t0.. of it)
@@ -245,20 +254,24 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     # ComfyUI's LATENT is in the VAE's raw space; the model samples in the normalized one (KSampler's
     # process_latent_in)
     start = None if initial is None else model.model.process_latent_in(initial.float()).to(device)
-    latents, state = run.call(
-        lambda hooks: generate_schedule(
-            module, schedule, noise.to(device), steps=req.steps, shift=req.shift,
-            frames_per_block=req.frames_per_block, policy=policy, generator=renoise_generator(req.seed),
-            first_chunk_steps=req.first_chunk_steps, initial_latent=start, hooks=hooks, dtype=dtype),
-        model_calls=calls,
-        panel=story_panel(model, spec, policy, schedule, start_frame=t0, frames_per_block=req.frames_per_block,
-                          latent_size=shape[-2:], width=req.width, height=req.height, dtype=dtype))
+    with live_input(schedule, clip=clip, spec=spec, start_frame=t0, frames_per_block=req.frames_per_block) as live:
+        latents, state = run.call(
+            lambda hooks: generate_schedule(
+                module, schedule, noise.to(device), steps=req.steps, shift=req.shift,
+                frames_per_block=req.frames_per_block, policy=policy, generator=renoise_generator(req.seed),
+                first_chunk_steps=req.first_chunk_steps, initial_latent=start, hooks=hooks, dtype=dtype, live=live),
+            model_calls=calls,
+            panel=story_panel(model, spec, policy, schedule, start_frame=t0, frames_per_block=req.frames_per_block,
+                              latent_size=shape[-2:], width=req.width, height=req.height, dtype=dtype, live=live))
+    take, take_lines = take_result(state.history[1 if t0 else 0:], req.frames_per_block, live, seed=req.seed)
     report = finish_report(model, [
         *_report_lines(req, policy, run, initial_latent),
         schedule_report(schedule, t0 if prompt_schedule is not None else 0, default_recache_mode(policy)),
+        *take_lines,
+        preview_report(),
         f"AR_STATE: {state.nbytes / 2**20:.1f} MiB in CPU memory",
     ])
-    return run.latent_output(latents), report, state
+    return run.latent_output(latents), report, state, take
 
 
 def sampling_lines(req: SamplerRequest) -> list[str]:
