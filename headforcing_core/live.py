@@ -106,10 +106,14 @@ def take_lines(history: list[dict], frames_per_block: int) -> tuple[list[Schedul
             problems.append(f"line {i + 1}'s prompt came from a CONDITIONING without text (not a CLIPTextEncode, "
                             "a Prompt Schedule From Text or a live switch): write its text in before re-rendering")
             text = NO_TEXT
+        one_line = " ".join(str(text).replace("|", "/").split())
+        if one_line != text and text != NO_TEXT:
+            problems.append(f"line {i + 1}'s prompt has line breaks, '|' or extra spaces, which schedule text cannot "
+                            "hold: the line writes it on one line, which encodes a little differently")
         transition = seg["transition"]  # the effective one: "cut" where no switch happened
         n = int(seg.get("transition_frames", 0)) if transition != "cut" else 0
         mode = seg.get("recache_mode") if transition == "recache" else None
-        lines.append(ScheduleLine(i + 1, prompt=" ".join(str(text).split()), transition=transition,
+        lines.append(ScheduleLine(i + 1, prompt=one_line, transition=transition,
                                   transition_frames=max(n, 1) if transition != "cut" else 0, recache_mode=mode,
                                   same_noise=bool(seg.get("same_noise")),
                                   **length_text(int(seg["frames"]), frames_per_block)))
