@@ -29,7 +29,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 LIVE = "/headforcing/live"
 FIRST = "a red fox trots through fresh snow"
-SIZE = 256  # 32 x 32 latent: chunks slow enough (~0.3 s on 2 CPU cores) to be steered from a client
+SIZE = 128  # 16 x 16 latent: chunks slow enough (a fraction of a second on 2 CPU cores) to steer from a client
 CHUNKS = 10
 
 
