@@ -593,12 +593,19 @@ Every switch is recorded. When the run ends, the sampler's 'take' output (shown 
 Length: 60 s (961 frames) gives time to steer; model_preset 'Self Forcing chunk-wise'. Models as in the one-minute workflow. docs/live.md explains the route, the take and what is safe to send."""
 
 
-def live(info: dict) -> Graph:
-    g = Graph(info, "headforcing_live")
+def _model_and_prompt(g: Graph, title: str, text: str) -> tuple[Node, Node, Node]:
+    """Load Diffusion Model, Load Text Encoder and a CLIP Text Encode, where every one-prompt graph has them
+    (the caller links them, in its own order: link ids follow it)."""
     unet = g.add("UNETLoader", (-420, 40), (380, 82), "Load Diffusion Model (Self Forcing)", unet_name=UNET,
                  weight_dtype="default")
     clip = _text_loader(g, -420, 170)
-    prompt = g.add("CLIPTextEncode", (0, 40), (420, 200), "First prompt", color=PROMPT_COLOR, text=LIVE_PROMPT)
+    prompt = g.add("CLIPTextEncode", (0, 40), (420, 200), title, color=PROMPT_COLOR, text=text)
+    return unet, clip, prompt
+
+
+def live(info: dict) -> Graph:
+    g = Graph(info, "headforcing_live")
+    unet, clip, prompt = _model_and_prompt(g, "First prompt", LIVE_PROMPT)
     smp = g.add("HeadForcingARSampler", (470, 40), (420, 560), "Head Forcing AR Sampler (live)", width=832,
                 height=480, length=961, seed=42, length_unit="frames", policy="head_forcing",
                 model_preset="Self Forcing chunk-wise")
@@ -636,10 +643,7 @@ def _decode_save(g: Graph, latent, vae: Node, x: float, y: float, prefix: str, d
 
 def long_video(info: dict) -> Graph:
     g = Graph(info, "headforcing_long_video")
-    unet = g.add("UNETLoader", (-420, 40), (380, 82), "Load Diffusion Model (Self Forcing)", unet_name=UNET,
-                 weight_dtype="default")
-    clip = _text_loader(g, -420, 170)
-    prompt = g.add("CLIPTextEncode", (0, 40), (420, 200), "Prompt", color=PROMPT_COLOR, text=LONG_VIDEO_PROMPT)
+    unet, clip, prompt = _model_and_prompt(g, "Prompt", LONG_VIDEO_PROMPT)
     pol = g.add("HeadForcingCachePolicy", (0, 300), (420, 300), "Head Forcing Cache Policy", preset="head_forcing",
                 width=832, height=480, length=961)
     smp = g.add("HeadForcingARSampler", (470, 40), (360, 380), "Head Forcing AR Sampler", width=832, height=480,

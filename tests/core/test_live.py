@@ -23,21 +23,11 @@ from headforcing_core.state_file import load_state, save_state
 from headforcing_core.story import continue_generation, generate_schedule
 from headforcing_core.transitions import Interpolation, interpolate_context, interpolation_weight
 
-from .conftest import text_context
+from .conftest import rel_err, text_context
 
 FPB = 3
 SEED = 5
 SHAPE = (1, 16, None, 8, 8)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def encode(text: str) -> torch.Tensor:

@@ -11,18 +11,14 @@
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from .conftest import REPO, host
+from .conftest import pack_module
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
@@ -215,21 +211,7 @@ def test_another_browser_and_a_queued_prompt_are_refused_while_it_runs(comfy):
 
 @pytest.fixture(scope="module")
 def live_mod():
-    if str(host.COMFY) not in sys.path:
-        sys.path.insert(0, str(host.COMFY))
-    try:
-        import comfy.cli_args
-        comfy.cli_args.args.cpu = True
-        import comfy_api.latest  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"ComfyUI's comfy_api is not importable here: {e}")
-    name = "headforcing_pack_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(name + ".nodes.live")
+    return pack_module("live")
 
 
 def _run(M, clock, **kw):

@@ -9,15 +9,13 @@ encoding is checked in-process with a stand-in CLIP (umT5 cannot be made tiny).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import uuid
 
 import pytest
 import torch
 
-from .conftest import REPO, ComfyError, host
+from .conftest import REPO, ComfyError, host, pack_module
 from .workflow_twins import shipped_twins
 
 SEED = 5
@@ -303,21 +301,7 @@ class FakeClip:
 
 @pytest.fixture(scope="module")
 def pack_nodes():
-    if str(host.COMFY) not in sys.path:
-        sys.path.insert(0, str(host.COMFY))
-    try:
-        import comfy.cli_args
-        comfy.cli_args.args.cpu = True  # as the server runs: no CUDA probing in this process
-        import comfy_api.latest  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"ComfyUI's comfy_api is not importable here: {e}")
-    name = "headforcing_pack_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(name + ".nodes.prompts")
+    return pack_module("prompts")
 
 
 def test_text_node_encodes_every_line(pack_nodes):
