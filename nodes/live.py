@@ -201,7 +201,10 @@ class LiveRun:
             if self.closed:
                 raise LiveError(409, f"the run of prompt {self.prompt_id} has finished: live input goes to a running "
                                      "sampler")
-            if self.client_id is not None and req.client_id != self.client_id:
+            if self.client_id is None:
+                raise LiveError(403, "this prompt was queued without a client_id: only a run queued by a browser tab "
+                                     "(or a client that sends its client_id with the prompt) takes live input, from it")
+            if req.client_id != self.client_id:
                 raise LiveError(403, "this run was queued from another browser tab or client: only it can steer it")
             if not self._take_token():
                 raise LiveError(429, f"too many requests: a run takes {RATE_PER_SECOND:g} a second (a burst of "

@@ -197,6 +197,19 @@ def model_presets_response() -> dict:
                         for name, preset in MODEL_PRESETS.items() if preset is not None}}
 
 
+async def read_limited(stream, limit: int) -> bytes:
+    """A request body up to ``limit`` + 1 bytes (a longer one is refused without being held): ``read(n)``
+    returns what has arrived, so read until the end or past the limit."""
+    parts, size = [], 0
+    while size <= limit:
+        part = await stream.read(limit + 1 - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
+
+
 def register_routes() -> bool:
     """Add the routes to ``PromptServer.instance.routes`` (once). False outside a server."""
     global _registered
@@ -219,9 +232,7 @@ def register_routes() -> bool:
 
     @srv.routes.post(LIVE_PATH)
     async def headforcing_live(request):
-        # read at most one byte past the limit: a long body is refused without being held
-        raw = await request.content.read(MAX_BODY_BYTES + 1)
-        status, body = live_response(raw)
+        status, body = live_response(await read_limited(request.content, MAX_BODY_BYTES))
         return web.json_response(body, status=status)
 
     @srv.routes.get(MODEL_PRESETS_PATH)

@@ -282,6 +282,9 @@ def test_requests_reach_only_their_run(live_mod):
     reg = M.LiveRegistry()
     run, _ = _run(M, lambda: 0.0)
     reg.open(run)
+    anonymous = M.LiveRun("p9", "4", None, encode=lambda text: torch.ones(1, 2, 4096), chunks=4, end_frame=12)
+    with pytest.raises(M.LiveError, match="queued without a client_id"):
+        anonymous.submit(_req(M, text="a cat"))
     with pytest.raises(M.LiveError, match="another browser"):
         reg.submit(M.parse_request({"prompt_id": "p1", "node": "4", "client_id": "you", "text": "a"}))
     with pytest.raises(M.LiveError, match="node 9 of prompt p1 takes no live input"):
@@ -293,8 +296,22 @@ def test_requests_reach_only_their_run(live_mod):
     with pytest.raises(M.LiveError, match="has finished") as e:
         reg.submit(M.parse_request({"prompt_id": "p1", "node": "4", "client_id": "me", "text": "a"}))
     assert e.value.status == 409
-    # the route's function never raises and answers JSON
+    # the route's function never raises and answers JSON; the body is read to its end, at most 8 KiB + 1
     assert M.live_response(b"{]", reg)[0] == 400 and M.live_response(b"x" * 9000, reg)[0] == 413
+    import asyncio
+
+    class Trickle:  # a body that arrives a few bytes at a time
+        def __init__(self, data):
+            self.data = data
+
+        async def read(self, n):
+            part, self.data = self.data[:min(n, 7)], self.data[min(n, 7):]
+            return part
+
+    routes = pack_module("routes")
+    body = json.dumps({"prompt_id": "p1", "node": "4", "text": "a"}).encode()
+    assert asyncio.run(routes.read_limited(Trickle(body), M.MAX_BODY_BYTES)) == body
+    assert len(asyncio.run(routes.read_limited(Trickle(b"x" * 20000), M.MAX_BODY_BYTES))) == M.MAX_BODY_BYTES + 1
 
 
 def test_graph_texts_read_the_clip_text_encoders(live_mod):
