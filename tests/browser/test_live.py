@@ -22,7 +22,7 @@ pytestmark = pytest.mark.browser
 torch = pytest.importorskip("torch")
 
 WORKFLOW = REPO / "workflows" / "headforcing_live.json"
-SIZE, CHUNKS = 128, 12  # 16 x 16 latent: about a second a chunk on 2 busy CPU cores, time to type
+SIZE, CHUNKS = 128, 20  # 16 x 16 latent: 0.1-3 s a chunk on 2 CPU cores; room to type two prompts either way
 FIRST = "A red fox trots through a snowy pine forest at dawn"
 SWITCHES = [("a fox in a neon city at night", "cut", None), ("the fox walks into warm rain", "interpolate", 3)]
 

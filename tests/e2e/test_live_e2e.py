@@ -26,7 +26,7 @@ from safetensors.torch import load_file  # noqa: E402
 LIVE = "/headforcing/live"
 FIRST = "a red fox trots through fresh snow"
 SIZE = 128  # 16 x 16 latent: chunks slow enough (a fraction of a second on 2 CPU cores) to steer from a client
-CHUNKS = 10
+CHUNKS = 16  # room for the second switch on a fast machine too
 
 
 def post(comfy, payload, raw: bytes | None = None) -> tuple[int, dict]:
