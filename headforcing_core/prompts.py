@@ -27,8 +27,17 @@ segment before:
     ``V = (1-α)·V_old + α·V_new`` (computed from the two prompts' K/V, which are
     encoded once). Chunks wholly past ``k`` use the new prompt exactly. With
     ``k = 6`` and 3-frame chunks: α = 0.25, 0.75, then 1. (For interpolation in
-    embedding space, average the conditionings with ComfyUI's ConditioningAverage
-    and use ``cut``.)
+    embedding space, see ``interpolate``.)
+``interpolate`` (Krea Realtime's prompt switch)
+    The text-encoder outputs are interpolated over the next ``transition_frames``
+    **chunks** (not latent frames): the ``j``-th chunk from the switch uses
+    ``torch.lerp(old, new, linspace(0, 1, N)[j])`` as its conditioning, encoded like
+    any prompt (:func:`~headforcing_core.transitions.interpolation_weight`); with the
+    default N = 4 of Krea's server the weights are 0, 1/3, 2/3, 1, then the new prompt.
+    ``old`` is the embedding in effect when the switch comes — mid-interpolation, the
+    last one made — so a segment may be shorter than its interpolation: the next
+    switch sets off from where the video is; a following segment with the *same*
+    prompt carries the interpolation on (so does an AR_STATE).
 
 Every switch calls the cache's ``on_prompt_switch`` (memory heads of
 ``head_forcing`` open a new episode). A segment whose conditioning equals the
@@ -39,6 +48,11 @@ when continuing from an AR_STATE it applies against the state's last prompt.
 Chunking restarts at every segment: a segment's chunks start at its first frame
 (a segment that is not a whole number of chunks ends with a shorter chunk). Segment
 lengths given in seconds are rounded to whole chunks.
+
+Noise: every segment starts a new draw of initial noise (:func:`headforcing_core.noise.segment_noise`)
+unless it is marked ``same_noise``: then it goes on with the draw of the segment before, as if the
+two were one segment (a switch made live, mid-segment, keeps the noise the run drew when it
+started; a recorded take marks those lines, see :mod:`headforcing_core.live`).
 
 Where the rest of a story lives:
 
@@ -60,7 +74,7 @@ from .errors import HeadForcingError
 from .geometry import FPS, MAX_LATENT_FRAMES, MAX_VIDEO_SECONDS, TIME_COMPRESSION, seconds_to_chunked_frames
 from .policies import TRAINING_WINDOW
 
-TRANSITIONS = ("cut", "recache", "blend")
+TRANSITIONS = ("cut", "recache", "blend", "interpolate")
 # how a recache re-runs the frames before a switch (see the module docstring)
 RECACHE_MODES = ("block_causal", "longlive", "longlive_local_sink")
 # LongLive's own recache window, from its config (configs/longlive_interactive_inference.yaml), not the
@@ -89,8 +103,10 @@ class PromptSegment:
     """One prompt of a story. Give ``frames`` (latent frames) or ``seconds`` (resolved later).
 
     ``transition`` / ``transition_frames`` say how the video enters this segment from the
-    previous one (see the module docstring); ``transition_frames`` is in latent frames
-    (one latent frame = 4 video frames = 0.25 s at 16 fps) and is ignored for ``cut``.
+    previous one (see the module docstring); ``transition_frames`` is N: latent frames for
+    ``recache`` and ``blend`` (one latent frame = 4 video frames = 0.25 s at 16 fps), chunks for
+    ``interpolate`` (Krea's blocks), ignored for ``cut``. ``text``: the prompt as text when it is
+    known (a take writes it); ``same_noise``: go on with the noise draw of the segment before.
     """
 
     context: torch.Tensor
@@ -100,6 +116,8 @@ class PromptSegment:
     transition_frames: int = 0
     label: str = ""
     recache_mode: str | None = None  # None: the policy's default (longlive for the longlive preset)
+    text: str | None = None  # the prompt's text, when known (Schedule From Text, a live switch, the graph)
+    same_noise: bool = False  # no new noise draw: the segment before's goes on
 
     def __post_init__(self):
         where = self.where()
@@ -130,7 +148,7 @@ class PromptSegment:
         if k != self.transition_frames or k < 0:
             raise ScheduleError(f"{where}: transition frames must be a whole number ≥ 0, got {self.transition_frames}")
         object.__setattr__(self, "transition_frames", k)
-        if self.transition in ("recache", "blend") and k < 1:
+        if self.transition in ("recache", "blend", "interpolate") and k < 1:
             raise ScheduleError(f"{where}: a {self.transition} transition needs at least 1 frame "
                                 "(0 frames is a plain cut)")
         if self.recache_mode is not None and self.recache_mode not in RECACHE_MODES:
@@ -157,6 +175,8 @@ class PromptSegment:
         """One line for reports; ``default_mode``: the recache mode a recache that names none gets."""
         length = f"{self.frames} latent frames" if self.frames is not None else f"{self.seconds:g} s"
         trans = self.transition if self.transition == "cut" else f"{self.transition} {self.transition_frames}"
+        if self.transition == "interpolate":
+            trans += " chunks"
         mode = self.recache_mode or default_mode
         if self.transition == "recache" and mode:
             default = "" if self.recache_mode else ", the policy's default"
@@ -239,6 +259,20 @@ class PromptSchedule:
         for s in self.segments:
             out.append((pos, s.frames))
             pos += s.frames
+        return out
+
+    def noise_lengths(self) -> list[int]:
+        """Frames of each noise draw (lengths must be resolved): a segment marked ``same_noise`` joins the one
+        before (:func:`headforcing_core.noise.segment_noise` draws one piece per entry)."""
+        if self.segments[0].same_noise:
+            raise ScheduleError("segment 1 is marked 'same noise' (go on with the noise draw of the segment before), "
+                                "but nothing comes before it")
+        out: list[int] = []
+        for s in self.segments:
+            if s.same_noise:
+                out[-1] += s.frames
+            else:
+                out.append(s.frames)
         return out
 
     def describe(self) -> str:

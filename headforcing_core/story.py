@@ -27,7 +27,9 @@ from .sampler import Hooks, build_sampler, validate_initial_latent, validate_inp
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 from .state import ARState, weights_digest
 from .state_format import STATE_FORMAT, STATE_VERSION
+from .live import LiveInput
 from .story_sampler import ScheduleSampler
+from .transitions import Interpolation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,6 +48,9 @@ def capture_state(sampler: ScheduleSampler, generator: torch.Generator | None, *
     tensors, cache_meta = sampler.cache.state_dict()
     tensors["context"] = _cpu_copy(sampler.context)
     tensors["tail"] = _cpu_copy(sampler.tail)
+    interpolation = sampler.interpolation
+    if interpolation is not None:  # from interp_source towards context, `step` of `steps` chunks made
+        tensors["interp_source"] = _cpu_copy(interpolation.source)
     rng_device = None
     if generator is not None:
         tensors["rng"] = _cpu_copy(generator.get_state())
@@ -62,6 +67,8 @@ def capture_state(sampler: ScheduleSampler, generator: torch.Generator | None, *
         "dtype": str(sampler.runner.dtype), "rng_device": rng_device,
         "history": list(history or []), "cache": cache_meta,
     }
+    if interpolation is not None:
+        meta["interpolation"] = {"step": interpolation.step, "steps": interpolation.steps}
     return ARState(json.dumps(meta), tensors)
 
 
@@ -86,6 +93,10 @@ def restore_sampler(state: ARState, backbone: torch.nn.Module, new_frames: int, 
     sampler.cache.load_state_dict(state.tensors, cache_meta)
     sampler.set_prompt(state.context)  # the first prompt of this sampler: not a switch
     sampler.context = state.context
+    interp = meta.get("interpolation")
+    if interp is not None:
+        sampler.interpolation = Interpolation(state.tensors["interp_source"], state.context, int(interp["steps"]),
+                                              int(interp["step"]))
     sampler.tail = state.tail.to(runner.device, copy=True)
     sampler.next_frame = state.next_frame
     sampler.chunks_generated = int(meta.get("chunks_done", 0))
@@ -103,15 +114,24 @@ def restore_sampler(state: ARState, backbone: torch.nn.Module, new_frames: int, 
 # running
 
 
-def _history(sampler: ScheduleSampler, schedule: PromptSchedule, first_frame: int) -> list[dict]:
+def _history(sampler: ScheduleSampler, first_frame: int) -> list[dict]:
+    """The segments the sampler's last run made (live switches included), as an AR_STATE logs them: the
+    transition each one actually got ("cut" where the prompt did not change), and what a take needs to
+    write it again (the prompt's text, the recache mode used, whether it went on with the noise before,
+    whether it was switched to live)."""
     out = []
     events = {e["frame"]: e for e in sampler.events}
+    live = set(sampler.live_frames)
     pos = first_frame
-    for seg in schedule:
+    for seg in sampler.executed:
         ev = events.get(pos)
-        out.append({"start": pos, "frames": seg.frames, "transition": seg.transition if ev else "cut",
-                    "transition_frames": (ev["frames"] if ev else 0), "switch": bool(ev),
-                    "replaced": ev["replaced"] if ev else 0, "label": seg.label})
+        entry = {"start": pos, "frames": seg.frames, "transition": seg.transition if ev else "cut",
+                 "transition_frames": (ev["frames"] if ev else 0), "switch": bool(ev),
+                 "replaced": ev["replaced"] if ev else 0, "label": seg.label, "text": seg.text,
+                 "same_noise": seg.same_noise, "live": pos in live}
+        if ev and "mode" in ev:
+            entry["recache_mode"] = ev["mode"]
+        out.append(entry)
         pos += seg.frames
     return out
 
@@ -126,8 +146,8 @@ def generate_schedule(backbone: torch.nn.Module, schedule: PromptSchedule | torc
                       generator: torch.Generator | None = None, first_chunk_steps: tuple[float, ...] | None = None,
                       initial_latent: torch.Tensor | None = None, *, hooks: Hooks | None = None,
                       progress=None, should_stop=None, on_chunk=None, attention_backend: str = "auto",
-                      dtype: torch.dtype | None = None,
-                      device: torch.device | str | None = None) -> tuple[torch.Tensor, ARState]:
+                      dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                      live: LiveInput | None = None) -> tuple[torch.Tensor, ARState]:
     """Generate a multi-prompt video and return ``(latents, ARState)``.
 
     ``schedule``: a :class:`PromptSchedule` (or one conditioning tensor: a single segment
@@ -135,7 +155,9 @@ def generate_schedule(backbone: torch.nn.Module, schedule: PromptSchedule | torc
     segment this is exactly :func:`headforcing_core.generate` (plus the state);
     ``first_chunk_steps`` and ``initial_latent`` work as they do there (the initial frames are
     put into the cache under the first segment's prompt and are part of the state's video).
-    ``dtype`` / ``device``: where and in what precision to compute, as for ``generate``.
+    ``dtype`` / ``device``: where and in what precision to compute, as for ``generate``. ``live``: asked
+    for a prompt switch before every chunk (:mod:`headforcing_core.live`); the state's history is what was
+    made, switches included (:func:`headforcing_core.live.take_text` writes it as schedule text).
     """
     t0 = initial_latent.shape[2] if torch.is_tensor(initial_latent) and initial_latent.ndim == 5 else 0
     sampler = build_sampler(backbone, policy, steps=steps, shift=shift, frames_per_block=frames_per_block,
@@ -161,8 +183,8 @@ def generate_schedule(backbone: torch.nn.Module, schedule: PromptSchedule | torc
         done = sampler.prefill(initial_latent, hooks, 0, total)
         history = [{"start": 0, "frames": t0, "transition": "cut", "transition_frames": 0, "switch": False,
                     "replaced": 0, "label": "initial latent"}]
-    out = sampler.run_schedule(sched, noise, generator, hooks, done, total)
-    state = capture_state(sampler, generator, history=history + _history(sampler, sched, t0),
+    out = sampler.run_schedule(sched, noise, generator, hooks, done, total, live=live)
+    state = capture_state(sampler, generator, history=history + _history(sampler, t0),
                           digest=weights_digest(backbone))
     return out, state
 
@@ -170,13 +192,15 @@ def generate_schedule(backbone: torch.nn.Module, schedule: PromptSchedule | torc
 def continue_generation(backbone: torch.nn.Module, state: ARState, schedule: PromptSchedule | torch.Tensor,
                         noise: torch.Tensor, *, generator: torch.Generator | None = None, hooks: Hooks | None = None,
                         progress=None, should_stop=None, on_chunk=None, attention_backend: str = "auto",
-                        dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> tuple[torch.Tensor, ARState]:
+                        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                        live: LiveInput | None = None) -> tuple[torch.Tensor, ARState]:
     """Extend the video of ``state`` by the segments of ``schedule``; returns ``(new latents, new state)``.
 
     ``noise`` covers the new frames only. The first segment's transition applies against
     the state's last prompt. The re-noising draws continue the state's RNG stream unless
-    ``generator`` is given. ``state`` is left unchanged.
+    ``generator`` is given. ``state`` is left unchanged; an interpolation it was in the middle of goes on
+    (a first segment with the state's prompt carries it on, as one run would). ``live``: as for
+    :func:`generate_schedule`.
     """
     if not isinstance(state, ARState):
         raise StateError(f"expected an AR_STATE, got {type(state).__name__}")
@@ -193,7 +217,7 @@ def continue_generation(backbone: torch.nn.Module, state: ARState, schedule: Pro
         sampler.runner.spec.check_context(seg.context, state.batch)
     first = sampler.next_frame
     out = sampler.run_schedule(sched, noise.to(sampler.runner.device), gen,
-                               _hooks(progress, should_stop, on_chunk, hooks))
-    new_state = capture_state(sampler, gen, history=state.history + _history(sampler, sched, first),
+                               _hooks(progress, should_stop, on_chunk, hooks), live=live)
+    new_state = capture_state(sampler, gen, history=state.history + _history(sampler, first),
                               digest=state.meta.get("weights_digest") or weights_digest(backbone))
     return out.to(noise.device), new_state

@@ -2,14 +2,15 @@
 
 :class:`ScheduleSampler` extends :class:`~headforcing_core.sampler.ARSampler` with the current prompt,
 the last committed latents (for a recache) and a log of the transitions applied. It carries out the
-plan of :mod:`headforcing_core.transitions` (``cut``, ``recache`` in its three modes, ``blend``; their
-meaning is in :mod:`headforcing_core.prompts`). Whole runs and continuations, with their AR_STATE,
+plan of :mod:`headforcing_core.transitions` (``cut``, ``recache`` in its three modes, ``blend``,
+``interpolate``; their meaning is in :mod:`headforcing_core.prompts`) and the live switches of
+:mod:`headforcing_core.live`. Whole runs and continuations, with their AR_STATE,
 are :mod:`headforcing_core.story`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -20,7 +21,9 @@ from .plan import ChunkAttention, plan_chunk
 from .prompts import LONGLIVE_SINK, LONGLIVE_WINDOW, PromptSchedule
 from .retention import ChunkKeys, Key
 from .sampler import ARSampler, Hooks
-from .transitions import SegmentPlan, blend_text, blend_weight, count_model_calls, default_recache_mode, plan_segments
+from .transitions import (Interpolation, SegmentPlan, blend_text, blend_weight, count_model_calls,
+                          default_recache_mode, plan_segments)
+from .live import LiveInput, LiveSwitch, splice
 
 
 @dataclass
@@ -28,14 +31,21 @@ class ScheduleSampler(ARSampler):
     """An :class:`~headforcing_core.sampler.ARSampler` that runs prompt schedules.
 
     Besides the sampler state it remembers the current prompt's conditioning
-    (``context``) and the last committed latents (``tail``, up to 21 frames, for
-    ``recache``). ``events`` logs every transition applied:
+    (``context``), an interpolation in progress (``interpolation``) and the last committed
+    latents (``tail``, up to 21 frames, for ``recache``). ``events`` logs every transition applied:
     ``{"frame", "transition", "switch", "frames", "replaced"}``.
+
+    Chunk by chunk: a segment's chunks start at its first frame; before each, the text in effect is
+    set (a blend's mix of cross-attention K/V, an interpolation's next embedding) and, in a live run,
+    the :class:`~headforcing_core.live.LiveInput` is asked for a switch.
     """
 
     context: torch.Tensor | None = None
     tail: torch.Tensor | None = None
     events: list = field(default_factory=list)
+    interpolation: Interpolation | None = None  # an interpolate transition in progress
+    executed: PromptSchedule | None = None  # what the last run_schedule made (live switches included)
+    live_frames: list = field(default_factory=list)  # frames where a live switch was made
 
     # ---- planning --------------------------------------------------------------------------
     def plan_schedule(self, schedule: PromptSchedule) -> list[SegmentPlan]:
@@ -60,45 +70,82 @@ class ScheduleSampler(ARSampler):
     # ---- running ---------------------------------------------------------------------------
     @torch.no_grad()
     def run_schedule(self, schedule: PromptSchedule, noise: torch.Tensor, generator: torch.Generator | None = None,
-                     hooks: Hooks | None = None, calls_done: int = 0, calls_total: int | None = None) -> torch.Tensor:
+                     hooks: Hooks | None = None, calls_done: int = 0, calls_total: int | None = None,
+                     live: LiveInput | None = None) -> torch.Tensor:
         """Generate every segment of ``schedule`` (noise ``[B, C, total, H, W]``), continuing from the cache.
 
         Call :meth:`start` first (and nothing else: the first segment sets the prompt), or
-        restore the sampler from an AR_STATE.
+        restore the sampler from an AR_STATE. ``live`` is asked before every chunk for a prompt switch
+        (:mod:`headforcing_core.live`); what the run made, switches included, is ``executed`` afterwards.
         """
         if self.cache is None:
             raise RuntimeError("call start() before run_schedule()")
         hooks = hooks or Hooks()
         plans = self.plan_schedule(schedule)
+        first = plans[0].start
         total_frames = sum(p.segment.frames for p in plans)
         if noise.ndim != 5 or noise.shape[2] != total_frames:
             raise ShapeError(f"noise {tuple(noise.shape)} does not cover the schedule's {total_frames} latent frames")
         total = calls_total or (calls_done + self.schedule_model_calls(schedule))
         done = calls_done
         out = torch.empty_like(noise, device=self.runner.device)
-        for p in plans:
-            seg = p.segment
-            # a blend reads the previous prompt's K/V over its frames; nothing else keeps them past a switch
-            previous = self.text if p.switch and seg.transition == "blend" else None
-            done = self._enter(p, hooks, done, total)
-            local0 = p.start - plans[0].start
-            seg_noise = noise[:, :, local0:local0 + seg.frames]
-            new_text = self.text
-            if p.switch and seg.transition == "blend":
-                k = seg.transition_frames
-                for s, f in chunk_bounds(0, seg.frames, self.frames_per_block):
-                    if s >= k:
-                        self.text = new_text
-                        done = self._sample(seg_noise[:, :, s:], generator, hooks, done, total,
-                                            out[:, :, local0 + s:local0 + seg.frames])
-                        break
-                    self.text = blend_text(previous, new_text, blend_weight(s, f, k))
-                    done = self._sample(seg_noise[:, :, s:s + f], generator, hooks, done, total,
-                                        out[:, :, local0 + s:local0 + s + f])
-                self.text = new_text
-            else:
-                done = self._sample(seg_noise, generator, hooks, done, total, out[:, :, local0:local0 + seg.frames])
+        i, switched_at = 0, None
+        while i < len(plans):
+            p = plans[i]
+            done, made, switch = self._run_segment(p, noise, out, first, generator, hooks, done, total,
+                                                   live if p.start != switched_at else _AskAfter(live, p.start))
+            if switch is None:
+                i += 1
+                continue
+            # a live switch at the chunk boundary after `made` frames of this segment: the rest of the plan is new
+            rest = PromptSchedule(tuple(q.segment for q in plans[i:]))
+            spliced = splice(rest, made, switch)
+            kept = [replace(p, segment=spliced[0])] if made else []
+            pieces = PromptSchedule(spliced[len(kept):])
+            plans = plans[:i] + kept + self.plan_schedule(pieces)
+            switched_at = p.start + made
+            self.live_frames.append(switched_at)
+            total = done + self.schedule_model_calls(pieces)
+            i += len(kept)
+        self.executed = PromptSchedule(tuple(p.segment for p in plans))
         return out.to(noise.device)
+
+    def _run_segment(self, p: SegmentPlan, noise, out, first: int, generator, hooks: Hooks, done: int, total: int,
+                     live: LiveInput | None) -> tuple[int, int, LiveSwitch | None]:
+        """Enter segment ``p`` and make its chunks; returns (calls done, frames made, None), or, when ``live``
+        switches before one of its chunks, (calls done, frames made so far, the switch) with nothing entered
+        or made for the chunk."""
+        seg = p.segment
+        blend = p.switch and seg.transition == "blend"
+        # a blend reads the previous prompt's K/V over its frames; nothing else keeps them past a switch
+        previous, new_text, entered = self.text if blend else None, None, False
+        for s, f in chunk_bounds(0, seg.frames, self.frames_per_block):
+            if live is not None:
+                busy = (f"the blend into this prompt runs to latent frame {p.start + seg.transition_frames}"
+                        if entered and blend and s < seg.transition_frames else None)
+                switch = live.poll(p.start + s, busy)
+                if switch is not None and busy is None:
+                    return done, s, switch
+            if not entered:
+                done = self._enter(p, hooks, done, total)
+                new_text, entered = self.text, True
+            if blend:
+                self.text = (blend_text(previous, new_text, blend_weight(s, f, seg.transition_frames))
+                             if s < seg.transition_frames else new_text)
+            elif self.interpolation is not None:
+                self.text = self.runner.encode_text(self.interpolation.next_context())
+                if self.interpolation.done:
+                    self.interpolation = None
+            local = p.start - first + s
+            done = self._sample(noise[:, :, local:local + f], generator, hooks, done, total,
+                                out[:, :, local:local + f])
+        if blend:
+            self.text = new_text
+        return done, seg.frames, None
+
+    def embedding(self) -> torch.Tensor | None:
+        """The text-encoder output of the last chunk made: the prompt's, or mid-interpolation the one in effect."""
+        return self.interpolation.current() if self.interpolation is not None else self.context
 
     def _sample(self, noise, generator, hooks: Hooks, done: int, total: int, out: torch.Tensor) -> int:
         """Sample frames into ``out`` (a view of the run's output; chunk indexes of ``on_chunk`` run on across
@@ -125,10 +172,13 @@ class ScheduleSampler(ARSampler):
             self.set_prompt(seg.context)
             self.context = seg.context
             return done
-        if not p.switch:
+        if not p.switch:  # the same prompt goes on (an interpolation towards it too)
             self.context = seg.context
             return done
-        self.set_prompt(seg.context)  # a switch: the cache's memory heads open a new episode
+        # a switch: an interpolation sets off from the embedding in effect; any other ends one in progress
+        self.interpolation = (Interpolation(self.embedding(), seg.context, seg.transition_frames)
+                              if seg.transition == "interpolate" else None)
+        self.set_prompt(seg.context)  # the cache's memory heads open a new episode
         self.context = seg.context
         event = {"frame": self.next_frame, "transition": seg.transition, "switch": True,
                  "frames": seg.transition_frames if seg.transition != "cut" else 0, "replaced": 0}
@@ -227,3 +277,13 @@ class ScheduleSampler(ARSampler):
         replaced = cache.held_whole(first, n)
         self._report(hooks, done, total)
         return done, replaced
+
+
+class _AskAfter:
+    """A live input not asked again before the chunk at ``frame`` (a switch was just made there)."""
+
+    def __init__(self, live: LiveInput | None, frame: int):
+        self.live, self.frame = live, frame
+
+    def poll(self, frame: int, busy: str | None) -> LiveSwitch | None:
+        return None if self.live is None or frame == self.frame else self.live.poll(frame, busy)

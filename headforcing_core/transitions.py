@@ -1,9 +1,11 @@
 """Transitions between prompts, planned on the host: what a schedule run will do at every switch.
 
-The meaning of ``cut``, ``recache`` (and its modes) and ``blend`` is in :mod:`headforcing_core.prompts`;
-this module decides, before any model call, where each segment starts, whether it switches the
-prompt (:func:`same_context`), how many frames a recache re-runs (:func:`recache_frames`, the policy's
-:func:`default_recache_mode`), the blend weight of each chunk (:func:`blend_weight`, :func:`blend_text`)
+The meaning of ``cut``, ``recache`` (and its modes), ``blend`` and ``interpolate`` is in
+:mod:`headforcing_core.prompts`; this module decides, before any model call, where each segment starts,
+whether it switches the prompt (:func:`same_context`), how many frames a recache re-runs
+(:func:`recache_frames`, the policy's :func:`default_recache_mode`), the blend weight of each chunk
+(:func:`blend_weight`, :func:`blend_text`), the embedding of each chunk of an interpolation
+(:class:`Interpolation`: :func:`interpolation_weight`, :func:`interpolate_context` — Krea Realtime's rule)
 and how many model calls the run makes (:func:`count_model_calls`, the progress total).
 :class:`~headforcing_core.story_sampler.ScheduleSampler` carries the plan out.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .backbone import TextContext
 from .geometry import chunk_bounds
@@ -35,30 +38,16 @@ def blend_weight(first: int, frames: int, k: int) -> float:
 
 
 def krea_interpolation(old: torch.Tensor, new: torch.Tensor, blocks: int) -> list[torch.Tensor]:
-    """Krea Realtime's prompt change: the text embeddings of the next ``blocks`` blocks.
-
-    ``release_server.py`` ``GenerationSession.interpolate_prompt_embeds``: ``torch.lerp(old, new, w)`` with
-    ``w = torch.linspace(0, 1, steps=blocks)``, one embedding per block, taken one per block by
-    ``generate_block_internal`` (``self.interpolated_prompt_embeds.pop(0)``); ``ws_session`` asks for
-    ``interp_steps`` blocks, default 4 (so 0, 1/3, 2/3, 1: the first block after the change still has
-    the old embedding, the fourth the new one). Interpolated in embedding space — the umT5 output, both
-    zero-padded to a common length (Krea's text encoder pads to 512; the runner pads the result the
-    same way) — not in the cross-attention K/V (:func:`blend_text`).
-
-    ``blocks = 1`` is an immediate switch (``w = [1]``). Krea's code would give ``linspace(0, 1, 1) = [0]``,
-    the old embedding, and never reach the new prompt; docs/krea.md lists this as one of our differences.
+    """Krea Realtime's prompt change in its own loop: the text embeddings of the next ``blocks`` blocks,
+    ``interpolate_context(old, new, interpolation_weight(i, blocks))`` for each (the rule, with its source, is
+    :func:`interpolation_weight`: 0, 1/3, 2/3, 1 for Krea's 4 blocks; 1 block is an immediate switch, where
+    Krea's code would never reach the new prompt — docs/krea.md). Interpolated in embedding space (the umT5
+    output, zero-padded to a common length), not in the cross-attention K/V (:func:`blend_text`).
     ``old`` / ``new``: ``[B, L, C]`` text-encoder outputs (batches broadcast)."""
     n = int(blocks)
     if n < 1:
         raise ValueError(f"a prompt interpolation takes at least 1 block, got {blocks}")
-    length = max(old.shape[1], new.shape[1])
-    a = torch.nn.functional.pad(old, (0, 0, 0, length - old.shape[1]))
-    b = torch.nn.functional.pad(new.to(old.device, old.dtype), (0, 0, 0, length - new.shape[1]))
-    a, b = torch.broadcast_tensors(a, b)
-    if n == 1:
-        return [b]
-    weights = torch.linspace(0, 1, steps=n, dtype=torch.float32)
-    return [torch.lerp(a, b, w.to(a.dtype)) for w in weights]
+    return [interpolate_context(old, new, interpolation_weight(i, n)) for i in range(n)]
 
 
 def blend_text(old: TextContext, new: TextContext, alpha: float) -> TextContext:
@@ -66,6 +55,63 @@ def blend_text(old: TextContext, new: TextContext, alpha: float) -> TextContext:
     a = float(alpha)
     return TextContext([(1 - a) * ko + a * kn for ko, kn in zip(old.keys, new.keys)],
                        [(1 - a) * vo + a * vn for vo, vn in zip(old.values, new.values)])
+
+
+def interpolation_weight(step: int, steps: int) -> float:
+    """Weight of the new prompt in the ``step``-th chunk (0-based) of an interpolation over ``steps`` chunks.
+
+    Krea Realtime's rule (``krea-ai/realtime-video``, ``release_server.py``,
+    ``GenerationSession.interpolate_prompt_embeds``): on a prompt change it makes
+    ``torch.lerp(old, new, torch.linspace(0, 1, steps))`` — ``steps`` embeddings, one per generated block, the
+    first still the old prompt (weight 0), the last the new one (weight 1) — and every following block takes
+    the next (``generate_block_internal``). Its server uses 4 steps: 0, 1/3, 2/3, 1. One step is a plain cut
+    (weight 1: ``linspace(0, 1, 1)`` would be ``[0]``, a switch that never arrives; Krea never asks for it).
+    """
+    steps, step = int(steps), int(step)
+    if steps < 1 or not 0 <= step < steps:
+        raise ValueError(f"interpolation step {step} of {steps}")
+    if steps == 1:
+        return 1.0
+    return float(torch.linspace(0.0, 1.0, steps, dtype=torch.float32)[step])
+
+
+def interpolate_context(old: torch.Tensor, new: torch.Tensor, weight: float) -> torch.Tensor:
+    """``torch.lerp(old, new, weight)`` of two text-encoder outputs ``[B, L, C]`` (Krea's arithmetic: the weight
+    in the embeddings' dtype). A shorter one is padded with zero tokens first, as Wan pads every prompt to 512
+    tokens after the encoder, so this is the interpolation of the padded embeddings Krea's encoder returns."""
+    length = max(old.shape[1], new.shape[1])
+    old = F.pad(old, (0, 0, 0, length - old.shape[1]))
+    new = F.pad(new.to(old.device, old.dtype), (0, 0, 0, length - new.shape[1]))
+    return torch.lerp(old, new, torch.tensor(weight, dtype=torch.float32).to(old.dtype))
+
+
+@dataclass
+class Interpolation:
+    """An interpolation in progress: from ``source`` (the embedding in effect when the switch came) to
+    ``target`` over ``steps`` chunks, ``step`` of them made. A new switch starts from :meth:`current`, the
+    embedding of the last chunk made (Krea's ``current_prompt_embeds``), so a prompt sent mid-interpolation
+    sets off from where the video is."""
+
+    source: torch.Tensor
+    target: torch.Tensor
+    steps: int
+    step: int = 0
+
+    def next_context(self) -> torch.Tensor:
+        """The embedding of the next chunk (and count it)."""
+        ctx = interpolate_context(self.source, self.target, interpolation_weight(self.step, self.steps))
+        self.step += 1
+        return ctx
+
+    def current(self) -> torch.Tensor:
+        """The embedding of the last chunk made (the source before the first)."""
+        if self.step == 0:
+            return self.source
+        return interpolate_context(self.source, self.target, interpolation_weight(self.step - 1, self.steps))
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
 
 
 @dataclass

@@ -43,7 +43,7 @@ LIMITS = {
     "history": 1_000_000,  # segments logged in an AR_STATE
     "label": 10_000,  # characters of a label / note / source text
 }
-STATE_TENSORS = ("context", "tail", "rng")
+STATE_TENSORS = ("context", "tail", "rng", "interp_source")
 FLOAT_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 CPU_RNG_BYTES = 5056  # torch.Generator("cpu").get_state().numel() (mt19937 state + normal cache)
 CUDA_RNG_BYTES = 16  # seed + philox offset
@@ -249,7 +249,7 @@ def validate_state(meta, tensors: Mapping[str, torch.Tensor], where: str, error:
     """
     from .policies import resolve_labels
     from .memory import TAIL_FRAMES
-    from .prompts import TRANSITIONS
+    from .prompts import RECACHE_MODES, TRANSITIONS
     from .schedule import FlowMatchSchedule
     from .policies import policy_from_dict
     from .state_format import STATE_FORMAT, STATE_VERSION
@@ -317,6 +317,10 @@ def validate_state(meta, tensors: Mapping[str, torch.Tensor], where: str, error:
         f.integer(seg.get("replaced", 0), f"{where_i}.replaced", 0)
         f.boolean(seg.get("switch", False), f"{where_i}.switch")
         f.text(seg.get("label", ""), f"{where_i}.label")
+        f.text(seg.get("text"), f"{where_i}.text", optional=True)
+        f.text(seg.get("recache_mode"), f"{where_i}.recache_mode", choices=RECACHE_MODES, optional=True)
+        f.boolean(seg.get("same_noise", False), f"{where_i}.same_noise")
+        f.boolean(seg.get("live", False), f"{where_i}.live")
         if start != pos:
             f.fail(f"{where_i}.start", f"is {start}; the segment before ends at frame {pos}")
         pos = start + frames
@@ -334,6 +338,20 @@ def validate_state(meta, tensors: Mapping[str, torch.Tensor], where: str, error:
         f.fail("tensor context", f"has batch {ctx.shape[0]}; the state's batch is {batch}")
     if not 1 <= ctx.shape[1] <= LIMITS["text_tokens"]:
         f.fail("tensor context", f"has {ctx.shape[1]} tokens; a conditioning has 1-{LIMITS['text_tokens']}")
+    # an interpolation in progress: from interp_source towards context, `step` of `steps` chunks made
+    interp = meta.get("interpolation")
+    if interp is not None:
+        interp = f.mapping(interp, "interpolation")
+        steps = f.integer(f.get(interp, "steps", "interpolation.steps"), "interpolation.steps", 2,
+                          LIMITS["latent_frames"])
+        f.integer(f.get(interp, "step", "interpolation.step"), "interpolation.step", 1, steps - 1)
+        src = f.tensor(tensors, "interp_source", dtypes=floats, shape=(None, None, fp["text_dim"]),
+                       what="the embedding an interpolation sets off from must be [batch, tokens, text width]")
+        if src.shape[0] not in (1, batch) or not 1 <= src.shape[1] <= LIMITS["text_tokens"]:
+            f.fail("tensor interp_source", f"is {list(src.shape)}; it must be like the context: batch 1 or {batch}, "
+                                           f"1-{LIMITS['text_tokens']} tokens")
+    elif "interp_source" in tensors:
+        f.fail("tensor interp_source", "is there but the metadata has no interpolation")
     f.tensor(tensors, "tail", dtypes=floats, shape=(batch, channels, min(next_frame, TAIL_FRAMES), lh, lw),
              what="the last latents must be [batch, channels, min(next_frame, 21), latent height, latent width] =")
     rng_device = meta.get("rng_device")

@@ -26,10 +26,11 @@ from headforcing_core.story import continue_generation
 
 from .comfy_bridge import (MAX_SEED, check_schedule, check_state, compute_dtype, conditioning_tensor,
                            describe_schedule_length, latent_shape, on_host, wan_backbone)
-from .messages import live_panel
+from .live import CLIP_TOOLTIP, TAKE_TOOLTIP, live_input, schedule_texts, take_result
+from .messages import TAKE_KEY, live_panel, preview_report
 from .prompts import length_inputs, make_segment, transition_inputs
 from .run import (ModelRun, default_recache_mode, finish_report, memory_line, schedule_report, story_model_calls,
-                  story_noise, story_panel)
+                  story_noise, story_panel, text_encoder)
 from .types import AR_STATE, PROMPT_SCHEDULE
 
 log = logging.getLogger("headforcing")
@@ -50,8 +51,9 @@ def describe_continue_length(unit: str):
 
 def run_continue(model, state, *, conditioning=None, prompt_schedule=None, length: float = 5.0,
                  length_unit: str = "seconds", transition: str = "cut", transition_frames: int = 3,
-                 seed: int = 0) -> tuple[dict, ARState, str]:
-    """HeadForcingContinue's work: check, pre-flight and load, continue the state, report."""
+                 seed: int = 0, clip=None, graph=None) -> tuple[dict, ARState, str, str]:
+    """HeadForcingContinue's work: check, pre-flight and load, continue the state, report; returns
+    ``(latent, new state, report, take)``. ``clip``, ``graph``: as for the sampler (live prompts, the take)."""
     state = check_state(state)
     module, spec = wan_backbone(model)
     state.check_model(spec)  # another model shape: refuse before loading anything
@@ -63,6 +65,7 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
                                                 transition, transition_frames),)).resolve(fpb)
     else:
         raise StateError("connect a conditioning (the next prompt) or a prompt_schedule")
+    schedule = schedule_texts(graph, schedule)
     new_frames = schedule.total_frames
     h, w = state.latent_size
     width, height = w * SPACE_COMPRESSION, h * SPACE_COMPRESSION
@@ -82,18 +85,23 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
         describe_length=(describe_schedule_length if prompt_schedule is not None
                          else describe_continue_length(length_unit)),
         what="the schedule" if prompt_schedule is not None else "the continuation",
-        bounded_policy_hint=not policy.is_bounded())
+        bounded_policy_hint=not policy.is_bounded(), extra_models=text_encoder(clip))
     notes = state.check_model(spec, weights_digest(module))
     for note in notes:
         log.warning("headforcing: %s", note)
     noise = story_noise(lambda n: latent_shape(width, height, n, batch=state.batch, channels=state.channels),
                         seed, state.next_frame, schedule)
-    latents, new_state = run.call(
-        lambda hooks: continue_generation(module, state, schedule, noise.to(run.device), hooks=hooks, dtype=dtype),
-        model_calls=story_model_calls(schedule, fpb, len(state.steps), start_frame=state.next_frame,
-                                      context=state.context, tail_frames=state.tail.shape[2], policy=policy),
-        panel=story_panel(model, spec, policy, schedule, start_frame=state.next_frame, frames_per_block=fpb,
-                          latent_size=(h, w), width=width, height=height, dtype=dtype, batch=state.batch))
+    with live_input(schedule, clip=clip, spec=spec, batch=state.batch, start_frame=state.next_frame,
+                    frames_per_block=fpb) as live:
+        latents, new_state = run.call(
+            lambda hooks: continue_generation(module, state, schedule, noise.to(run.device), hooks=hooks, dtype=dtype,
+                                              live=live),
+            model_calls=story_model_calls(schedule, fpb, len(state.steps), start_frame=state.next_frame,
+                                          context=state.context, tail_frames=state.tail.shape[2], policy=policy),
+            panel=story_panel(model, spec, policy, schedule, start_frame=state.next_frame, frames_per_block=fpb,
+                              latent_size=(h, w), width=width, height=height, dtype=dtype, batch=state.batch,
+                              live=live))
+    take, take_lines = take_result(new_state.history[len(state.history):], fpb, live, seed=seed)
     first, last = state.next_frame, new_state.next_frame
     report = finish_report(model, [
         f"Head Forcing Continue: latent frames {first}-{last - 1} ({new_frames} new = "
@@ -104,9 +112,11 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
         f"policy: {describe(policy)}",
         f"{memory_line(run)}; AR_STATE {new_state.nbytes / 2**20:.1f} MiB in CPU memory",
         f"time: {run.seconds:.2f} s on {run.computed_on()}",
+        *take_lines,
+        preview_report(),
         *notes,
     ])
-    return run.latent_output(latents), new_state, report
+    return run.latent_output(latents), new_state, report, take
 
 
 class HeadForcingContinue(io.ComfyNode):
@@ -133,20 +143,23 @@ class HeadForcingContinue(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Noise seed of the new frames. Use the sampler's seed to get exactly what "
                                      "one sampler run of the whole schedule gives; another seed varies them."),
+                io.Clip.Input("clip", optional=True, tooltip=CLIP_TOOLTIP),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The new frames only, [1, 16, T_new, H/8, W/8]."),
                 AR_STATE.Output(display_name="ar_state", tooltip="The longer run, for the next Continue."),
                 io.String.Output(display_name="report", tooltip="Frames, transition, memory and timing."),
+                io.String.Output(display_name="take", tooltip=TAKE_TOOLTIP),
             ],
+            hidden=[io.Hidden.prompt],  # the queued prompt: the texts behind the conditionings, for the take
         )
 
     @classmethod
     def execute(cls, model, ar_state, length, length_unit, transition, transition_frames, seed,
-                conditioning=None, prompt_schedule=None) -> io.NodeOutput:
+                conditioning=None, prompt_schedule=None, clip=None) -> io.NodeOutput:
         with live_panel():  # per-chunk progress events for the browser panel (web/headforcing.js)
-            latent, state, report = run_continue(model, ar_state, conditioning=conditioning,
-                                                 prompt_schedule=prompt_schedule, length=length,
-                                                 length_unit=length_unit, transition=transition,
-                                                 transition_frames=transition_frames, seed=seed)
-        return io.NodeOutput(latent, state, report)
+            latent, state, report, take = run_continue(
+                model, ar_state, conditioning=conditioning, prompt_schedule=prompt_schedule, length=length,
+                length_unit=length_unit, transition=transition, transition_frames=transition_frames, seed=seed,
+                clip=clip, graph=cls.hidden.prompt)
+        return io.NodeOutput(latent, state, report, take, ui={TAKE_KEY: [take]})

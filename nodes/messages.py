@@ -40,13 +40,15 @@ import math
 import time
 from typing import Any
 
-from headforcing_core.geometry import chunk_bounds, seconds_of
+from headforcing_core.geometry import FPS, TIME_COMPRESSION, chunk_bounds, seconds_of
 
 log = logging.getLogger("headforcing")
 
 PAYLOAD_VERSION = 1
 EVENT_PROGRESS = "headforcing.progress"
+EVENT_LIVE = "headforcing.live"  # a live switch applied, waiting, refused or expired (nodes/live.py)
 HEAD_MAP_KEY = "headforcing_head_map"
+TAKE_KEY = "headforcing_take"  # the sampler's / Continue's take (schedule text), in its UI data
 PREVIEW_MAX_SIDE = 192
 
 # head type -> RGB: the one palette of the head map, drawn by the browser from this payload and into
@@ -182,6 +184,12 @@ def executing_node() -> tuple[str | None, str | None]:
     return ctx.prompt_id, ctx.node_id
 
 
+def running_client() -> str | None:
+    """ComfyUI's ``client_id`` of the prompt running now (the browser that queued it), or None."""
+    srv = _server()
+    return getattr(srv, "client_id", None) if srv is not None else None
+
+
 def send_progress(node_id: str | None, payload: dict, *, event: str = EVENT_PROGRESS) -> bool:
     """Send ``payload`` (plus ``node``, ``prompt_id``, ``v``) to the browser that queued the running
     prompt. Returns whether it was handed to the server; never raises."""
@@ -204,36 +212,42 @@ def send_progress(node_id: str | None, payload: dict, *, event: str = EVENT_PROG
         return False
 
 
-def preview_data_url(x0, latent_format=None, max_side: int = PREVIEW_MAX_SIDE) -> str | None:
-    """A small JPEG data URL of the newest latent frame of ``x0`` (``[B, C, T, h, w]``, the
-    model's normalized latent space) through ``latent_format``'s latent→RGB factors, or None."""
+def preview_frames(x0, latent_format=None, max_side: int = PREVIEW_MAX_SIDE) -> list[str]:
+    """Small JPEG data URLs of every latent frame of ``x0`` (``[B, C, T, h, w]``, the model's normalized latent
+    space, batch 0) through ``latent_format``'s latent→RGB factors — each one stands for 4 video frames —
+    or [] when the format has none."""
     try:
-        import torch
+        import numpy as np
         from PIL import Image
 
         factors = getattr(latent_format, "latent_rgb_factors", None)
         if factors is None:
-            return None
-        frame = x0[0, :, -1].detach().float().cpu()  # [C, h, w]
-        f = torch.tensor(factors, dtype=torch.float32)  # [C, 3]
-        if f.shape[0] != frame.shape[0]:
-            return None
-        rgb = torch.einsum("chw,cd->hwd", frame, f)
+            return []
+        frames = x0[0].detach().float().cpu().numpy()  # [C, T, h, w]
+        f = np.asarray(factors, dtype=np.float32)  # [C, 3]
+        if f.shape[0] != frames.shape[0]:
+            return []
+        # numpy, not torch: torch would spread this small product over the server's threads, and on a busy
+        # CPU that contention costs 30x (measured: 2 ms vs 60-80 ms for 3 frames at 832x480, 2 cores)
+        rgb = np.tensordot(frames, f, axes=([0], [0]))  # [T, h, w, 3]
         bias = getattr(latent_format, "latent_rgb_factors_bias", None)
         if bias is not None:
-            rgb = rgb + torch.tensor(bias, dtype=torch.float32)
-        img = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).to(torch.uint8).numpy()
-        im = Image.fromarray(img)
-        h, w = img.shape[:2]
-        scale = max_side / max(h, w)
-        # latent frames are 8x smaller than the video: scale up small ones so they read as a thumbnail
-        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
-        buf = _io.BytesIO()
-        im.save(buf, format="JPEG", quality=80)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+            rgb = rgb + np.asarray(bias, dtype=np.float32)
+        images = np.clip((rgb + 1.0) * 127.5, 0, 255).astype(np.uint8)
+        out = []
+        for img in images:
+            im = Image.fromarray(img)
+            h, w = img.shape[:2]
+            scale = max_side / max(h, w)
+            # latent frames are 8x smaller than the video: scale up small ones so they read as a picture
+            im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+            buf = _io.BytesIO()
+            im.save(buf, format="JPEG", quality=80)
+            out.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
+        return out
     except Exception as e:
         _warn_once("preview", "no chunk preview for the panel: %s", e)
-        return None
+        return []
 
 
 class SamplerPanel:
@@ -245,7 +259,13 @@ class SamplerPanel:
     with its clean latent. ``segments`` are ``(prompt text or label, latent frames)`` in order,
     for multi-prompt schedules; the panel shows the segment the newest chunk belongs to.
     ``kv_bytes_at(latent_frames)`` gives the KV cache bytes held after that many committed frames
-    (``estimate_run`` of the same policy), ``kv_budget_bytes`` the run's steady state.
+    (``estimate_run`` of the same policy), ``kv_budget_bytes`` the run's steady state. ``live``: what
+    the panel's prompt box may send (``nodes/live.py`` ``LiveRun.panel_info``), None when the run takes
+    no live input; :meth:`switched` follows a live switch.
+
+    Every chunk brings its frames (``frames``: one small JPEG per latent frame, each standing for
+    ``frame_seconds`` of video), which the panel plays at the video's own rate; the time they take to
+    make is kept (:meth:`preview_line`, the report's "previews" line).
     """
 
     def __init__(self, node_id: str | None = None, send=send_progress):
@@ -266,11 +286,15 @@ class SamplerPanel:
         self.t0 = time.perf_counter()
         self.sent = 0
         self.configured = False
+        self.live: dict | None = None
+        self.live_segments: set[int] = set()  # indexes of segments switched to live
+        self.preview_seconds: list[float] = []
+        self.preview_counts: list[int] = []
 
     def configure(self, *, total_latent_frames: int, frames_per_block: int, policy: str = "", latent_format=None,
                   segments: list[tuple[str, int]] | None = None, kv_bytes_at=None,
                   kv_budget_bytes: int | None = None, start_frame: int = 0, width: int | None = None,
-                  height: int | None = None) -> None:
+                  height: int | None = None, live: dict | None = None) -> None:
         self.total = int(total_latent_frames)
         self.fpb = max(1, int(frames_per_block))
         self.chunks = len(chunk_bounds(0, self.total, self.fpb))
@@ -281,8 +305,22 @@ class SamplerPanel:
         self.kv_budget = kv_budget_bytes
         self.start_frame = int(start_frame)
         self.size = (width, height)
+        self.live = live
         self.configured = True
         self.begin()
+
+    def switched(self, frame: int, label: str) -> None:
+        """A live switch to ``label`` at the node's latent frame ``frame`` (from its start): the rest of the run
+        is that prompt."""
+        kept, edge = [], 0
+        for text, n in self.segments:
+            if edge + n <= frame:
+                kept.append((text, n))
+            elif edge < frame:
+                kept.append((text, frame - edge))
+            edge += n
+        self.segments = kept + [(str(label), max(1, self.total - frame))]
+        self.live_segments = {i for i in self.live_segments if i < len(kept)} | {len(kept)}
 
     def _segment(self, frame: int) -> tuple[int, str] | None:
         edge = 0
@@ -310,6 +348,7 @@ class SamplerPanel:
         seg = self._segment(max(0, self.done_frames - 1))
         if seg is not None:
             p["segment"], p["segments"], p["prompt"] = seg[0] + 1, len(self.segments), seg[1][:500]
+            p["segment_live"] = seg[0] in self.live_segments
         if self.kv_bytes_at is not None:
             try:
                 p["kv_bytes"] = int(self.kv_bytes_at(absolute))
@@ -317,11 +356,26 @@ class SamplerPanel:
                 _warn_once("kv", "no KV figure for the panel: %s", e)
         if self.kv_budget is not None:
             p["kv_budget_bytes"] = int(self.kv_budget)
+        if self.live is not None:
+            p["live"] = self.live
         if x0 is not None:
-            url = preview_data_url(x0, self.latent_format)
-            if url:
-                p["preview"] = url
+            started = time.perf_counter()
+            frames = preview_frames(x0, self.latent_format)
+            self.preview_seconds.append(time.perf_counter() - started)
+            self.preview_counts.append(len(frames))
+            if frames:
+                p["frames"], p["frame_seconds"], p["preview"] = frames, TIME_COMPRESSION / FPS, frames[-1]
         return p
+
+    def preview_line(self) -> str:
+        """The report's line on the chunk previews: frames per chunk and what they cost."""
+        if not self.preview_seconds:
+            return ""
+        n = len(self.preview_seconds)
+        mean, worst = sum(self.preview_seconds) / n, max(self.preview_seconds)
+        frames = sum(self.preview_counts) / n
+        return (f"previews: {frames:g} frames per chunk (latent→RGB, ≤ {PREVIEW_MAX_SIDE} px), {1000 * mean:.1f} ms per "
+                f"chunk (worst {1000 * worst:.1f} ms) on the CPU, for {n} chunk{'s' if n != 1 else ''}")
 
     def begin(self) -> None:
         """Announce the run (chunk 0 of n) so the panel resets before the first chunk lands."""
@@ -392,3 +446,19 @@ def chunk_done(x0) -> None:
     panel = _PANEL.get()
     if panel is not None:
         panel.chunk(x0)
+
+
+def preview_report() -> str:
+    """The active panel's "previews" line for a node's report ("" without one)."""
+    panel = _PANEL.get()
+    return panel.preview_line() if panel is not None else ""
+
+
+def live_switched(frame: int, label: str) -> None:
+    """A live switch at the node's latent frame ``frame``: the active panel shows that prompt from there."""
+    panel = _PANEL.get()
+    if panel is not None:
+        try:
+            panel.switched(frame, label)
+        except Exception as e:
+            _warn_once("switched", "panel did not follow a switch: %s", e)

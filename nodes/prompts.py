@@ -28,10 +28,12 @@ TRANSITION_TOOLTIP = (
     "How the video enters this prompt from the one before. cut: swap the prompt at the boundary. "
     "recache: swap it and re-run the last N generated latent frames under the new prompt to refresh "
     "the cache (LongLive). blend: interpolate the two prompts' cross-attention over the first N latent "
-    "frames. Ignored for the first prompt of a fresh run.")
+    "frames. interpolate: Krea Realtime's switch - interpolate the text embeddings over the next N CHUNKS, "
+    "one step per chunk (4: weights 0, 1/3, 2/3, 1). Ignored for the first prompt of a fresh run.")
 TRANSITION_FRAMES_TOOLTIP = (
     f"N for a block_causal recache (frames re-run, 1-{MAX_TRANSITION_FRAMES}) and for blend (frames blended), in "
-    "latent frames (1 latent frame = 4 video frames = 0.25 s). Ignored for cut, and by the LongLive recache modes, "
+    "latent frames (1 latent frame = 4 video frames = 0.25 s); for interpolate, in chunks (Krea's server: 4). "
+    "Ignored for cut, and by the LongLive recache modes, "
     f"which always re-run LongLive's own window ({LONGLIVE_WINDOW} frames).")
 RECACHE_MODE_TOOLTIP = (
     "How a recache re-runs the frames before the switch. policy default: longlive for the longlive preset, "
@@ -150,18 +152,21 @@ class HeadForcingPromptScheduleFromText(io.ComfyNode):
             display_name="Head Forcing Prompt Schedule From Text",
             category=CATEGORY,
             description=("A whole story as text, one segment per line: 'seconds | prompt', optionally "
-                         "'| cut', '| recache N [mode]' or '| blend N' (N in latent frames; mode block_causal, "
-                         "longlive or longlive_local_sink, see Prompt Segment's recache_mode). Lines starting with "
-                         "'#' are comments. Each prompt is encoded with the connected CLIP."),
+                         "'| cut', '| recache N [mode]', '| blend N' (N in latent frames; mode block_causal, "
+                         "longlive or longlive_local_sink, see Prompt Segment's recache_mode) or '| interpolate N' "
+                         "(N chunks), and last '| same noise' (a take's live switch: no new noise draw). A length "
+                         "may be latent frames ('13 latent'). Lines starting with '#' are comments. Each prompt is "
+                         "encoded with the connected CLIP. A sampler's 'take' output is such a text."),
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder: CLIPLoader with umt5_xxl, type 'wan'."),
                 io.String.Input("text", multiline=True,
                                 default="5 | a red fox trots through fresh snow in a pine forest\n"
                                         "5 | the fox stops and looks straight at the camera | blend 3\n"
                                         "5 | the fox leaps into a snow bank | recache 3",
-                                tooltip="One 'seconds | prompt [| transition]' per line; the transition is "
-                                        "'cut', 'recache N [mode]' (mode: block_causal, longlive or "
-                                        "longlive_local_sink; none = the policy's default) or 'blend N'."),
+                                tooltip="One 'seconds | prompt [| transition] [| same noise]' per line; the transition "
+                                        "is 'cut', 'recache N [mode]' (mode: block_causal, longlive or "
+                                        "longlive_local_sink; none = the policy's default), 'blend N' or "
+                                        "'interpolate N' (N chunks)."),
                 io.Combo.Input("default_transition", options=list(TRANSITIONS), default="cut", optional=True,
                                tooltip="Transition of lines that name none. " + TRANSITION_TOOLTIP),
                 io.Int.Input("default_transition_frames", default=3, min=0, max=1000, optional=True,
@@ -195,9 +200,10 @@ class HeadForcingPromptScheduleFromText(io.ComfyNode):
         for line in lines:
             cond = conditioning_tensor(encode_prompt(clip, line.prompt))
             try:
-                segments.append(PromptSegment(cond, seconds=line.seconds, transition=line.transition,
+                segments.append(PromptSegment(cond, transition=line.transition,
                                               transition_frames=line.transition_frames, label=line.prompt,
-                                              recache_mode=line.recache_mode))
+                                              recache_mode=line.recache_mode, text=line.prompt,
+                                              same_noise=line.same_noise, **line.length_keywords()))
             except ScheduleError as e:
                 raise ScheduleError(f"line {line.line}: {e}") from None
         schedule = PromptSchedule(tuple(segments))

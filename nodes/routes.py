@@ -20,6 +20,9 @@ runs. Answers JSON:
   server never goes down for a bad request. ComfyUI also serves every route under ``/api``
   (``/api/headforcing/estimate``).
 
+``POST /headforcing/live`` — a prompt for a running sampler, from its panel: answered by
+:func:`~.live.live_response` (``nodes/live.py`` documents the trip and the checks; docs/live.md the API).
+
 ``GET /headforcing/model_presets`` — the AR sampler's model presets as the widget values each one
 fills in the browser (:data:`~.comfy_bridge.MODEL_PRESETS`, the table the sampler itself applies):
 200 ``{"ok": true, "custom": "custom", "presets": {name: {"frames_per_block", "steps",
@@ -40,6 +43,7 @@ from headforcing_core.profiling import is_preset, resolve_profile
 
 from .comfy_bridge import CUSTOM_PRESET, MODEL_PRESETS
 from .files import profile_folders
+from .live import LIVE_PATH, MAX_BODY_BYTES, live_response
 from .policy import HeadForcingCachePolicy, policy_output
 
 log = logging.getLogger("headforcing")
@@ -193,6 +197,19 @@ def model_presets_response() -> dict:
                         for name, preset in MODEL_PRESETS.items() if preset is not None}}
 
 
+async def read_limited(stream, limit: int) -> bytes:
+    """A request body up to ``limit`` + 1 bytes (a longer one is refused without being held): ``read(n)``
+    returns what has arrived, so read until the end or past the limit."""
+    parts, size = [], 0
+    while size <= limit:
+        part = await stream.read(limit + 1 - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
+
+
 def register_routes() -> bool:
     """Add the routes to ``PromptServer.instance.routes`` (once). False outside a server."""
     global _registered
@@ -211,6 +228,11 @@ def register_routes() -> bool:
     async def headforcing_estimate(request):
         query = {k: request.query.get(k) for k in request.query.keys()}
         status, body = await asyncio.to_thread(estimate_response, query)
+        return web.json_response(body, status=status)
+
+    @srv.routes.post(LIVE_PATH)
+    async def headforcing_live(request):
+        status, body = live_response(await read_limited(request.content, MAX_BODY_BYTES))
         return web.json_response(body, status=status)
 
     @srv.routes.get(MODEL_PRESETS_PATH)

@@ -234,8 +234,9 @@ def story_noise(shape_of, seed: int, start_frame: int, schedule: PromptSchedule)
     frames ``[s, e)`` starts from frames ``s…e-1`` of the noise a fresh run of ``e`` frames would draw with
     the same seed. So with the sampler's seed on every Continue, Sampler(A) → Continue(B) → Continue(C)
     gives what one Sampler run of the schedule [A, B, C] gives. Each segment's frames are drawn on their
-    own (same values as the whole draw, bounded memory)."""
-    return segment_noise(lambda s, e: noise_frames(shape_of, seed, s, e), start_frame, [s.frames for s in schedule])
+    own (same values as the whole draw, bounded memory); a segment marked ``same_noise`` goes on with the
+    draw of the one before (a live switch's line in a take)."""
+    return segment_noise(lambda s, e: noise_frames(shape_of, seed, s, e), start_frame, schedule.noise_lengths())
 
 
 def story_model_calls(schedule: PromptSchedule, frames_per_block: int, steps: int, *, first_steps: int | None = None,
@@ -262,16 +263,23 @@ def schedule_report(schedule: PromptSchedule, start_frame: int = 0, default_mode
     return "\n".join(lines)
 
 
+def text_encoder(clip) -> list:
+    """The model behind a CLIP (its ModelPatcher) for :func:`preflight`'s ``extra_models``; [] for none."""
+    patcher = getattr(clip, "patcher", None)
+    return [patcher] if patcher is not None and hasattr(patcher, "model_size") else []
+
+
 def story_panel(model, spec: BackboneSpec, policy, schedule: PromptSchedule, *, start_frame: int,
                 frames_per_block: int, latent_size: tuple[int, int], width: int, height: int, dtype: torch.dtype,
-                batch: int = 1) -> dict:
+                batch: int = 1, live=None) -> dict:
     """What the sampler's live panel shows of a schedule run (:meth:`ModelRun.call`'s ``panel``): chunk k of n,
-    seconds, the segment, and the KV cache in use after each chunk."""
+    seconds, the segment, and the KV cache in use after each chunk; ``live`` (a ``nodes/live.py`` LiveRun):
+    what its prompt box may send."""
     h, w = latent_size
     return dict(
         total_latent_frames=schedule.total_frames, start_frame=start_frame, frames_per_block=frames_per_block,
         policy=policy.preset, latent_format=model.model.latent_format,
-        segments=[(seg.label, seg.frames) for seg in schedule],
+        segments=[(seg.label or seg.text or "", seg.frames) for seg in schedule],
         kv_bytes_at=lambda n: estimate_run(spec, policy, latent_frames=max(1, n), latent_height=h, latent_width=w,
                                            frames_per_block=frames_per_block, batch=batch, dtype=dtype).kv_bytes,
-        width=width, height=height)
+        width=width, height=height, live=live.panel_info() if live is not None else None)

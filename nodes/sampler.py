@@ -28,9 +28,10 @@ from .comfy_bridge import (CUSTOM_PRESET, DEFAULT_SAMPLER_POLICY, DEFAULT_SHIFT,
                            describe_video_length, initial_latent_samples, krea_settings, latent_shape, make_request,
                            on_host, renoise_generator, sampler_policy, steps_text, wan_backbone)
 from .krea import run_krea_sampler
-from .messages import live_panel
+from .live import CLIP_TOOLTIP, TAKE_TOOLTIP, live_input, schedule_texts, take_result
+from .messages import TAKE_KEY, live_panel, preview_report
 from .run import (ModelRun, default_recache_mode, finish_report, memory_line, schedule_report, story_model_calls,
-                  story_noise, story_panel)
+                  story_noise, story_panel, text_encoder)
 from .types import AR_STATE, KV_POLICY, PROMPT_SCHEDULE
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -165,6 +166,7 @@ class HeadForcingARSampler(io.ComfyNode):
                             "(needs the vae input). latent: approximation without a VAE, the generated latent that "
                             "frame came from. keep_first: Krea's keep_first_frame option, always the video's first "
                             "latent. auto: reencode with a VAE connected, else latent."),
+                io.Clip.Input("clip", optional=True, tooltip=CLIP_TOOLTIP),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent",
@@ -176,7 +178,9 @@ class HeadForcingARSampler(io.ComfyNode):
                 AR_STATE.Output(display_name="ar_state",
                                 tooltip="The finished run (cache, position, RNG state) for Head Forcing Continue "
                                         "or Save AR State. Held in CPU memory (about the KV cache's size)."),
+                io.String.Output(display_name="take", tooltip=TAKE_TOOLTIP),
             ],
+            hidden=[io.Hidden.prompt],  # the queued prompt: the texts behind the conditionings, for the take
         )
 
     @classmethod
@@ -184,16 +188,17 @@ class HeadForcingARSampler(io.ComfyNode):
                 steps=DEFAULT_STEPS, shift=DEFAULT_SHIFT, frames_per_block=3,
                 policy=DEFAULT_SAMPLER_POLICY, prompt_schedule=None, initial_latent=None,
                 model_preset=CUSTOM_PRESET, first_chunk_steps="", vae=None, context_frames=KREA_CONTEXT_FRAMES,
-                interpolation_blocks=KREA_INTERPOLATION_BLOCKS, context_first_latent="auto") -> io.NodeOutput:
+                interpolation_blocks=KREA_INTERPOLATION_BLOCKS, context_first_latent="auto",
+                clip=None) -> io.NodeOutput:
         with live_panel():  # per-chunk progress events for the browser panel (web/headforcing.js)
-            latent, report, state = run_ar_sampler(
+            latent, report, state, take = run_ar_sampler(
                 model, conditioning, kv_policy=kv_policy, policy_preset=policy, width=width, height=height,
                 length=length, length_unit=length_unit, seed=seed, steps=steps, shift=shift,
                 frames_per_block=frames_per_block, prompt_schedule=prompt_schedule, initial_latent=initial_latent,
                 model_preset=model_preset, first_chunk_steps=first_chunk_steps, vae=vae,
                 context_frames=context_frames, interpolation_blocks=interpolation_blocks,
-                context_first_latent=context_first_latent)
-        return io.NodeOutput(latent, report, state)
+                context_first_latent=context_first_latent, clip=clip, graph=cls.hidden.prompt)
+        return io.NodeOutput(latent, report, state, take, ui={TAKE_KEY: [take]})
 
 
 def sampler_schedule(prompt_schedule, conditioning, latent_frames: int, frames_per_block: int) -> PromptSchedule:
@@ -210,11 +215,11 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
                    height: int, length: int, length_unit: str, seed: int, steps: str, shift: float,
                    frames_per_block: int, prompt_schedule=None, initial_latent=None, model_preset: str = CUSTOM_PRESET,
                    first_chunk_steps: str = "", vae=None, context_frames: int = KREA_CONTEXT_FRAMES,
-                   interpolation_blocks: int = KREA_INTERPOLATION_BLOCKS,
-                   context_first_latent: str = "auto") -> tuple[dict, str, object]:
+                   interpolation_blocks: int = KREA_INTERPOLATION_BLOCKS, context_first_latent: str = "auto",
+                   clip=None, graph=None) -> tuple[dict, str, object, str]:
     """HeadForcingARSampler's work: validate, pre-flight memory check, load, generate, un-normalize.
 
-    Returns ``({"samples": latents}, report, ar_state)``. Every input error is raised (as a ValueError
+    Returns ``({"samples": latents}, report, ar_state, take)``. Every input error is raised (as a ValueError
     subclass) before the model is loaded or anything is allocated. A connected ``prompt_schedule``
     (PROMPT_SCHEDULE) replaces ``conditioning`` and ``length`` (one segment from frame 0 samples exactly
     like ``generate``).
@@ -227,8 +232,13 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     them with LatentConcat).
 
     A preset whose loop is Krea's (``KREA_PRESET``) goes to :func:`~.krea.run_krea_sampler` with
-    ``vae``, ``context_frames``, ``interpolation_blocks`` and ``context_first_latent``; a model of another
-    public layout than the preset's is refused (:func:`~.comfy_bridge.check_model_layout`).
+    ``vae``, ``context_frames``, ``interpolation_blocks`` and ``context_first_latent`` (no AR_STATE, no live
+    prompts: its take is empty); a model of another public layout than the preset's is refused
+    (:func:`~.comfy_bridge.check_model_layout`).
+
+    ``clip`` (optional): the text encoder of prompts typed live in the panel (``nodes/live.py``); ``graph``:
+    the queued prompt (ComfyUI's hidden ``PROMPT``), where the texts behind the conditionings are read for
+    the take (the run as schedule text, live switches included).
     """
     policy = sampler_policy(kv_policy, policy_preset)
     sampling = apply_model_preset(model_preset, frames_per_block=frames_per_block, steps=steps,
@@ -245,17 +255,22 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
                               sampling=sampling)
     module, spec = wan_backbone(model)
     check_model_layout(sampling, spec)
-    schedule = sampler_schedule(prompt_schedule, conditioning, req.latent_frames, req.frames_per_block)
+    schedule = schedule_texts(graph, sampler_schedule(prompt_schedule, conditioning, req.latent_frames,
+                                                      req.frames_per_block))
     req = replace(req, latent_frames=schedule.total_frames)
     shape = latent_shape(req.width, req.height, req.latent_frames, channels=spec.in_dim)
     # text width, channels, grid: checked on a shape-only tensor (nothing allocated yet)
     for segment in schedule:
         validate_inputs(WanRunner(module), segment.context, torch.empty(shape, device="meta"), req.frames_per_block)
     if krea is not None:
-        return run_krea_sampler(model, module, spec, schedule, req, krea, vae=vae, kv_policy=kv_policy,
-                                policy_preset=policy_preset, initial_latent=initial_latent,
-                                prompt_schedule_given=prompt_schedule is not None,
-                                report_head=_report_lines(req, policy, None))
+        latent, report, state = run_krea_sampler(model, module, spec, schedule, req, krea, vae=vae,
+                                                 kv_policy=kv_policy, policy_preset=policy_preset,
+                                                 initial_latent=initial_latent,
+                                                 prompt_schedule_given=prompt_schedule is not None,
+                                                 report_head=_report_lines(req, policy, None))
+        if clip is not None:
+            report += "\nlive prompts: not with Krea's loop (the clip input is not used)"
+        return latent, report, state, ""
     if initial is not None:
         check_initial_latent(initial, req, spec.in_dim)
 
@@ -284,7 +299,7 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
         describe_length=describe_schedule_length if prompt_schedule is not None else describe_length,
         describe_size=None if t0 else describe_pixels,  # the initial latent fixes the size
         what="the schedule" if prompt_schedule is not None else "the video",
-        bounded_policy_hint=not policy.is_bounded())
+        bounded_policy_hint=not policy.is_bounded(), extra_models=text_encoder(clip))
     device = run.device
     # the segment covering latent frames [s, e) starts from frames s..e-1 of a fresh e-frame draw (the new
     # frames after an initial latent: frames t0.. of it)
@@ -297,20 +312,24 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     # ComfyUI's LATENT is in the VAE's raw space; the model samples in the normalized one (KSampler's
     # process_latent_in)
     start = None if initial is None else model.model.process_latent_in(initial.float()).to(device)
-    latents, state = run.call(
-        lambda hooks: generate_schedule(
-            module, schedule, noise.to(device), steps=req.steps, shift=req.shift,
-            frames_per_block=req.frames_per_block, policy=policy, generator=renoise_generator(req.seed),
-            first_chunk_steps=req.first_chunk_steps, initial_latent=start, hooks=hooks, dtype=dtype),
-        model_calls=calls,
-        panel=story_panel(model, spec, policy, schedule, start_frame=t0, frames_per_block=req.frames_per_block,
-                          latent_size=shape[-2:], width=req.width, height=req.height, dtype=dtype))
+    with live_input(schedule, clip=clip, spec=spec, start_frame=t0, frames_per_block=req.frames_per_block) as live:
+        latents, state = run.call(
+            lambda hooks: generate_schedule(
+                module, schedule, noise.to(device), steps=req.steps, shift=req.shift,
+                frames_per_block=req.frames_per_block, policy=policy, generator=renoise_generator(req.seed),
+                first_chunk_steps=req.first_chunk_steps, initial_latent=start, hooks=hooks, dtype=dtype, live=live),
+            model_calls=calls,
+            panel=story_panel(model, spec, policy, schedule, start_frame=t0, frames_per_block=req.frames_per_block,
+                              latent_size=shape[-2:], width=req.width, height=req.height, dtype=dtype, live=live))
+    take, take_lines = take_result(state.history[1 if t0 else 0:], req.frames_per_block, live, seed=req.seed)
     report = finish_report(model, [
         *_report_lines(req, policy, run, initial_latent),
         schedule_report(schedule, t0 if prompt_schedule is not None else 0, default_recache_mode(policy)),
+        *take_lines,
+        preview_report(),
         f"AR_STATE: {state.nbytes / 2**20:.1f} MiB in CPU memory",
     ])
-    return run.latent_output(latents), report, state
+    return run.latent_output(latents), report, state, take
 
 
 def sampling_lines(req: SamplerRequest) -> list[str]:

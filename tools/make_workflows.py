@@ -33,6 +33,8 @@ twin of a UI file, same node ids, used by the tests and ``tools/host.py demo``):
   LoRA through LoraLoaderModelOnly), the ``longlive`` cache preset and its recache.
 * ``headforcing_krea_realtime.json`` (+ API twin) — Krea Realtime 14B (fp8 weights) with its own loop:
   a four-prompt story interpolated between blocks, the Wan 2.1 VAE for the context re-encode.
+* ``headforcing_live.json`` (+ API twin) — one minute steered live from the sampler's panel: the
+  text encoder wired into the sampler's ``clip`` input, the ``take`` output shown.
 
 Models are referenced by their standard names (``REAL_MODELS`` in ``tools/comfyhost/paths.py``).
 Standard library only.
@@ -581,6 +583,48 @@ Switch timing: each segment starts its own chunks at its first frame and its pro
 model_preset 'LongLive': 3 frames per block, steps 1000,750,500,250, shift 5. Seed 1 as in LongLive's config (its noise is not ours: same settings, not the same video). No CFG, no negative prompt. docs/multiprompt.md explains both recache modes."""
 
 
+LIVE_PROMPT = ("A red fox trots through a snowy pine forest at dawn, soft golden light, cinematic tracking shot, "
+               "highly detailed, natural motion.")
+LIVE_NOTE = """Head Forcing: direct the video while it renders (live prompts, recorded as a take)
+
+Press Run, then watch the sampler's panel: the chunks play there as they are made. Type the next prompt in the panel's prompt line, pick the transition and press Enter (or Switch): the prompt is encoded with this graph's text encoder (the CLIP wired into the sampler's 'clip' input) between two chunks and switched in at the next chunk boundary.
+Transitions: cut; recache N (LongLive: re-run the last N frames under the new prompt); blend N (cross-attention blended over N latent frames); interpolate N (Krea Realtime's switch: the text embeddings interpolated over N chunks, 4 as Krea's server does).
+
+Every switch is recorded. When the run ends, the sampler's 'take' output (shown here) is the run as schedule text, and the panel's 'Use take' button puts it into the graph as a Prompt Schedule From Text node on the sampler's prompt_schedule with the seed fixed: Run renders exactly the same video again (and AR_STATE -> Continue goes on from it). ComfyUI caches the sampler's outputs by its inputs: running the same graph again shows the same take; change the seed (or use the take) for a new run.
+
+Length: 60 s (961 frames) gives time to steer; model_preset 'Self Forcing chunk-wise'. Models as in the one-minute workflow. docs/live.md explains the route, the take and what is safe to send."""
+
+
+def _model_and_prompt(g: Graph, title: str, text: str) -> tuple[Node, Node, Node]:
+    """Load Diffusion Model, Load Text Encoder and a CLIP Text Encode, where every one-prompt graph has them
+    (the caller links them, in its own order: link ids follow it)."""
+    unet = g.add("UNETLoader", (-420, 40), (380, 82), "Load Diffusion Model (Self Forcing)", unet_name=UNET,
+                 weight_dtype="default")
+    clip = _text_loader(g, -420, 170)
+    prompt = g.add("CLIPTextEncode", (0, 40), (420, 200), title, color=PROMPT_COLOR, text=text)
+    return unet, clip, prompt
+
+
+def live(info: dict) -> Graph:
+    g = Graph(info, "headforcing_live")
+    unet, clip, prompt = _model_and_prompt(g, "First prompt", LIVE_PROMPT)
+    smp = g.add("HeadForcingARSampler", (470, 40), (420, 560), "Head Forcing AR Sampler (live)", width=832,
+                height=480, length=961, seed=42, length_unit="frames", policy="head_forcing",
+                model_preset="Self Forcing chunk-wise")
+    vae = g.add("VAELoader", (-420, 330), (380, 60), "Load VAE (Wan 2.1)", vae_name=VAE)
+    g.link(unet, smp, "model")
+    g.link(clip, prompt, "clip")
+    g.link(prompt, smp, "conditioning")
+    g.link(clip, smp, "clip")
+    _decode_save(g, smp.out("latent"), vae, 940, 40, "video/headforcing_live")
+    take = g.add("PreviewAny", (940, 520), (480, 260), "Take (schedule text)")
+    g.link(smp.out("take"), take, "source")
+    report = g.add("PreviewAny", (470, 650), (420, 220), "Sampler Report")
+    g.link(smp.out("report"), report, "source")
+    g.note(LIVE_NOTE, (-420, 450), (380, 560), "Read me: Head Forcing live prompts")
+    return g
+
+
 def _text_loader(g: Graph, x: float, y: float) -> Node:
     return g.add("CLIPLoader", (x, y), (380, 106), "Load Text Encoder (umT5-XXL, wan)",
                  clip_name=TEXT_ENCODER, type="wan", device="default")
@@ -601,10 +645,7 @@ def _decode_save(g: Graph, latent, vae: Node, x: float, y: float, prefix: str, d
 
 def long_video(info: dict) -> Graph:
     g = Graph(info, "headforcing_long_video")
-    unet = g.add("UNETLoader", (-420, 40), (380, 82), "Load Diffusion Model (Self Forcing)", unet_name=UNET,
-                 weight_dtype="default")
-    clip = _text_loader(g, -420, 170)
-    prompt = g.add("CLIPTextEncode", (0, 40), (420, 200), "Prompt", color=PROMPT_COLOR, text=LONG_VIDEO_PROMPT)
+    unet, clip, prompt = _model_and_prompt(g, "Prompt", LONG_VIDEO_PROMPT)
     pol = g.add("HeadForcingCachePolicy", (0, 300), (420, 300), "Head Forcing Cache Policy", preset="head_forcing",
                 width=832, height=480, length=961)
     smp = g.add("HeadForcingARSampler", (470, 40), (360, 380), "Head Forcing AR Sampler", width=832, height=480,
@@ -689,7 +730,7 @@ def continuation(info: dict) -> Graph:
     cont = []
     state = smp.out("ar_state")
     for i, (transition, frames) in enumerate((("recache", 3), ("blend", 6))):
-        node = g.add("HeadForcingContinue", (840, 40 + 388 * i), (340, 280),
+        node = g.add("HeadForcingContinue", (840, 40 + 470 * i), (340, 280),
                      f"Continue (+5 s, {transition} {frames})", length=5.0, length_unit="seconds",
                      transition=transition, transition_frames=frames, seed=42)
         g.link(unet, node, "model")
@@ -884,6 +925,7 @@ BUILDERS = {
     "headforcing_extend_video.json": (extend_video, True),
     "headforcing_longlive_story.json": (longlive_story, True),
     "headforcing_krea_realtime.json": (krea_realtime, True),
+    "headforcing_live.json": (live, True),
 }
 
 

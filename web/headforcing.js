@@ -8,8 +8,11 @@
 //   head's statistics.
 // * Sampler panel (widgets/sampler_panel.js): on the AR sampler (and any node that sends
 //   `headforcing.progress`), chunk k of n, seconds of video done, the current segment's prompt,
-//   the KV cache in use and a thumbnail of the newest chunk — one websocket message per
-//   committed chunk.
+//   the KV cache in use and the chunks' frames played at the video's rate — one websocket message
+//   per committed chunk.
+// * Live prompts (widgets/live_input.js): in the sampler's panel while it runs, a prompt line and
+//   a transition sent to POST /headforcing/live and switched in at the next chunk boundary; after
+//   the run, its take and "Use take" (a Prompt Schedule From Text node on the sampler).
 // * Policy estimate (widgets/policy_estimate.js): on the Cache Policy node, the memory figure for
 //   the current widget values, from the server's own computation (GET /headforcing/estimate).
 // * Model preset (widgets/model_preset.js): on the AR sampler, choosing a model preset fills the
@@ -25,13 +28,14 @@
 
 import { app, fitNode } from "./lib/comfy.js";
 import * as headMap from "./widgets/head_map.js";
+import * as liveInput from "./widgets/live_input.js";
 import * as modelPreset from "./widgets/model_preset.js";
 import * as policyEstimate from "./widgets/policy_estimate.js";
 import * as samplerPanel from "./widgets/sampler_panel.js";
 
 const EXTENSION = "headforcing.web";
 // in this order: each hook runs for every widget, as one extension
-const WIDGETS = [headMap, samplerPanel, policyEstimate, modelPreset];
+const WIDGETS = [headMap, samplerPanel, liveInput, policyEstimate, modelPreset];
 
 function loadCss() {
   if (document.querySelector("link[data-headforcing-css]")) return;

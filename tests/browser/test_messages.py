@@ -100,6 +100,33 @@ def test_sampler_panel_sends_one_event_per_chunk():
     assert im.format == "JPEG" and max(im.size) == M.PREVIEW_MAX_SIDE and im.size == (192, 144)
 
 
+def test_every_chunk_brings_its_frames_and_follows_a_live_switch():
+    """One JPEG per latent frame (the chunk's own frames, in order), each 0.25 s of video; the report's
+    previews line; a live switch relabels the rest of the run."""
+    sent = []
+    with M.live_panel("7", send=lambda node, payload: sent.append(payload) or True):
+        M.describe_run(total_latent_frames=9, frames_per_block=3, latent_format=_Format(),
+                       segments=[("a cat", 9)], live={"text": True, "segments": ["a cat"]})
+        x0 = torch.zeros(1, 16, 3, 6, 8)
+        x0[:, :, 1] = 3.0  # the middle frame bright, the others not
+        M.chunk_done(x0)
+        M.live_switched(3, "a dog")
+        M.chunk_done(torch.randn(1, 16, 3, 6, 8))
+        M.chunk_done(torch.randn(1, 16, 2, 6, 8))  # a short last chunk: two frames
+        line = M.preview_report()
+    chunks = [p for p in sent if p["kind"] == "chunk"]
+    assert [len(p["frames"]) for p in chunks] == [3, 3, 2] and {p["frame_seconds"] for p in chunks} == {0.25}
+    assert all(p["preview"] == p["frames"][-1] and p["live"]["text"] for p in chunks)
+    from PIL import Image
+    means = [sum(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("L").getdata()) for u in
+             chunks[0]["frames"]]
+    assert means[1] != means[0] == means[2], "the frames are the chunk's own, in order"
+    assert [(p["segment"], p["segments"], p["prompt"], p["segment_live"]) for p in chunks] == [
+        (1, 1, "a cat", False), (2, 2, "a dog", True), (2, 2, "a dog", True)]
+    assert line.startswith("previews: 2.66667 frames per chunk (latent→RGB, ≤ 192 px)") and "for 3 chunks" in line
+    assert M.preview_report() == ""  # no panel: no line
+
+
 def test_sampler_panel_never_breaks_a_run():
     def boom(node, payload):
         raise RuntimeError("socket gone")

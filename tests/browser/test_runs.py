@@ -90,7 +90,7 @@ OBSERVE_PANEL_JS = """
   const record = () => log.push({
     updates: Number(root.dataset.updates || 0), kind: root.dataset.kind, chunk: Number(root.dataset.chunk || 0),
     chunks: Number(root.dataset.chunks || 0), segment: root.dataset.segment || '', text: root.innerText,
-    kv: root.dataset.kvBytes || '', preview: root.querySelector('img').getAttribute('src') || '' });
+    kv: root.dataset.kvBytes || '', preview: root.headforcing.lastPreview || '' });
   new MutationObserver(record).observe(root, { attributes: true, attributeFilter: ['data-updates'] });
   }
   return true;

@@ -42,3 +42,8 @@ def text_context(batch=1, tokens=24, seed=1, dtype=torch.float32):
 def latent_noise(frames, h=8, w=8, batch=1, seed=2, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 16, frames, h, w, generator=g).to(dtype)
+
+
+def rel_err(a, b):
+    """‖a − b‖ / ‖b‖."""
+    return float((a - b).norm() / b.norm())

@@ -200,6 +200,29 @@ def _run_in_own_loop(coro_fn):
     return box["value"]
 
 
+def pack_module(submodule: str):
+    """``nodes.<submodule>`` of the pack, imported in this process as ComfyUI imports the pack (a package,
+    ComfyUI's own modules on the path, ``--cpu``); skips when ComfyUI's ``comfy_api`` cannot be imported."""
+    import importlib
+    import importlib.util
+
+    if str(host.COMFY) not in sys.path:
+        sys.path.insert(0, str(host.COMFY))
+    try:
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True  # as the server runs: no CUDA probing in this process
+        import comfy_api.latest  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"ComfyUI's comfy_api is not importable here: {e}")
+    name = "headforcing_pack_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return importlib.import_module(f"{name}.nodes.{submodule}")
+
+
 # --------------------------------------------------------------------------------------
 # workflow builders (API format)
 # --------------------------------------------------------------------------------------

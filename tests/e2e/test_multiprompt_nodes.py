@@ -9,15 +9,13 @@ encoding is checked in-process with a stand-in CLIP (umT5 cannot be made tiny).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import uuid
 
 import pytest
 import torch
 
-from .conftest import REPO, ComfyError, host
+from .conftest import REPO, ComfyError, host, pack_module
 from .workflow_twins import shipped_twins
 
 SEED = 5
@@ -113,11 +111,13 @@ def test_schemas(comfy):
     text = info["HeadForcingPromptScheduleFromText"]
     assert text["input"]["required"]["clip"][0] == "CLIP" and text["output"][0] == "PROMPT_SCHEDULE"
     cont = info["HeadForcingContinue"]
-    assert cont["output"] == ["LATENT", "AR_STATE", "STRING"]
+    assert cont["output"] == ["LATENT", "AR_STATE", "STRING", "STRING"]  # ..., report, take (issue 22)
     assert cont["input"]["required"]["ar_state"][0] == "AR_STATE"
     assert {"conditioning", "prompt_schedule"} <= set(cont["input"]["optional"])
     sampler = info["HeadForcingARSampler"]
-    assert sampler["output"] == ["LATENT", "STRING", "AR_STATE"]
+    assert sampler["output"] == ["LATENT", "STRING", "AR_STATE", "STRING"]  # ..., take (issue 22)
+    for node in (sampler, cont):
+        assert node["input"]["optional"]["clip"][0] == "CLIP" and node["output_name"][-1] == "take"
     assert sampler["input"]["optional"]["prompt_schedule"][0] == "PROMPT_SCHEDULE"
     assert info["HeadForcingSaveARState"]["output_node"] is True
     assert info["HeadForcingLoadARState"]["output"] == ["AR_STATE", "STRING"]
@@ -301,21 +301,7 @@ class FakeClip:
 
 @pytest.fixture(scope="module")
 def pack_nodes():
-    if str(host.COMFY) not in sys.path:
-        sys.path.insert(0, str(host.COMFY))
-    try:
-        import comfy.cli_args
-        comfy.cli_args.args.cpu = True  # as the server runs: no CUDA probing in this process
-        import comfy_api.latest  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"ComfyUI's comfy_api is not importable here: {e}")
-    name = "headforcing_pack_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(name + ".nodes.prompts")
+    return pack_module("prompts")
 
 
 def test_text_node_encodes_every_line(pack_nodes):
@@ -330,7 +316,7 @@ def test_text_node_encodes_every_line(pack_nodes):
     assert "blend 4" in summary
     assert pack_nodes.HeadForcingPromptScheduleFromText.validate_inputs(text="5 | ok\nbad line") == \
         "line 2 ('bad line'): no '|' between the length and the prompt; expected 'seconds | prompt' " \
-        "(optionally '| cut', '| recache N [mode]' or '| blend N')"
+        "(optionally '| cut', '| recache N [mode]', '| blend N' or '| interpolate N')"
     # a recache line may name its mode (issue 15); without one the policy's default applies at sampling time
     out = pack_nodes.HeadForcingPromptScheduleFromText.execute(
         clip, "3 | a | cut\n3 | b | recache 12 longlive\n3 | c | recache 3\n3 | d | recache 12 longlive_local_sink")
@@ -340,7 +326,8 @@ def test_text_node_encodes_every_line(pack_nodes):
     assert "recache (longlive: LongLive's window, 12 frames): b" in summary and "recache 3: c" in summary, summary
     assert pack_nodes.HeadForcingPromptScheduleFromText.validate_inputs(text="3 | a | recache 3 sideways") == \
         "line 1 ('3 | a | recache 3 sideways'): 'sideways' is not a recache mode (block_causal, longlive, " \
-        "longlive_local_sink); expected 'seconds | prompt' (optionally '| cut', '| recache N [mode]' or '| blend N')"
+        "longlive_local_sink); expected 'seconds | prompt' (optionally '| cut', '| recache N [mode]', '| blend N' or " \
+        "'| interpolate N')"
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,9 +20,13 @@ export const NODE = {
   profileHeads: "HeadForcingProfileHeads",
   classifyHeads: "HeadForcingClassifyHeads",
   loadProfile: "HeadForcingLoadHeadProfile",
+  scheduleText: "HeadForcingPromptScheduleFromText",
 };
 export const EVENT_PROGRESS = "headforcing.progress"; // websocket event, one per committed chunk
+export const EVENT_LIVE = "headforcing.live"; // websocket event: a live switch applied, waiting, refused, expired
 export const HEAD_MAP_KEY = "headforcing_head_map"; // key of the profile nodes' UI data
+export const TAKE_KEY = "headforcing_take"; // key of the sampler's / Continue's UI data: the take
+export const LIVE_ROUTE = "/headforcing/live"; // POST: a prompt for the running sampler
 export const ESTIMATE_ROUTE = "/headforcing/estimate"; // GET: the Cache Policy node's memory figure
 export const MODEL_PRESETS_ROUTE = "/headforcing/model_presets"; // GET: what each sampler model preset fills in
 
@@ -30,6 +34,19 @@ export const MODEL_PRESETS_ROUTE = "/headforcing/model_presets"; // GET: what ea
 export async function getJson(route, query) {
   const res = await api.fetchApi(`${route}?${query.toString()}`, { cache: "no-store" });
   return { status: res.status, body: await res.json() };
+}
+
+/** POST JSON to a route of the server: `{status, body}`; throws when it cannot. */
+export async function postJson(route, payload) {
+  const res = await api.fetchApi(route, {
+    method: "POST", cache: "no-store", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload),
+  });
+  return { status: res.status, body: await res.json() };
+}
+
+/** The id the server knows this page by (ComfyUI's client_id of the prompts it queues). */
+export function clientId() {
+  return api.clientId ?? api.initialClientId ?? null;
 }
 
 export function redraw() {
@@ -53,6 +70,16 @@ export function nodeByExecutionId(id) {
     graph = node.subgraph;
   }
   return node;
+}
+
+/** [origin node, its output slot] of the link into input `name` of `node`, or null. */
+export function inputLink(node, name) {
+  const slot = node?.findInputSlot?.(name) ?? -1;
+  const id = slot >= 0 ? node.inputs?.[slot]?.link : null;
+  if (id == null) return null;
+  const link = app.graph.links.get ? app.graph.links.get(id) : app.graph.links[id];
+  const origin = link ? app.graph.getNodeById(link.origin_id) : null;
+  return origin ? [origin, link.origin_slot] : null;
 }
 
 /** The node connected to input `name` of `node`, or null. */

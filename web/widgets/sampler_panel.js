@@ -2,7 +2,10 @@
 //
 // On the AR sampler and Continue (and any node that sends `headforcing.progress`): a progress
 // bar, chunk k of n, seconds of video done, the current segment's prompt, the KV cache in use
-// and a thumbnail of the newest chunk — one websocket message per committed chunk.
+// and the chunks' frames played at the video's own rate (lib/player.js) — one websocket message
+// per committed chunk. While the run takes live input, the live box (widgets/live_input.js) sits
+// under it: a prompt line and the transition, switched in at the next chunk boundary; when the
+// node has run, its take and the "Use take" button.
 //
 // Exports only (the extension in ../headforcing.js calls the hooks): ComfyUI's extension loader
 // imports every .js file under web/, so loading this one on its own must do nothing.
@@ -10,6 +13,8 @@
 import { EVENT_PROGRESS, NODE, addPanel, api, fitNode, graphNodes, inputNode, nodeByExecutionId, redraw }
   from "../lib/comfy.js";
 import { el, fmtSeconds, gib } from "../lib/dom.js";
+import { FramePlayer } from "../lib/player.js";
+import { LiveBox } from "./live_input.js";
 
 const NODES = new Set([NODE.sampler, NODE.continue]);
 
@@ -18,6 +23,9 @@ export class SamplerPanel {
     this.node = node;
     this.updates = 0;
     this.promptId = null;
+    this.nodeId = String(node.id); // the execution id the server names (a subgraph's "a:b" once it reports)
+    this.runningChunk = 0; // the chunk being made, as far as this page knows
+    this.lastPreview = "";
     this.root = el("div", "hf-widget hf-panel");
     this.root.dataset.testid = "hf-sampler-panel";
     this.root.dataset.kind = "idle";
@@ -31,13 +39,35 @@ export class SamplerPanel {
     this.prompt = el("div", "hf-panel-prompt", "");
     this.kv = el("div", "hf-panel-kv hf-muted", "");
     text.append(this.status, this.time, this.prompt, this.kv);
-    this.preview = el("img", "hf-panel-preview");
-    this.preview.alt = "newest chunk";
+    this.preview = el("canvas", "hf-panel-preview");
+    this.preview.title = "the chunks as they are made, at the video's rate";
     this.preview.style.display = "none";
+    this.player = new FramePlayer(this.preview, (f, timing) => this.played(f, timing));
     row.append(text, this.preview);
-    this.root.append(this.bar, row);
+    this.live = new LiveBox(this);
+    this.root.append(this.bar, row, this.live.root, this.live.takeRow);
     this.root.headforcing = this;
-    this.widget = addPanel(node, "headforcing_panel", this.root, () => 92);
+    this.widget = addPanel(node, "headforcing_panel", this.root, () => this.height());
+  }
+
+  height() {
+    // bar and row (the frames are 96 px high), then the live box and the take when shown
+    return 124 + (this.live.open ? 84 : 0) + (this.live.takeRow.style.display === "none" ? 0 : 30);
+  }
+
+  resize() {
+    fitNode(this.node);
+  }
+
+  played(frame, timing) {
+    const ds = this.root.dataset;
+    ds.framesShown = String(timing.shown);
+    ds.framesDropped = String(timing.dropped);
+    ds.drawMsMax = timing.drawMsMax.toFixed(2);
+    ds.drawMsMean = timing.drawMsMean.toFixed(2);
+    ds.drawMsP95 = timing.drawMsP95.toFixed(2);
+    ds.keepsUp16 = String(timing.keepsUp16);
+    ds.playingChunk = String(frame.chunk ?? "");
   }
 
   update(d) {
@@ -47,6 +77,8 @@ export class SamplerPanel {
     this.root.dataset.chunk = String(d.chunk ?? 0);
     this.root.dataset.chunks = String(d.chunks ?? 0);
     if (d.prompt_id) this.promptId = d.prompt_id;
+    if (d.node !== undefined) this.nodeId = String(d.node);
+    this.runningChunk = d.kind === "start" || d.kind === "chunk" ? (d.chunk || 0) + 1 : 0;
     const frac = d.chunks ? Math.min(1, (d.chunk || 0) / d.chunks) : 0;
     this.fill.style.width = `${(100 * frac).toFixed(1)}%`;
     const verb = { start: "starting", done: "done", stopped: "stopped" }[d.kind] || "chunk";
@@ -60,7 +92,7 @@ export class SamplerPanel {
     if (d.prompt !== undefined) {
       // the server knows a segment's label (Schedule From Text: its prompt); the graph knows the
       // text of the CLIPTextEncode behind a CONDITIONING
-      const fromGraph = promptFromGraph(this.node, d.segment || 1, d.segments || 1);
+      const fromGraph = d.segment_live ? "" : promptFromGraph(this.node, d.segment || 1, d.segments || 1);
       const text = fromGraph || d.prompt || "";
       const label = fromGraph && d.prompt && d.prompt !== fromGraph ? ` (${d.prompt})` : "";
       const seg = d.segments > 1 ? `segment ${d.segment}/${d.segments}${label}: ` : `prompt${label}: `;
@@ -76,11 +108,14 @@ export class SamplerPanel {
         (d.kv_budget_bytes !== undefined ? ` (bounded at ${gib(d.kv_budget_bytes)})` : "");
       this.root.dataset.kvBytes = String(d.kv_bytes);
     }
-    if (d.preview) {
-      this.preview.src = d.preview;
+    const frames = d.frames || (d.preview ? [d.preview] : []);
+    if (frames.length) {
+      this.lastPreview = frames[frames.length - 1];
       this.preview.style.display = "";
+      this.player.push(frames, d.frame_seconds, d.chunk);
       this.root.dataset.previews = String(Number(this.root.dataset.previews || 0) + 1);
     }
+    this.live.update(d);
     redraw();
   }
 
@@ -88,6 +123,7 @@ export class SamplerPanel {
     if (this.root.dataset.kind === "chunk" || this.root.dataset.kind === "start") {
       this.root.dataset.kind = "stopped";
       this.status.textContent = `${reason} at chunk ${this.root.dataset.chunk} of ${this.root.dataset.chunks}`;
+      this.live.show(false);
     }
   }
 }

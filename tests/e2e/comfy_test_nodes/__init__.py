@@ -10,9 +10,13 @@ harness links it into the server's ``custom_nodes/`` next to the pack.
   ComfyUI detected a loaded MODEL / VAE (classes, shapes, dtypes, latent format).
 * ``HFTestContextVAE``: the pack's streaming VAE for Krea's context re-encode (``nodes/krea.py``
   ``ComfyContextVAE``) against ComfyUI's own ``VAE.decode`` / ``VAE.encode``; reports the differences.
+* ``HFTestTextEncoder``: a CLIP stand-in (``tokenize`` / ``encode_from_tokens_scheduled``, what
+  ComfyUI's CLIPTextEncode and the pack call) whose output ``[1, words, 4096]`` is a deterministic
+  function of the text; stands in for umT5 where a CLIP is wired (live prompts, Schedule From Text).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
@@ -198,12 +202,51 @@ class HFTestContextVAE(io.ComfyNode):
                 "encode_scale": float(enc_comfy.abs().max())}
         text = json.dumps(info, sort_keys=True)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
+class TestTextEncoder:
+    """Text → ``[1, words, dim]``: word ``i`` becomes a normal vector (* ``scale``) seeded by a hash of ``i`` and
+    the word, so the same text always gives the same tensor and different texts differ. ComfyUI's CLIP
+    interface as far as CLIPTextEncode and the pack use it."""
+
+    MAX_TOKENS = 512
+
+    def __init__(self, dim: int = 4096, scale: float = 0.1):
+        self.dim, self.scale = int(dim), float(scale)
+        self.encoded = 0  # texts encoded (the tests count them)
+
+    def tokenize(self, text, **kwargs):
+        return {"words": (str(text).split() or [""])[: self.MAX_TOKENS]}
+
+    def encode_from_tokens_scheduled(self, tokens, **kwargs):
+        self.encoded += 1
+        rows = []
+        for i, word in enumerate(tokens["words"]):
+            seed = int.from_bytes(hashlib.sha256(f"{i}:{word}".encode()).digest()[:8], "little") % (2**63)
+            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)) * self.scale)
+        return [[torch.stack(rows)[None], {"pooled_output": None}]]
+
+
+class HFTestTextEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HFTestTextEncoder",
+            display_name="HF Test: Text Encoder",
+            category="testing/headforcing",
+            description="A CLIP stand-in: text -> [1, words, 4096], deterministic from the text. Test-only.",
+            inputs=[io.Float.Input("scale", default=0.1, min=0.0, max=10.0, step=0.01, optional=True)],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, scale=0.1) -> io.NodeOutput:
+        return io.NodeOutput(TestTextEncoder(scale=scale))
 
 
 class HFTestExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [HFTestConditioning, HFTestRandomLatent, HFTestModelInfo, HFTestVAEInfo, HFTestContextVAE]
+        return [HFTestConditioning, HFTestRandomLatent, HFTestModelInfo, HFTestVAEInfo, HFTestContextVAE,
+                HFTestTextEncoder]
 
 
 async def comfy_entrypoint() -> HFTestExtension:
