@@ -6,6 +6,7 @@ Examples::
     python -m headforcing_core.bench --estimate --model-shape 14b --weights-dtype fp8 --seconds 60
     python -m headforcing_core.bench --model-shape tiny --width 256 --height 128 --seconds 30 --chunks 3
     python -m headforcing_core.bench --model-shape 1.3b --device cuda --dtype bf16 --seconds 30 60
+    python -m headforcing_core.bench --memory --model-shape 1.3b --device cuda --seconds 10           # peak memory
     python -m headforcing_core.bench --estimate --model-shape 14b --seconds 60 --loop krea     # + Krea's loop
 
 Timed runs use random weights of the named shape. To measure a long video's
@@ -43,6 +44,7 @@ import time
 import torch
 
 from .backbone import BackboneSpec, WanRunner
+from .bench_memory import measure_run
 from .geometry import SPACE_COMPRESSION, TIME_COMPRESSION, latent_frames_for_seconds
 from .memory import estimate_run
 from .policies import PRESETS, make_policy
@@ -54,10 +56,15 @@ MODEL_SHAPES = {
     "tiny": WanConfig(dim=256, num_heads=2, num_layers=2, ffn_dim=512),
     "1.3b": WanConfig(),
     "14b": WanConfig(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824),
+    # the head layouts made narrow, for CPU measurements (16- / 8-wide heads, Wan's feed-forward ratio, a
+    # 32-token text): the KV cache dominates and the rest keeps the proportions it has at full size
+    "1.3b-narrow": WanConfig(dim=12 * 16, num_heads=12, num_layers=30, ffn_dim=1120, text_len=32),
+    "14b-narrow": WanConfig(dim=40 * 8, num_heads=40, num_layers=40, ffn_dim=864, text_len=32),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the weights term of the estimates: the model as ComfyUI holds it loaded (fp8: UNETLoader's fp8_e4m3fn / e5m2)
 WEIGHTS_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn}
+MEMORY_PROMPT_TOKENS = 64  # text-encoder tokens of the two prompts of a --memory run
 DEFAULT_POLICIES = ("self_forcing_window", "sink_window", "longlive", "pyramid_forcing", "head_forcing")
 
 
@@ -240,8 +247,9 @@ def run_policy(model, policy_name: str, args, latent_frames: int, device: torch.
     phases = phase_times(sampler, noise[:, :, f:2 * f], renoise)  # one more, its phases timed apart
     profiled = profile_chunk(sampler, noise[:, :, 2 * f:3 * f], renoise) if args.profile else None
     plan = sampler.last_plan
-    counters.update(gathered_bytes_per_chunk=plan.gathered_bytes, chunk_bytes_written_per_model_call=plan.chunk_write_bytes(),
-                    query_frame_classes=plan.classes)
+    counters.update(gathered_bytes_per_model_call=plan.gathered_bytes,
+                    chunk_bytes_written_per_model_call=plan.chunk_write_bytes(),
+                    bytes_moved_per_layer_call=plan.bytes_per_layer_call(), query_frame_classes=plan.classes)
     attended = plan.attended_tokens()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -302,10 +310,12 @@ def _krea_row(spec: BackboneSpec, frames: int, args) -> dict:
 
     dtype = DTYPES[args.dtype] if args.dtype != "fp32" else torch.bfloat16
     est = estimate_krea(spec, KreaSettings(), latent_frames=frames, latent_height=args.height // SPACE_COMPRESSION,
-                        latent_width=args.width // SPACE_COMPRESSION, dtype=dtype, vae_dtype=dtype)
+                        latent_width=args.width // SPACE_COMPRESSION, dtype=dtype, vae_dtype=dtype,
+                        weights_bytes=spec.weights_bytes(WEIGHTS_DTYPES[args.weights_dtype]))
     return {"kv_bytes": est.kv_bytes, "kv_bytes_by_type": est.kv_bytes_by_type, "attended_tokens": est.attended_tokens,
             "attended_frames": est.attended_tokens / est.tokens_per_frame, "workspace_bytes": est.attention_bytes,
-            "total_bytes": est.total_bytes, "krea_context_bytes": est.extra_bytes, "kv_dtype": str(dtype)[6:]}
+            "run_bytes": est.run_bytes, "weights_bytes": est.weights_bytes, "total_bytes": est.total_bytes,
+            "krea_context_bytes": est.extra_bytes, "kv_dtype": str(dtype)[6:]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
                          "embedding); the timed model still runs in --dtype")
     ap.add_argument("--profile", action="store_true",
                     help="one more steady-state chunk per policy under torch.profiler: time per op kind, top ops")
+    ap.add_argument("--memory", action="store_true",
+                    help="measure each policy's peak memory instead of timing it: a whole run (two prompts, the "
+                         "AR_STATE captured) under the allocation tracker on a CPU, from the CUDA allocator on a "
+                         "GPU (with the largest allocations at the peak), next to the estimate "
+                         "(headforcing_core.bench_memory)")
     ap.add_argument("--loop", choices=("self_forcing", "krea"), default="self_forcing",
                     help="krea: with --estimate, also a row for Krea Realtime's loop (its defaults, the Wan 2.1 VAE's "
                          "re-encode state in the KV dtype)")
@@ -353,8 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     model = None
     if not args.estimate:
         model = random_backbone(cfg, seed=0, dtype=DTYPES[args.dtype]).to(device)
-        peak = measure_matmul_peak(device, DTYPES[args.dtype])
-        report["matmul_peak_tflops"] = peak / 1e12
+        if not args.memory:
+            report["matmul_peak_tflops"] = measure_matmul_peak(device, DTYPES[args.dtype]) / 1e12
+    gen = torch.Generator().manual_seed(7)
+    tokens = min(MEMORY_PROMPT_TOKENS, spec.text_len)
+    prompts = [torch.randn(1, tokens, spec.text_dim, generator=gen) * 0.1 for _ in range(2)]
     for seconds in args.seconds:
         frames = latent_frames_for_seconds(seconds)
         per_policy = {}
@@ -368,7 +386,13 @@ def main(argv: list[str] | None = None) -> int:
                    "workspace_bytes": est.attention_bytes, "run_bytes": est.run_bytes,
                    "weights_bytes": est.weights_bytes, "total_bytes": est.total_bytes,
                    "kv_dtype": "bf16" if args.dtype == "fp32" else args.dtype}
-            if model is not None:
+            if model is not None and args.memory:
+                row["memory"] = measure_run(model, name, prompts, latent_frames=frames,
+                                            latent_height=args.height // SPACE_COMPRESSION,
+                                            latent_width=args.width // SPACE_COMPRESSION,
+                                            frames_per_block=args.frames_per_block, dtype=DTYPES[args.dtype],
+                                            device=device, attention_backend=args.attention_backend)
+            elif model is not None:
                 row.update(run_policy(model, name, args, frames, device))
             per_policy[name] = row
         ref = per_policy.get("self_forcing_window")
@@ -380,21 +404,21 @@ def main(argv: list[str] | None = None) -> int:
                     row["speedup_vs_self_forcing_window"] = row["video_fps"] / ref["video_fps"]
                     row["pipelined_speedup_vs_self_forcing_window"] = (row["pipelined_video_fps"]
                                                                        / ref["pipelined_video_fps"])
+                if "memory" in row and "memory" in ref:
+                    row["memory"]["device_peak_ratio_vs_self_forcing_window"] = (
+                        row["memory"]["device_peak_bytes"] / ref["memory"]["device_peak_bytes"])
                 if "counters" in row and "counters" in ref:
                     row["counters"]["ops_ratio_vs_self_forcing_window"] = (
                         row["counters"]["aten_ops_per_chunk"] / ref["counters"]["aten_ops_per_chunk"])
         if args.loop == "krea":
             per_policy["krea"] = _krea_row(spec, frames, args)
         report["results"][f"{seconds:g}s"] = {"latent_frames": frames, "policies": per_policy}
-    if model is not None:
+    if model is not None and not args.memory:
         for length in report["results"].values():
             for row in length["policies"].values():
                 row["forward_fraction_of_peak"] = row["achieved_tflops"] / report["matmul_peak_tflops"]
                 row["attention"]["fraction_of_peak"] = row["attention"]["tflops"] / report["matmul_peak_tflops"]
     report["vae_decode"] = "not measured: the core has no VAE; decode speed is ComfyUI's VAEDecode"
-    with torch.device("meta"):
-        params = sum(p.numel() for p in random_backbone(cfg).parameters())
-    report["weights_bytes"] = {"bf16": 2 * params, "fp8": params}  # what a run adds: the model's weights
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

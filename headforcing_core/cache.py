@@ -489,6 +489,13 @@ class HeadwiseKVCache:
                     ep.accept(pk, pv, sig, frame, opens)
             ts.frames.release(effects.keep_frames)
 
+    def raw_frame(self, head_type: str, frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A held frame's raw (un-rotated) keys and its values, ``[B, N, tokens, D]`` (for inspection)."""
+        ts = self.store(head_type)
+        page = ts.frames.page_of[frame]
+        k = rotate_entries(ts.frames.k[:, :, page].unsqueeze(2), float(frame), self._native, inverse=True)
+        return k.squeeze(2), ts.frames.v[:, :, page]
+
     def pooled_frame(self, ts: TypeStore, frame: int, pool: int, placed: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A held frame pooled ``pool×pool``: its keys un-rotated to raw keys and pooled — rotated again at
@@ -502,15 +509,13 @@ class HeadwiseKVCache:
         out_k = k.new_empty(b, n, ph * pw, d)
         out_v = v.new_empty(b, n, ph * pw, d)
         sig = torch.empty(b, n, d, dtype=torch.float32, device=k.device) if placed is not None else None
-        when = torch.tensor([float(frame)], dtype=torch.float64)
-        zero = torch.zeros(1, dtype=torch.float64)
         for heads in _head_slices(k):
-            raw = rotate_entries(k[:, heads].unsqueeze(2), when, self._native, inverse=True).squeeze(2)
+            raw = rotate_entries(k[:, heads].unsqueeze(2), float(frame), self._native, inverse=True).squeeze(2)
             pk = pool_tokens(raw, *self.grid, pool)
             del raw
             if placed is not None:
                 sig[:, heads] = pk.float().mean(dim=2)
-                pk = rotate_entries(pk.unsqueeze(2), zero, placed).squeeze(2)
+                pk = rotate_entries(pk.unsqueeze(2), 0.0, placed).squeeze(2)
             out_k[:, heads] = pk
             out_v[:, heads] = pool_tokens(v[:, heads], *self.grid, pool)
         return out_k, out_v, sig
@@ -561,7 +566,7 @@ class HeadwiseKVCache:
                 first = block * n
                 own = float((first + first + n - 1) // 2)  # the block's own time (retention.Key of a block)
                 placed = spatial_positions(*self.grid, rule.patch, "top_left")
-                kb = rotate_entries((bp.acc_k / n).unsqueeze(2), torch.tensor([own], dtype=torch.float64), placed)
+                kb = rotate_entries((bp.acc_k / n).unsqueeze(2), own, placed)
                 bp.k[:, :, page_b].copy_(kb.squeeze(2))
                 bp.v[:, :, page_b].copy_(bp.acc_v / n)
                 bp.acc_frames = 0

@@ -13,7 +13,8 @@ puts the two side by side; the estimate stays within −5 % / +15 % of the measu
              feed-forward's hidden layer);
 ``commit``   after a chunk: the plan's metadata and the commit's temporaries (frames un-rotated and
              pooled into episodes or merged blocks);
-``switch``   a prompt switch: the old and new prompts' K/V and the text encoder's temporaries;
+``prompt``   a prompt encoded (at the start, and at a switch next to the old prompt's K/V): its K/V and
+             the text embedding's temporaries (the text-encoder output padded to the model's text length);
 ``capture``  the captured AR_STATE (copies of the cache, the last latents and the prompt) next to the
              live cache;
 ``finish``   after the run: the state, the latents and the caller's copies of the output (a node
@@ -77,6 +78,7 @@ class RunEstimate:
     cache_extra_bytes: int = 0  # the cache tiers' own buffers (running sums, episode signatures, bookkeeping)
     plan_meta_bytes: int = 0  # the plan's metadata, alive until the next chunk is planned
     commit_bytes: int = 0  # a commit's temporaries
+    prompts_held: int = 1  # prompts' K/V held while one is encoded (2 at a switch)
 
     @property
     def phases(self) -> dict[str, int]:
@@ -85,7 +87,8 @@ class RunEstimate:
         return {
             "run": held + cache + self.text_bytes + self.attention_bytes + self.activation_bytes,
             "commit": held + cache + self.text_bytes + self.plan_meta_bytes + self.commit_bytes,
-            "switch": held + cache + self.plan_meta_bytes + 2 * self.text_bytes + self.text_encode_bytes,
+            "prompt": held + cache + self.plan_meta_bytes + self.prompts_held * self.text_bytes
+            + self.text_encode_bytes,
             "capture": held + cache + self.text_bytes + self.plan_meta_bytes + self.state_bytes,
             "finish": held + self.state_bytes + self.output_copy_bytes,
         }
@@ -302,7 +305,7 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
                        stored_sum / n_heads, tokens, act, text, weights_bytes,
                        (pol.note,) if pol.note else (), attention_bytes=int(plan), latent_bytes=latents,
                        state_bytes=state, input_state_bytes=input_state_bytes if state_on_device else 0,
-                       output_copy_bytes=copies, text_encode_bytes=text_encode if prompts > 1 else 0,
+                       output_copy_bytes=copies, text_encode_bytes=text_encode, prompts_held=2 if prompts > 1 else 1,
                        extra_bytes=extra_bytes, extra_label=extra_label, cache_extra_bytes=int(extra),
                        plan_meta_bytes=int(meta), commit_bytes=int(commit))
 

@@ -45,6 +45,7 @@ class Allocation:
     phase: str
     shape: tuple[int, ...]
     dtype: str
+    ref: weakref.ref | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -63,7 +64,6 @@ class AllocationTracker(TorchDispatchMode):
         super().__init__()
         self._alive: dict[int, Allocation] = {}  # id(storage) -> what it is, while the storage lives
         self._stack: list[str] = []
-        self._finalizers: list[weakref.finalize] = []
 
     # ---- phases ---------------------------------------------------------------------------
     @contextmanager
@@ -102,9 +102,10 @@ class AllocationTracker(TorchDispatchMode):
             nbytes = storage.nbytes()
             if nbytes == 0:
                 continue
+            # the weak reference's callback runs when the storage is freed; it lives as long as the record
             self._alive[key] = Allocation(nbytes, _op_name(func), self.current_phase, tuple(t.shape),
-                                          str(t.dtype).replace("torch.", ""))
-            self._finalizers.append(weakref.finalize(storage, self._free, key))
+                                          str(t.dtype).replace("torch.", ""),
+                                          weakref.ref(storage, lambda _, key=key: self._free(key)))
             self._grow(nbytes)
         return out
 
@@ -126,9 +127,9 @@ class AllocationTracker(TorchDispatchMode):
         out = super().__exit__(*exc)
         # storages still alive stay counted in ``live`` (they belong to the run's results); later frees
         # no longer matter to this tracker
-        for f in self._finalizers:
-            f.detach()
-        self._finalizers.clear()
+        for alloc in self._alive.values():
+            alloc.ref = None
+        self._alive = {}
         return out
 
     def report(self) -> dict:

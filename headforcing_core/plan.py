@@ -163,6 +163,26 @@ class ChunkPlan:
         b, _, d, dtype, _ = self.dims
         return 2 * b * self.sequences * self.width * d * (torch.finfo(dtype).bits // 8) * len(self.layers)
 
+    def bytes_per_layer_call(self) -> dict[str, int]:
+        """Bytes a layer call moves outside attention and the matmuls, by byte count: the gather (arena rows
+        read, scratch written, its row indices), the re-timing of the span (time channels read and written in
+        the compute precision, their factors gathered), the chunk's K/V written into every sequence."""
+        b, h, d, dtype, _ = self.dims if self.dims else (0, 0, 0, torch.bfloat16, None)
+        size = torch.finfo(dtype).bits // 8
+        if self.prerotated:
+            k = self.layers[0].k_pages
+            return {"gather": 0, "retime": 0, "chunk": 2 * k.shape[0] * k.shape[1] * self.frames * self.tokens
+                    * k.shape[-1] * k.element_size()}
+        ns, w = self.sequences, self.width
+        gather = 2 * (2 * b * ns * w * d * size) + b * ns * w * 8 * 2  # K, V read and written; rows made and read
+        compute = 8 if dtype == torch.float64 else 4
+        pairs = axis_pairs(d)[0]
+        keys = b * ns * self.span
+        retime = keys * (pairs * 2 * compute * 2 + 8)  # factors gathered (written, read) and their indices
+        retime += keys * 2 * pairs * (compute * 2 + (2 * size + 2 * compute if size != compute else 0))
+        chunk = 2 * b * ns * self.frames * self.tokens * d * size
+        return {"gather": int(gather), "retime": int(retime), "chunk": int(chunk)}
+
     def chunk_write_bytes(self) -> int:
         """K/V bytes one model call writes (the chunk's own keys and values into every sequence)."""
         if self.prerotated:
@@ -445,6 +465,9 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
     # ---- the tables: [B, rows, width] arena offsets, [B, rows, span] factor indices ----------------------
     run_at = up.long([x for r in runs for x in (r.row, r.position, r.length, r.offset,
                                                   -1 if r.factor is None else r.factor)])
+    ep_keys_at = {si: (up.double([k.time for k in plan.segments[si].history]),
+                       up.long([k.role == "sink" for k in plan.segments[si].history]),
+                       up.long([k.anchor for k in plan.segments[si].history])) for si in episodic}
     seg_rows_at = up.long([seg_row[si] for si in range(len(plan.segments))])
     delta_at = up.double(sorted(host_deltas, key=host_deltas.get))
     starts_at = {p: up.long(starts_of[p]) for p in PASSES}
@@ -474,7 +497,9 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
     for si in episodic:
         seg = plan.segments[si]
         rows = slice(ep_rows[si], ep_rows[si] + seg.store.episodes.layers)
-        times, slot_off, valid_n = _episodes(seg, rope, window, cmin, cmax, start, frames, episodes_before)
+        own_at, sink_at, anchor_at = ep_keys_at[si]
+        times, slot_off, valid_n = _episodes(seg, rope, window, cmin, cmax, start, frames, episodes_before,
+                                             doubles[own_at], longs[sink_at].bool(), longs[anchor_at].bool())
         lm = seg.store.episodes.layers
         noisy_start = width - S - hist_len[si]
         ep_len = ep_slots_tokens(seg)
@@ -552,12 +577,13 @@ def _factors(deltas: torch.Tensor, cache: HeadwiseKVCache) -> torch.Tensor:
     return f.to(torch.complex128 if cache.dtype == torch.float64 else torch.complex64)
 
 
-def _episodes(seg: Segment, rope, window, cmin, cmax, start, frames, episodes_before):
+def _episodes(seg: Segment, rope, window, cmin, cmax, start, frames, episodes_before, own_frames, sinks, anchors):
     """The episodic memory of a segment as laid out this chunk, on the device, per (batch row, layer):
     ``times`` ``[B, Lm, frames + slots]`` — the time difference each whole frame is re-timed by, then
     each slot position's read time (valid episodes right-aligned, in time order); ``slot_offsets``
     ``[B, Lm, slots·tokens]`` — the arena offset (in its head's run) of each position of the episode
-    slots; ``valid`` ``[B, Lm]`` — episodes held."""
+    slots; ``valid`` ``[B, Lm]`` — episodes held. ``own_frames`` / ``sinks`` / ``anchors``: the whole frames' own
+    times and roles (device tensors, uploaded with the plan)."""
     ep = seg.store.episodes
     valid = ep.valid if episodes_before is None else ep.valid & (ep.last < episodes_before)
     big = torch.iinfo(torch.int64).max
@@ -571,16 +597,13 @@ def _episodes(seg: Segment, rope, window, cmin, cmax, start, frames, episodes_be
     ep_tok = ep.k.shape[3]
     offsets = seg.store.episode_offset + slot * ep_tok
     offsets = (offsets.unsqueeze(-1) + torch.arange(ep_tok, device=valid.device)).flatten(-2)
-    frames_keys = seg.history  # whole frames, layout order
     b, lm, _ = valid.shape
     dev = valid.device
-    own_frames = torch.tensor([k.time for k in frames_keys], dtype=torch.float64, device=dev)
     if seg.device_times:
-        n = len(frames_keys)
+        n = own_frames.shape[0]  # the whole frames, in layout order
         own_all = torch.cat([own_frames.expand(b, lm, n), own], dim=-1)
-        flags = [k.role == "sink" for k in frames_keys] + [False] * c
-        sink = torch.tensor(flags, device=dev)
-        anchor = torch.tensor([k.anchor for k in frames_keys] + [False] * c, device=dev)
+        none = torch.zeros(c, dtype=torch.bool, device=dev)
+        sink, anchor = torch.cat([sinks, none]), torch.cat([anchors, none])
         valid_all = torch.cat([torch.ones(b, lm, n, dtype=torch.bool, device=dev), held], dim=-1)
         mapped = map_times(rope, own_all, is_chunk=torch.zeros_like(sink), is_sink=sink, is_anchor=anchor,
                            valid=valid_all, chunk_start=start, frames=frames, query_frame=start, window=window,

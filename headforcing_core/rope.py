@@ -186,12 +186,24 @@ def _spatial_factors(spatial: torch.Tensor, head_dim: int, device: torch.device,
     return f
 
 
-def rotate_entries(x: torch.Tensor, times: torch.Tensor, spatial: torch.Tensor, *,
+_TIME_FREQUENCIES: dict[tuple, torch.Tensor] = {}
+
+
+def _time_frequencies(head_dim: int, device: torch.device) -> torch.Tensor:
+    """The time axis's inverse frequencies on ``device`` (memoised: moved there once)."""
+    key = (head_dim, str(device))
+    f = _TIME_FREQUENCIES.get(key)
+    if f is None:
+        f = _TIME_FREQUENCIES[key] = inverse_frequencies(head_dim)[0].to(device)
+    return f
+
+
+def rotate_entries(x: torch.Tensor, times: torch.Tensor | float, spatial: torch.Tensor, *,
                    inverse: bool = False) -> torch.Tensor:
     """Rotate retained entries: ``x`` ``[..., E, T, D]`` whose entry ``e`` sits at ``times[..., e]``
-    (broadcastable to ``x.shape[:-2]``) and whose tokens sit at ``spatial`` ``[T, 2]``
-    (a memoised :func:`spatial_positions` table). ``inverse`` undoes that rotation (keys stored
-    rotated, pooled from their raw values).
+    (broadcastable to ``x.shape[:-2]``; a number: every entry at that time, nothing moved to the device)
+    and whose tokens sit at ``spatial`` ``[T, 2]`` (a memoised :func:`spatial_positions` table).
+    ``inverse`` undoes that rotation (keys stored rotated, pooled from their raw values).
 
     The time angle is per entry and the spatial angles per token, so no per-token table of
     the whole history is built: the time channels and the spatial channels are rotated apart
@@ -200,8 +212,11 @@ def rotate_entries(x: torch.Tensor, times: torch.Tensor, spatial: torch.Tensor, 
     d = x.shape[-1]
     pt, _, _ = axis_pairs(d)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ft = inverse_frequencies(d)[0].to(x.device)
-    ta = times.to(x.device, torch.float64).unsqueeze(-1).unsqueeze(-1) * ft  # [..., E, 1, pt]
+    ft = _time_frequencies(d, x.device)
+    if isinstance(times, torch.Tensor):
+        ta = times.to(x.device, torch.float64).unsqueeze(-1).unsqueeze(-1) * ft  # [..., E, 1, pt]
+    else:
+        ta = (ft * float(times)).view(1, 1, -1)
     t_cos, t_sin = _factors(ta, compute)
     s_cos, s_sin = _spatial_factors(spatial, d, x.device, compute)
     if inverse:

@@ -146,7 +146,7 @@ def run_krea_sampler(model, module, spec, schedule: PromptSchedule, req: Sampler
         if policy_preset else "",
         schedule_report(schedule, 0) if prompt_schedule_given else "",
         *[f"  {n}" for n in run.estimate.notes],
-        memory_line(run.estimate),
+        memory_line(run),
         f"time: {run.seconds:.2f} s, {run.seconds / max(1, len(request.blocks)):.3f} s/block, "
         f"{frames / run.seconds if run.seconds > 0 else 0:.2f} video frames/s ({frames / FPS:.2f} s of video) on "
         f"{run.computed_on()}",

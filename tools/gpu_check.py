@@ -10,7 +10,10 @@ Stages, each recorded in ``$OUT/checks.json`` (pass / fail / skipped, with numbe
 5. ``pytest``      ``pytest -m gpu tests/core`` when pytest is installed (skipped otherwise);
 6. ``bench``       ``python -m headforcing_core.bench`` for every bounded preset at 30 s and 60 s, one
                    process, written to ``$OUT/bench.json`` and summarised in ``$OUT/table.md``;
-7. ``backends_bench`` the same bench at the longest length for ``self_forcing_window``, ``pyramid_forcing``
+7. ``memory``      ``python -m headforcing_core.bench --memory``: each preset's measured peak without the
+                   weights (1.3B, every bounded preset; 14B, the window and ``head_forcing``) next to the
+                   estimate, with the largest allocations at the peak: ``$OUT/memory.json``, ``$OUT/memory.md``;
+8. ``backends_bench`` the same bench at the longest length for ``self_forcing_window``, ``pyramid_forcing``
                    and ``head_forcing`` once per attention backend that runs here (one process each),
                    written to ``$OUT/bench_backends.json`` and ``$OUT/backends.md``.
 """
@@ -275,6 +278,46 @@ def _profile_rows(report: dict) -> list[str]:
     return lines
 
 
+MEMORY_RUNS = (("1.3b", 5.0, BOUNDED), ("14b", 2.0, ["self_forcing_window", "head_forcing"]))
+MEMORY_HEAD = ["| model | length | policy | measured peak GiB | estimate GiB | estimate / measured | × window | "
+               "whole run (state on host) | largest live at the peak |", "|---|---|---|---|---|---|---|---|---|"]
+
+
+def memory(out_dir: Path) -> dict:
+    """``bench --memory``: each preset's peak as the allocator measured it (weights excluded) next to the
+    pre-flight estimate, and the largest allocations live at the peak with their call sites (1.3B at 832×480,
+    bf16, every bounded preset; 14B, the window and head_forcing)."""
+    reports, lines, errors = {}, [], {}
+    for shape, seconds, policies in MEMORY_RUNS:
+        if DRY["on"]:
+            size = ["--model-shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--width", "64", "--height", "64"]
+        else:
+            size = ["--model-shape", shape, "--device", "cuda", "--dtype", "bf16", "--width", "832", "--height", "480"]
+        cmd = [sys.executable, "-m", "headforcing_core.bench", "--memory", *size, "--seconds", str(seconds),
+               "--policy", *policies]
+        report = _run_bench(cmd, out_dir / f"memory_{shape}.stderr.log", 240)
+        if "error" in report:
+            errors[shape] = report
+            continue
+        reports[shape] = report
+        for length, res in report["results"].items():
+            for name, row in res["policies"].items():
+                m = row["memory"]
+                top = ", ".join(f"{a['bytes'] / 2**30:.2f} {a.get('where') or a.get('op')}" for a in m["largest_at_peak"][:3])
+                lines.append(f"| {shape} | {length} | {name} | {m['device_peak_bytes'] / 2**30:.2f} | "
+                             f"{m['device_estimate']['run_bytes'] / 2**30:.2f} | "
+                             f"{m['device_estimate_over_measured']:.3f} | "
+                             f"{m.get('device_peak_ratio_vs_self_forcing_window', float('nan')):.3f} | "
+                             f"{m['peak_bytes'] / 2**30:.2f} | {top} |")
+    (out_dir / "memory.json").write_text(json.dumps(reports, indent=2))
+    (out_dir / "memory.md").write_text("\n".join(["Peak memory without the weights (bench --memory):", "",
+                                                   *MEMORY_HEAD, *lines]) + "\n")
+    ratios = [r["memory"]["device_estimate_over_measured"] for rep in reports.values()
+              for res in rep["results"].values() for r in res["policies"].values()]
+    return {"ok": not errors and all(0.85 <= x <= 1.15 for x in ratios), "table": str(out_dir / "memory.md"),
+            "errors": errors, "estimate_over_measured": ratios}
+
+
 COMPARED = ["self_forcing_window", "pyramid_forcing", "head_forcing"]
 
 
@@ -326,6 +369,7 @@ def main() -> int:
     stages = [("backends", lambda: backends(dev)), ("full_exact", lambda: full_exact(dev)),
               ("sync_free", lambda: sync_free(dev)), ("shapes", lambda: shapes(dev)),
               ("pytest", lambda: run_pytest(out_dir)), ("bench", lambda: bench(out_dir, args.seconds)),
+              ("memory", lambda: memory(out_dir)),
               ("backends_bench", lambda: compare_backends(out_dir, dev, args.seconds))]
     failed = False
     for name, fn in stages:
@@ -342,7 +386,7 @@ def main() -> int:
         print(f"[gpu_check] {name}: {'skipped' if res.get('ok') is None else 'ok' if res['ok'] else 'FAILED'} "
               f"({res['seconds']} s)", flush=True)
         (out_dir / "checks.json").write_text(json.dumps(results, indent=2, default=str))
-    for table in ("table.md", "backends.md"):
+    for table in ("table.md", "memory.md", "backends.md"):
         if (out_dir / table).exists():
             print((out_dir / table).read_text())
     return 1 if failed else 0

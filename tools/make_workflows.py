@@ -619,7 +619,7 @@ def live(info: dict) -> Graph:
     _decode_save(g, smp.out("latent"), vae, 940, 40, "video/headforcing_live")
     take = g.add("PreviewAny", (940, 520), (480, 260), "Take (schedule text)")
     g.link(smp.out("take"), take, "source")
-    report = g.add("PreviewAny", (470, 650), (420, 220), "Sampler Report")
+    report = g.add("PreviewAny", (470, 900), (420, 220), "Sampler Report")
     g.link(smp.out("report"), report, "source")
     g.note(LIVE_NOTE, (-420, 450), (380, 560), "Read me: Head Forcing live prompts")
     return g
@@ -661,7 +661,7 @@ def long_video(info: dict) -> Graph:
     save = g.add("SaveVideo", (1180, 40), (480, 440), None, filename_prefix="video/headforcing_long", format="auto",
                  codec="auto")
     report = g.add("PreviewAny", (880, 270), (270, 220), "Sampler Report")
-    summary = g.add("PreviewAny", (470, 700), (360, 200), "Policy Summary")
+    summary = g.add("PreviewAny", (470, 900), (360, 200), "Policy Summary")
     g.link(pol.out("summary"), summary, "source")
     g.link(smp.out("latent"), dec, "samples")
     g.link(smp.out("report"), report, "source")

@@ -20,10 +20,17 @@ def test_estimate_budgets_at_1p3b(capsys):
                   "--seconds", "30", "60", "600")
     for length in ("30s", "60s", "600s"):
         pol = r["results"][length]["policies"]
-        assert pol["head_forcing"]["kv_ratio_vs_self_forcing_window"] <= 0.55
-        # Pyramid Forcing's code keeps six phase buckets of 4 frames for its Wave heads: its KV is close
-        # to the window's, while each query attends about half as many frames (docs/pyramid_forcing.md)
-        assert 0.9 <= pol["pyramid_forcing"]["kv_ratio_vs_self_forcing_window"] <= 1.0
+        assert pol["head_forcing"]["kv_ratio_vs_self_forcing_window"] <= 0.45
+        # Pyramid Forcing's code keeps six phase buckets of 4 frames for its Wave heads: its KV is most of the
+        # window's, while each query attends about half as many frames (docs/pyramid_forcing.md); the chunk
+        # lives in the attention scratch, not in its pools (issue 20)
+        assert 0.8 <= pol["pyramid_forcing"]["kv_ratio_vs_self_forcing_window"] <= 0.85
+        # the peak without the weights (issue 20's goals at 832×480, 60 s; at 10 minutes the latents, the same
+        # for every policy, grow to ≈ 4 GiB and bring the ratios towards 1)
+        if length != "600s":
+            window = pol["self_forcing_window"]["run_bytes"]
+            goals = {"head_forcing": 0.6, "pyramid_forcing": 1.0, "sink_window": 0.8, "longlive": 0.65}
+            assert all(pol[p]["run_bytes"] <= goal * window for p, goal in goals.items()), length
         assert 9.5 <= pol["pyramid_forcing"]["attended_frames"] <= 10.5
         assert pol["longlive"]["attended_frames"] == pytest.approx(12)
         # 21 frames of 1560 tokens, 30 layers × 12 heads × 128 × K and V × bf16

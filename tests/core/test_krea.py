@@ -276,11 +276,12 @@ def test_bench_estimate_row(capsys):
 
     from headforcing_core.bench import main
     assert main(["--estimate", "--model-shape", "14b", "--seconds", "60", "--loop", "krea",
-                 "--policy", "self_forcing_window"]) == 0
+                 "--policy", "self_forcing_window", "--weights-dtype", "fp8"]) == 0
     report = json.loads(capsys.readouterr().out)
     row = report["results"]["60s"]["policies"]["krea"]
     assert row["kv_bytes"] == 6 * 40 * 2 * 1560 * 5120 * 2
-    assert report["weights_bytes"]["fp8"] == 14_288_491_584 and report["weights_bytes"]["bf16"] == 2 * 14_288_491_584
+    # fp8: one byte a parameter (14,288,491,584), the patch embedding's 332,800 in float32
+    assert report["weights_bytes"] == row["weights_bytes"] == 14_288_491_584 + 3 * 332_800
     # Krea's loop with fp8 weights and the VAE's state fits a 32 GB card (90 % of it), not a 24 GB one
-    total = row["total_bytes"] + report["weights_bytes"]["fp8"]
-    assert 0.9 * 24 * GiB < total < 0.9 * 32 * GiB
+    assert row["total_bytes"] == row["run_bytes"] + row["weights_bytes"]
+    assert 0.9 * 24 * GiB < row["total_bytes"] < 0.9 * 32 * GiB

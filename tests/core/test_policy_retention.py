@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from headforcing_core.policies import Episodic, HeadLabels, RetentionRule, make_policy
+from headforcing_core.rope import rotate_entries, spatial_positions
 
-from .retention_harness import HEAD_DIM, build, listing, plan_at, run_to
+from .retention_harness import GRID, HEAD_DIM, build, listing, plan_at, run_to
 
 
 def rel(times, start):
@@ -118,7 +119,9 @@ def test_episode_is_running_mean_of_pooled_frames():
     assert episodes(cache) == [(3, 4, 5, 6, 7, 8)]
     ep = cache.store("memory").episodes
     slot = int(torch.nonzero(ep.valid[0, 0])[0])
-    k = ep.k[0, 0, slot]
+    # stored rotated at the pooled token's position (time 0): un-rotated, the running mean of raw keys
+    k = rotate_entries(ep.k[:, :, slot:slot + 1], 0.0, spatial_positions(*GRID, ep.pool, "centroid"),
+                       inverse=True)[0, 0, 0]
     assert torch.allclose(k, torch.full_like(k, 1 + 5.5))
     v = ep.v[0, 0, slot]
     assert torch.allclose(v, torch.full_like(v, 1 + 5.5 + 0.5))

@@ -10,6 +10,7 @@ import torch
 
 from headforcing_core.errors import PolicyError
 from headforcing_core.policies import Cyclic, HeadLabels, Merge, PyramidRule, Stride, make_policy
+from headforcing_core.rope import rotate_entries, spatial_positions
 
 from .pyramid_trace import trace
 from .retention_harness import GRID, advance, build, commit, plan_at
@@ -122,6 +123,8 @@ def test_difference_5_merge_blocks_are_aligned_pooled_means():
     bp = cache.store("veil").blocks
     k = bp.k[:, :, bp.page_of[4]]
     assert k.shape[2] == 1  # a 2×2 grid pooled 2×2: one token at (0, 0)
+    # stored rotated at the block's own time (17) and its token's position; un-rotated, the pooled mean
+    k = rotate_entries(k.unsqueeze(2), 17.0, spatial_positions(2, 2, 2, "top_left"), inverse=True).squeeze(2)
     assert torch.allclose(k, torch.full_like(k, (16 + 17 + 18 + 19) / 4))
     v = bp.v[:, :, bp.page_of[4]]
     assert torch.allclose(v, torch.full_like(v, (16 + 17 + 18 + 19) / 4 + 0.5))
@@ -212,7 +215,8 @@ def test_budget_per_query_frame_and_storage():
     assert wave.attended[0] == pytest.approx(0.8 * 9 + 0.2 * 8)  # 9 on noisy passes, 8 on the clean pass
     assert 7.5 <= veil.attended[0] + veil.attended[1] / 4 <= 8.0
     assert wave.peak == (9, 0) and anchor.peak == (12, 0)  # the largest key sets
-    assert wave.stored == (25 + 3, 0)  # distinct frames held (sink, recent, six buckets of 4) + the chunk
+    assert wave.stored == (25, 0)  # distinct frames held (sink, recent, six buckets of 4); the chunk: in the scratch
+    assert pyramid_steady_budget(pol.rule_map["wave"], 3, in_place=True).stored == (25 + 3, 0)  # read in place
     assert veil.stored[1] == 4 + 1  # four completed blocks and the one being filled
 
 

@@ -67,29 +67,38 @@ def test_pooled_positions():
     assert spatial_positions(4, 4, 2, "top_left").tolist() == [[0, 0], [0, 2], [2, 0], [2, 2]]
 
 
-def test_keys_are_stored_unroped_and_rotated_at_read(tiny_model):
-    """A packed policy's pool holds the clean pass's keys before RoPE; the plan rotates them."""
+def test_keys_are_stored_rotated_at_their_own_time(tiny_model):
+    """A packed policy's pool holds the clean pass's keys rotated at their own frame and token positions
+    (what Self Forcing keeps); un-rotated they are the raw keys the model made."""
     from headforcing_core import ARSampler, WanRunner
+    from headforcing_core.plan import ChunkAttention
     from .conftest import latent_noise, text_context
 
     runner = WanRunner(tiny_model)
-    s = ARSampler(runner, make_policy("sink_window", sink=1, recent=8))  # window_shift: gathered and rotated
+    s = ARSampler(runner, make_policy("sink_window", sink=1, recent=8))  # window_shift: gathered and re-timed
     s.start(1, 8, 8, 6)
     s.set_prompt(text_context())
     raw = {}
-    orig = s.cache.commit
+    call = ChunkAttention.__call__
 
-    def spy(start, frames, k, v):
-        raw[start] = k.clone()  # [layers, B, S, H, D] raw
-        orig(start, frames, k, v)
+    def spy(self, layer, q, k, v):
+        if self.pass_ == "clean" and layer == 0:
+            raw[self.plan.chunk_start] = k.clone()  # [B, S, H, D], before RoPE
+        return call(self, layer, q, k, v)
 
-    s.cache.commit = spy
-    s.sample(latent_noise(6), torch.Generator().manual_seed(0))
+    ChunkAttention.__call__ = spy
+    try:
+        s.sample(latent_noise(6), torch.Generator().manual_seed(0))
+    finally:
+        ChunkAttention.__call__ = call
     store = s.cache.store("all")
     tokens = 16
     page = store.frames.page_of[1]
-    stored = store.frames.k[:, :2, page]  # layer 0's two heads
-    assert torch.equal(stored, raw[0][0][:, tokens:2 * tokens].transpose(1, 2))
+    stored = store.frames.k[:, :2, page]  # layer 0's two heads, [B, 2, tokens, D]
+    k1 = raw[0][:, tokens:2 * tokens]  # frame 1's raw keys [B, tokens, H, D]
+    want = rope_reference(k1, torch.full((tokens,), 1.0), spatial_positions(4, 4)).transpose(1, 2)
+    assert torch.allclose(stored, want, atol=1e-6)
+    assert torch.allclose(s.cache.raw_frame("all", 1)[0][:, :2], k1.transpose(1, 2), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -299,6 +299,7 @@ def test_requests_reach_only_their_run(live_mod):
     # the route's function never raises and answers JSON; the body is read to its end, at most 8 KiB + 1
     assert M.live_response(b"{]", reg)[0] == 400 and M.live_response(b"x" * 9000, reg)[0] == 413
     import asyncio
+    import concurrent.futures
 
     class Trickle:  # a body that arrives a few bytes at a time
         def __init__(self, data):
@@ -310,8 +311,13 @@ def test_requests_reach_only_their_run(live_mod):
 
     routes = pack_module("routes")
     body = json.dumps({"prompt_id": "p1", "node": "4", "text": "a"}).encode()
-    assert asyncio.run(routes.read_limited(Trickle(body), M.MAX_BODY_BYTES)) == body
-    assert len(asyncio.run(routes.read_limited(Trickle(b"x" * 20000), M.MAX_BODY_BYTES))) == M.MAX_BODY_BYTES + 1
+
+    def run(coro):  # in a thread of its own: the test session may already run an event loop (Playwright's)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coro).result()
+
+    assert run(routes.read_limited(Trickle(body), M.MAX_BODY_BYTES)) == body
+    assert len(run(routes.read_limited(Trickle(b"x" * 20000), M.MAX_BODY_BYTES))) == M.MAX_BODY_BYTES + 1
 
 
 def test_graph_texts_read_the_clip_text_encoders(live_mod):

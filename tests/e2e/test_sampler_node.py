@@ -85,7 +85,9 @@ def test_sampler_schema(comfy):
     assert policies == ["full", "self_forcing_window", "sink_window", "longlive", "pyramid_forcing", "head_forcing"]
     # issue 12: start from an image / a video, model presets, a first-chunk step list; added after every older
     # input so that UI workflows saved before them keep their widget values in place
-    assert list(opt)[-4:] == ["initial_latent", "model_preset", "first_chunk_steps", "clip"]  # clip: issue 22
+    # then Krea's loop (issue 21) and the live prompts' text encoder (issue 22)
+    assert list(opt)[-8:] == ["initial_latent", "model_preset", "first_chunk_steps", "vae", "context_frames",
+                              "interpolation_blocks", "context_first_latent", "clip"]
     assert opt["clip"][0] == "CLIP" and info["output_name"][-1] == "take"
     assert opt["initial_latent"][0] == "LATENT"
     presets = opt["model_preset"][1].get("options") or opt["model_preset"][0]
