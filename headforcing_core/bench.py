@@ -56,10 +56,10 @@ MODEL_SHAPES = {
     "tiny": WanConfig(dim=256, num_heads=2, num_layers=2, ffn_dim=512),
     "1.3b": WanConfig(),
     "14b": WanConfig(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824),
-    # the head layouts made narrow, for CPU measurements (16- / 8-wide heads, Wan's feed-forward ratio, a
+    # the head layouts made narrow, for CPU measurements (16-wide heads, Wan's feed-forward ratio, a
     # 32-token text): the KV cache dominates and the rest keeps the proportions it has at full size
     "1.3b-narrow": WanConfig(dim=12 * 16, num_heads=12, num_layers=30, ffn_dim=1120, text_len=32),
-    "14b-narrow": WanConfig(dim=40 * 8, num_heads=40, num_layers=40, ffn_dim=864, text_len=32),
+    "14b-narrow": WanConfig(dim=40 * 16, num_heads=40, num_layers=40, ffn_dim=1728, text_len=32),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the weights term of the estimates: the model as ComfyUI holds it loaded (fp8: UNETLoader's fp8_e4m3fn / e5m2)
@@ -103,7 +103,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, iters: int = 1
 
 def time_attention(sampler: ARSampler, plan, iters: int = 3) -> dict:
     """Time one layer's planned attention (chunk write + backend) in isolation."""
-    from .plan import ChunkAttention
+    from .chunk_attention import ChunkAttention
 
     spec, dev, dtype = sampler.runner.spec, sampler.runner.device, sampler.runner.dtype
     s = plan.frames * plan.tokens

@@ -55,12 +55,20 @@ KEY_FORMAT = "rotated"  # how an AR_STATE's cache stores keys (see the module do
 COMMIT_SLICE_BYTES = 64 * 2**20  # the most of a frame (as float32) a commit un-rotates and pools at once
 
 
-def _head_slices(x: torch.Tensor) -> list[slice]:
-    """Slices of the heads (dim 1) of ``x`` ``[B, N, ...]``, each within :data:`COMMIT_SLICE_BYTES` as float32."""
+def _head_slices(x: torch.Tensor) -> list[slice | None]:
+    """Slices of the heads (dim 1) of ``x`` ``[B, N, ...]``, each within :data:`COMMIT_SLICE_BYTES` as float32;
+    ``[None]`` when all of them fit (no slicing at all)."""
     per_head = max(1, x.numel() // max(1, x.shape[1]) * 4)
     n = x.shape[1]
     step = max(1, min(n, COMMIT_SLICE_BYTES // per_head))
+    if step >= n:
+        return [None]
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _heads_of(x: torch.Tensor, heads: slice | None) -> torch.Tensor:
+    """``x[:, heads]``, or ``x`` itself for all heads (no op dispatched)."""
+    return x if heads is None else x[:, heads]
 
 
 class FramePool:
@@ -193,20 +201,18 @@ class EpisodicMemory:
         return dot / torch.clamp(torch.sqrt(na * nb), min=1e-12)
 
     def _slot_index(self, x: torch.Tensor, slot: torch.Tensor, heads: slice | None) -> torch.Tensor:
-        idx = self._heads(slot)
-        if heads is not None:
-            idx = idx[:, heads]
+        idx = _heads_of(self._heads(slot), heads)
         return idx.view(idx.shape + (1,) * (x.dim() - 2)).expand((-1, -1, 1) + tuple(x.shape[3:]))
 
     def _gather_slots(self, x: torch.Tensor, slot: torch.Tensor, heads: slice | None = None) -> torch.Tensor:
         """``x[b, n, slot[b, layer(n)]]`` for ``x`` ``[B, N, slots, ...]`` and ``slot`` ``[B, layers]`` (the heads
         ``heads`` only, when given)."""
-        part = x if heads is None else x[:, heads]
+        part = _heads_of(x, heads)
         return part.gather(2, self._slot_index(x, slot, heads)).squeeze(2)
 
     def _scatter_slots(self, x: torch.Tensor, slot: torch.Tensor, value: torch.Tensor,
                        heads: slice | None = None) -> None:
-        part = x if heads is None else x[:, heads]
+        part = _heads_of(x, heads)
         part.scatter_(2, self._slot_index(x, slot, heads), value.unsqueeze(2).to(x.dtype))
 
     def time_order(self) -> torch.Tensor:
@@ -233,7 +239,7 @@ class EpisodicMemory:
         count = self.count.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         w_old = torch.where(join, count / (count + 1), torch.zeros_like(count))  # [B, L] float64
         new = {"k": pk, "v": pv, "sig": sig}
-        self._fold(target, lambda name, heads: new[name][:, heads], w_old)
+        self._fold(target, lambda name, heads: _heads_of(new[name], heads), w_old)
         first = torch.where(join, self.first.gather(-1, target.unsqueeze(-1)).squeeze(-1),
                             torch.full_like(target, frame))
         self._set(target, first=first, last=torch.full_like(target, frame), count=count * join + 1)
@@ -247,7 +253,7 @@ class EpisodicMemory:
             store = getattr(self, name)
             for heads in _head_slices(store):
                 old = self._gather_slots(store, target, heads)
-                w_h = w_all[:, heads]
+                w_h = _heads_of(w_all, heads)
                 w = w_h.view(w_h.shape + (1,) * (old.dim() - 2)).to(torch.float32 if store.dtype != torch.float64
                                                                       else torch.float64)
                 mixed = old.to(w.dtype) * w + new(name, heads).to(w.dtype) * (1 - w)
@@ -506,18 +512,24 @@ class HeadwiseKVCache:
         k, v = ts.frames.k[:, :, page], ts.frames.v[:, :, page]  # [B, N, T, D]
         b, n, _, d = k.shape
         ph, pw = pooled_grid(*self.grid, pool)
-        out_k = k.new_empty(b, n, ph * pw, d)
-        out_v = v.new_empty(b, n, ph * pw, d)
-        sig = torch.empty(b, n, d, dtype=torch.float32, device=k.device) if placed is not None else None
-        for heads in _head_slices(k):
-            raw = rotate_entries(k[:, heads].unsqueeze(2), float(frame), self._native, inverse=True).squeeze(2)
+        slices = _head_slices(k)
+        if slices != [None]:  # the outputs, filled a slice at a time
+            out_k = k.new_empty(b, n, ph * pw, d)
+            out_v = v.new_empty(b, n, ph * pw, d)
+            sig = torch.empty(b, n, d, dtype=torch.float32, device=k.device) if placed is not None else None
+        for heads in slices:
+            raw = rotate_entries(_heads_of(k, heads).unsqueeze(2), float(frame), self._native, inverse=True).squeeze(2)
             pk = pool_tokens(raw, *self.grid, pool)
             del raw
+            mean = pk.float().mean(dim=2) if placed is not None else None
             if placed is not None:
-                sig[:, heads] = pk.float().mean(dim=2)
                 pk = rotate_entries(pk.unsqueeze(2), 0.0, placed).squeeze(2)
-            out_k[:, heads] = pk
-            out_v[:, heads] = pool_tokens(v[:, heads], *self.grid, pool)
+            pv = pool_tokens(_heads_of(v, heads), *self.grid, pool)
+            if heads is None:
+                return pk, pv, mean
+            out_k[:, heads], out_v[:, heads] = pk, pv
+            if sig is not None:
+                sig[:, heads] = mean
         return out_k, out_v, sig
 
     def _type_heads(self, ts: TypeStore, x: torch.Tensor) -> torch.Tensor:

@@ -22,13 +22,8 @@ and at which RoPE time, and lays it out as **metadata** on the device — no key
   re-times its key;
 * what the clean pass commits: the arena rows each layer's kept chunk frames are written to.
 
-:class:`ChunkAttention` runs one model call. At each layer it **gathers** the layer's
-history — keys and values, one index op over the cache's arena — into one scratch buffer
-``[2, B, sequences, L, D]`` shared by every layer and every call of the chunk; **re-times**
-the keys whose RoPE time is not their own (a complex multiply of their time channels: stored
-keys are rotated at their own time); writes the chunk's rotated keys and values last; runs
-the backend once; and on the clean pass writes the kept frames' K/V into the arena. Nothing
-in the layer loop waits for the host, and no more than one layer's keys are ever copied.
+:class:`~headforcing_core.chunk_attention.ChunkAttention` runs every layer of one model call with the
+plan (the *run* half).
 
 Policies whose keys never move (``absolute`` RoPE, one head type, no middle: ``full``,
 ``self_forcing_window``, ``longlive``) skip the gather: their pool is itself the attention
@@ -38,11 +33,10 @@ buffer, the chunk's pages written in place by every call (``prerotated``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from .attention import KEY_ALIGN, Backend, LayerProblem, Run, bias, window_bias
+from .attention import KEY_ALIGN, Run, bias, window_bias
 from .cache import HeadwiseKVCache, TypeStore
 from .positions import key_times, map_times
 from .retention import ChunkKeys, Key
@@ -119,8 +113,9 @@ class ChunkPlan:
     chunk_src: list[torch.Tensor | None] = field(default_factory=list)  # per layer: seq -> variant·H + head
     v_src: list[torch.Tensor | None] = field(default_factory=list)  # per layer: seq -> head (grouped order)
     natural_chunk: bool = True  # every sequence sees the chunk at its own frames, sequences head-major
-    commit_dest: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, P]: arena row of kept frames
-    commit_src: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, P]: their row in the source
+    commit_dest: torch.Tensor | None = None  # [B, P]: arena row (first token) of every layer's kept frames
+    commit_src: torch.Tensor | None = None  # [B, P]: their row in the source
+    commit_ranges: list[tuple[int, int] | None] = field(default_factory=list)  # per layer: its range of P
     commit_from_scratch: bool = True  # the source is the scratch's chunk (else the chunk's K/V rotated apart)
     query_buffer: torch.Tensor | None = None  # [B, H, S, D] rotated queries, viewed per query frame (classes > 1)
     dims: tuple = ()  # (batch, heads, head_dim, dtype, device) of the scratch
@@ -552,6 +547,9 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
     for p in PASSES:
         uniform = not episodic and all(s == 0 for row in host_starts[p] for s in row)
         masks[p] = None if uniform else window_bias(plan.starts[p], plan.lengths[p], width, cache.dtype)
+    # per-layer views made with one op per tensor (unbind), not one per layer
+    per_layer = {p: (plan.starts[p].unbind(0), plan.lengths[p].unbind(0),
+                     [None] * layers if masks[p] is None else masks[p].unbind(0)) for p in PASSES}
     for li in range(layers):
         runs_p = {}
         for p in PASSES:
@@ -562,8 +560,8 @@ def _layout_packed(plan: ChunkPlan, cache: HeadwiseKVCache, rope: str, window: i
             else:
                 runs_p[p] = (Run(0, NS, width, masks[p] is not None),)
         plan.layers.append(LayerViews(
-            None, None, {p: None if masks[p] is None else masks[p][li] for p in PASSES},
-            {p: plan.lengths[p][li] for p in PASSES}, runs_p, {p: plan.starts[p][li] for p in PASSES}))
+            None, None, {p: per_layer[p][2][li] for p in PASSES}, {p: per_layer[p][1][li] for p in PASSES}, runs_p,
+            {p: per_layer[p][0][li] for p in PASSES}))
     plan.dims = (B, H, D, cache.dtype, dev)
     plan.bind()
     _plan_commit(plan, cache, static, start, frames)
@@ -639,9 +637,9 @@ def _plan_commit(plan: ChunkPlan, cache: HeadwiseKVCache, static: dict, start: i
             if plan.segments[si].cls == 0:
                 seq_of_head[(li, h)] = n
     up = _Upload()
-    at = []
+    dest, src, ranges = [], [], []
     for li in range(cache.num_layers):
-        dest, src = [], []
+        first = len(dest)
         for h in range(H):
             ti, hidx = cache.slot_of[(li, h)]
             ts = cache.types[ti]
@@ -655,151 +653,15 @@ def _plan_commit(plan: ChunkPlan, cache: HeadwiseKVCache, static: dict, start: i
                     src.append(seq_of_head[(li, h)] * W + (W - S) + j * T)
                 else:  # the chunk's K/V [B, H, S, D]
                     src.append(h * S + j * T)
-        at.append((up.long(dest), up.long(src)))
+        ranges.append((first, len(dest)))
+    if not dest:
+        plan.commit_ranges = [None] * cache.num_layers
+        return
+    dest_at, src_at = up.long(dest), up.long(src)
     longs, _ = up.send(cache.device)
-    rows = cache.rows
-    src_rows = NS * W if plan.commit_from_scratch else H * S
     batch = torch.arange(B, device=cache.device).view(B, 1)
-    for d, s in at:
-        if d.stop == d.start:
-            plan.commit_dest.append(None)
-            plan.commit_src.append(None)
-            continue
-        plan.commit_dest.append(longs[d].view(1, -1) + batch * rows)
-        plan.commit_src.append(longs[s].view(1, -1) + batch * src_rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# running
-
-
-Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-class ChunkAttention:
-    """The runner's self-attention for one model call of a planned chunk.
-
-    ``pass_``: ``"noisy"`` or ``"clean"`` (which key windows apply; the clean pass also writes the
-    chunk's kept frames into the cache). ``observer(layer, q, k, key_frames)`` — full-cache runs only —
-    sees the rotated queries ``[B, S, H, D]``, the keys ``[B, H, L, D]`` and the frame of every key (head
-    profiling).
-    """
-
-    def __init__(self, plan: ChunkPlan, cache: HeadwiseKVCache, backend: Backend, pass_: str = "noisy",
-                 observer: Observer | None = None):
-        self.plan, self.cache, self.backend, self.pass_ = plan, cache, backend, pass_
-        self.observer = observer
-        if not plan.prerotated:
-            plan.bind()
-            self._prepare_views()
-
-    def _prepare_views(self) -> None:
-        """Views of the scratch every layer call writes through (made once per model call, not per layer)."""
-        plan, cache = self.plan, self.cache
-        B, D, W, S = cache.batch, cache.head_dim, plan.width, plan.frames * plan.tokens
-        H, J = cache.num_heads, plan.classes
-        scratch = plan.scratch
-        self.flat = scratch.view(2, -1, D)
-        self.chunk_kv = scratch[:, :, :, W - S:]  # [2, B, NS, S, D]
-        if J > 1:  # [2, B, H, J, S, D]: class 0 gets the rotation, the others a copy
-            by_class = scratch.view(2, B, H, J, W, D)[:, :, :, :, W - S:]
-            self.chunk_k0 = by_class[0, :, :, 0].transpose(1, 2)  # [B, S, H, D]
-            self.chunk_k_rest = by_class[0, :, :, 1:]
-            self.chunk_k0_to_rest = self.chunk_k0.transpose(1, 2).unsqueeze(2).expand_as(self.chunk_k_rest)
-            self.chunk_v = by_class[1].permute(0, 3, 1, 2, 4)  # [B, S, H, J, D]
-            self.queries_out = plan.query_buffer.transpose(1, 2)  # [B, S, H, D]
-            self.queries = plan.query_buffer.view(B, H * J, S // J, D)  # one sequence per (head, query frame)
-        else:
-            self.chunk_k0 = self.chunk_kv[0].transpose(1, 2)  # [B, S, NS=H, D]
-            self.chunk_v = self.chunk_kv[1].transpose(1, 2)
-        self.timed = None
-        if plan.span:
-            pt = axis_pairs(D)[0]
-            self.timed = scratch[0, :, :, :plan.span, :2 * pt]  # [B, NS, span, 2·pt]: the time channels
-            self.compute = torch.float64 if cache.dtype == torch.float64 else torch.float32
-            if self.timed.dtype == self.compute:  # re-timed in place: one complex multiply
-                self.timed_complex = torch.view_as_complex(self.timed.unflatten(-1, (-1, 2)))
-        self.token = torch.arange(plan.tokens, device=scratch.device)
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        plan = self.plan
-        if plan.prerotated:
-            return self._in_place(layer, q, k, v)
-        lv, p, rot = plan.layers[layer], self.pass_, plan.rotation
-        b, s, h, d = q.shape
-        J = plan.classes
-        seq_row = plan.seq_row[layer]
-        # ---- this layer's history: keys and values in one gather from the arena, re-timed ------------
-        rows = plan.rows_table.index_select(1, seq_row).add_(plan.head_base[layer])  # [B, NS, W]
-        torch.index_select(self.cache.kv_flat, 1, rows.view(-1), out=self.flat)
-        del rows  # temporaries go as soon as they are used: they add to the call's peak
-        if self.timed is not None:
-            f = plan.factors[plan.factor_table.index_select(1, seq_row)]  # [B, NS, span, pt]
-            if self.timed.dtype == self.compute:
-                self.timed_complex.mul_(f)
-            else:  # half precision: rotated in float32, rounded once
-                x = self.timed.to(self.compute)
-                torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(f)
-                self.timed.copy_(x)
-                del x
-            del f
-        # ---- the chunk's own keys and values, last in every sequence --------------------------------
-        if plan.natural_chunk:
-            rot.apply(k, out=self.chunk_k0)
-            if J > 1:
-                self.chunk_k_rest.copy_(self.chunk_k0_to_rest)
-                self.chunk_v.copy_(v.unsqueeze(3))
-            else:
-                self.chunk_v.copy_(v)
-        else:  # rotation variants or the grouped order: pick each sequence's rotation of the chunk
-            k_all = rot.apply_all(k).permute(0, 1, 3, 2, 4).reshape(b, -1, s, d)  # [B, V·H, S, D]
-            self.chunk_kv[0].copy_(k_all.index_select(1, plan.chunk_src[layer]))
-            vt = v.transpose(1, 2)
-            self.chunk_kv[1].copy_(vt.index_select(1, plan.v_src[layer]) if plan.v_src[layer] is not None
-                                   else vt.unsqueeze(2).expand(-1, -1, J, -1, -1).reshape(b, -1, s, d))
-        # ---- attention ------------------------------------------------------------------------------
-        if J == 1:
-            qs = rot.apply(q).transpose(1, 2)
-        else:
-            rot.apply(q, out=self.queries_out)
-            qs = self.queries
-        if plan.q_src[layer] is not None:
-            qs = qs.index_select(1, plan.q_src[layer])
-        out = self.backend(LayerProblem(qs, lv.k, lv.v, lv.mask[p], lv.lengths[p], lv.runs[p], lv.starts[p]))
-        if plan.out_src[layer] is not None:
-            out = out.index_select(1, plan.out_src[layer])
-        if p == "clean":
-            self._commit(layer, k, v)
-        if J == 1:
-            return out.transpose(1, 2)
-        return out.view(b, h, s, d).transpose(1, 2)
-
-    def _commit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this layer's kept chunk frames into the pages the plan decided (after its attention read
-        whatever those pages held before)."""
-        plan = self.plan
-        dest = plan.commit_dest[layer]
-        if dest is None:
-            return
-        tok = self.token
-        if plan.commit_from_scratch:
-            source = self.flat
-        else:  # the chunk's K (rotated at its own frames) and V, [2, B·H·S, D]
-            k0 = plan.rotation.apply(k).transpose(1, 2)
-            source = torch.stack([k0, v.transpose(1, 2).to(k0.dtype)]).view(2, -1, k.shape[-1])
-        src = (plan.commit_src[layer].unsqueeze(-1) + tok).view(-1)
-        self.cache.kv_flat.index_copy_(1, (dest.unsqueeze(-1) + tok).view(-1), source.index_select(1, src))
-
-    def _in_place(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """A pool read in place: write the chunk's pages (rotated keys), then attend the pool."""
-        plan, lv, p = self.plan, self.plan.layers[layer], self.pass_
-        rot = plan.rotation
-        b, s, h, d = q.shape
-        q_r = rot.apply(q)
-        f = plan.frames
-        lv.k_pages.index_copy_(2, plan.chunk_pages, rot.apply(k).view(b, f, s // f, h, d).permute(0, 3, 1, 2, 4))
-        lv.v_pages.index_copy_(2, plan.chunk_pages, v.view(b, f, s // f, h, d).permute(0, 3, 1, 2, 4))
-        if self.observer is not None:
-            self.observer(layer, q_r, lv.k, plan.key_frames)
-        out = self.backend(LayerProblem(q_r.transpose(1, 2), lv.k, lv.v, lv.mask[p], None, lv.runs[p]))
-        return out.transpose(1, 2)
+    src_rows = NS * W if plan.commit_from_scratch else H * S
+    # every layer's rows in one tensor each (its batch rows' offsets added once); a layer reads its range
+    plan.commit_dest = longs[dest_at].view(1, -1) + batch * cache.rows
+    plan.commit_src = longs[src_at].view(1, -1) + batch * src_rows
+    plan.commit_ranges = [r if r[1] > r[0] else None for r in ranges]

@@ -27,7 +27,8 @@ from .backbone import TextContext, WanRunner
 from .cache import HeadwiseKVCache
 from .errors import Interrupted, ShapeError
 from .geometry import chunk_bounds, video_frames_for
-from .plan import ChunkAttention, ChunkPlan, Observer, plan_chunk
+from .chunk_attention import ChunkAttention, Observer
+from .plan import ChunkPlan, plan_chunk
 from .policies import CachePolicy, make_policy, resolve_labels
 from .schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule
 

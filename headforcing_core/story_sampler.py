@@ -17,7 +17,8 @@ import torch
 from .errors import ShapeError
 from .geometry import chunk_bounds
 from .memory import TAIL_FRAMES
-from .plan import ChunkAttention, plan_chunk
+from .chunk_attention import ChunkAttention
+from .plan import plan_chunk
 from .prompts import LONGLIVE_SINK, LONGLIVE_WINDOW, PromptSchedule
 from .retention import ChunkKeys, Key
 from .sampler import ARSampler, Hooks

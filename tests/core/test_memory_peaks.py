@@ -88,5 +88,5 @@ def test_the_14b_layout_is_measured_and_estimated(preset):
     if preset == "head_forcing_split":
         row = ("anchor",) * 10 + ("local",) * 6 + ("memory",) * 24
         policy = make_policy("head_forcing", labels=HeadLabels("head_forcing", (row,) * 40))
-    report = measure_run(model, policy, prompts(), latent_frames=9, latent_height=8, latent_width=8)
+    report = measure_run(model, policy, prompts(), latent_frames=12, latent_height=8, latent_width=8)
     within_bounds(report)

@@ -5,7 +5,8 @@ import torch
 
 from headforcing_core import generate
 from headforcing_core.backbone import WanRunner
-from headforcing_core.plan import ChunkAttention, plan_chunk
+from headforcing_core.chunk_attention import ChunkAttention
+from headforcing_core.plan import plan_chunk
 from headforcing_core.policies import Episodic, HeadLabels, RetentionRule, make_policy
 from headforcing_core.prompts import PromptSchedule, PromptSegment, ScheduleError, seconds_to_latent_frames
 from headforcing_core.schedule import FlowMatchSchedule

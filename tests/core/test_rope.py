@@ -71,7 +71,7 @@ def test_keys_are_stored_rotated_at_their_own_time(tiny_model):
     """A packed policy's pool holds the clean pass's keys rotated at their own frame and token positions
     (what Self Forcing keeps); un-rotated they are the raw keys the model made."""
     from headforcing_core import ARSampler, WanRunner
-    from headforcing_core.plan import ChunkAttention
+    from headforcing_core.chunk_attention import ChunkAttention
     from .conftest import latent_noise, text_context
 
     runner = WanRunner(tiny_model)
