@@ -35,6 +35,7 @@ from .policies import CachePolicy, make_policy
 from .prompts import PromptSchedule, PromptSegment
 from .sampler import ARSampler
 from .story_sampler import ScheduleSampler
+from .transitions import default_recache_mode, plan_segments, recache_calls
 
 PHASES = ("start", "prompt", "plan", "model_calls", "commit", "recache", "capture")
 HISTORY_ENTRIES = 200_000  # CUDA memory-history events kept (the replay needs the whole run)
@@ -67,24 +68,31 @@ def _phases(enter):
             setattr(owner, name, fn)
 
 
-def _story(contexts: list[torch.Tensor], frames: int, frames_per_block: int) -> PromptSchedule:
-    """Two prompts, a cut at the chunk nearest half-way (one prompt for a one-chunk video)."""
+def _story(contexts: list[torch.Tensor], frames: int, frames_per_block: int, switch: PromptSegment | None = None
+           ) -> PromptSchedule:
+    """Two prompts, the switch at the chunk nearest half-way (one prompt for a one-chunk video); ``switch``
+    gives the second segment's transition (default: a cut)."""
     chunks = frames // frames_per_block
     if len(contexts) < 2 or chunks < 2:
         return PromptSchedule((PromptSegment(contexts[0], frames),))
     first = chunks // 2 * frames_per_block
-    return PromptSchedule((PromptSegment(contexts[0], first), PromptSegment(contexts[1], frames - first, transition="cut")))
+    how = {"transition": "cut"} if switch is None else {
+        "transition": switch.transition, "transition_frames": switch.transition_frames,
+        "recache_mode": switch.recache_mode}
+    return PromptSchedule((PromptSegment(contexts[0], first), PromptSegment(contexts[1], frames - first, **how)))
 
 
 def measure_run(backbone: torch.nn.Module, policy: str | CachePolicy, contexts: list[torch.Tensor], *,
                 latent_frames: int, latent_height: int, latent_width: int, frames_per_block: int = 3,
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                attention_backend: str = "auto", seed: int = 0) -> dict:
-    """Peak bytes of one run (see the module docstring) and its estimate, as a JSON-able dict."""
+                attention_backend: str = "auto", seed: int = 0, switch: PromptSegment | None = None) -> dict:
+    """Peak bytes of one run (see the module docstring) and its estimate, as a JSON-able dict. ``switch``: a
+    segment whose transition (and recache mode) the switch half-way uses; default a cut."""
     pol = make_policy(policy) if isinstance(policy, str) else policy
     runner = WanRunner(backbone, dtype=dtype, device=device)
     dev, dt = runner.device, runner.dtype
-    schedule = _story([c.to(dev, dt) for c in contexts], latent_frames, frames_per_block)
+    schedule = _story([c.to(dev, dt) for c in contexts], latent_frames, frames_per_block, switch)
+    recaches = recache_calls(plan_segments(schedule, frames_per_block, default_mode=default_recache_mode(pol)))
     shape = (1, runner.spec.in_dim, latent_frames, latent_height, latent_width)
 
     def run():
@@ -105,7 +113,7 @@ def measure_run(backbone: torch.nn.Module, policy: str | CachePolicy, contexts: 
         return estimate_run(runner.spec, pol, latent_frames=latent_frames, latent_height=latent_height,
                             latent_width=latent_width, frames_per_block=frames_per_block, dtype=dt,
                             state_on_device=state_on_device, text_tokens=max(c.shape[1] for c in contexts),
-                            prompts=len(schedule))
+                            prompts=len(schedule), recaches=recaches)
 
     est = estimate(dev.type == "cpu")
     measured["estimate"] = {"run_bytes": est.run_bytes, "peak_phase": est.peak_phase, "phases": est.phases,

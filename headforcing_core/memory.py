@@ -30,7 +30,7 @@ largest resolution that fits at this length, a bounded policy for ``full``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -38,6 +38,7 @@ from .backbone import BackboneSpec
 from .cache import COMMIT_SLICE_BYTES, type_layout
 from .errors import MemoryBudgetError
 from .policies import TRAINING_WINDOW, CachePolicy, Episodic, Merge, make_policy, resolve_labels
+from .prompts import LONGLIVE_SINK, LONGLIVE_WINDOW
 from .retention import make_tracker
 from .rope import axis_pairs, pooled_grid
 
@@ -79,6 +80,7 @@ class RunEstimate:
     plan_meta_bytes: int = 0  # the plan's metadata, alive until the next chunk is planned
     commit_bytes: int = 0  # a commit's temporaries
     prompts_held: int = 1  # prompts' K/V held while one is encoded (2 at a switch)
+    recache_bytes: int = 0  # the largest recache model call: its plan and scratch and its temporaries
 
     @property
     def phases(self) -> dict[str, int]:
@@ -91,6 +93,7 @@ class RunEstimate:
             + self.text_encode_bytes,
             "capture": held + cache + self.text_bytes + self.plan_meta_bytes + self.state_bytes,
             "finish": held + self.state_bytes + self.output_copy_bytes,
+            **({"recache": held + cache + self.text_bytes + self.recache_bytes} if self.recache_bytes else {}),
         }
 
     @property
@@ -119,6 +122,7 @@ class RunEstimate:
                 "text": self.text_bytes, "latents": self.latent_bytes, "commit": self.commit_bytes,
                 "state": self.state_bytes, "input_state": self.input_state_bytes,
                 "output_copies": self.output_copy_bytes, "text_encode": self.text_encode_bytes,
+                "recache": self.recache_bytes,
                 "extra": self.extra_bytes, "weights": self.weights_bytes}
 
     def breakdown(self) -> str:
@@ -191,7 +195,8 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
                  dtype: torch.dtype = torch.bfloat16, weights_bytes: int = 0, new_frames: int | None = None,
                  capture_state: bool = True, state_on_device: bool = False, input_state_bytes: int = 0,
                  output_copies: int = 0, text_tokens: int | None = None, extra_bytes: int = 0,
-                 extra_label: str = "", prompts: int = 1) -> RunEstimate:
+                 extra_label: str = "", prompts: int = 1,
+                 recaches: Sequence[tuple[str, int, int]] = ()) -> RunEstimate:
     """What a run of ``policy`` holds (see the module docstring).
 
     ``latent_frames``: frames the cache must cover (old + new when continuing); ``new_frames``
@@ -199,7 +204,9 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     AR_STATE is captured at the end, ``state_on_device``: the CPU copies of states count (a CPU
     device); ``input_state_bytes``: a state being continued that shares the device's memory;
     ``output_copies``: full-length latent copies the caller makes afterwards; ``prompts``: the
-    story's prompts (more than one: a switch).
+    story's prompts (more than one: a switch); ``recaches``: ``(mode, frames re-run, switch frame)`` of each
+    recache the run makes (:func:`~headforcing_core.transitions.recache_calls`), whose model calls re-run
+    more frames at once than a chunk (LongLive's) or gather history a pool read in place does not.
     """
     pol = make_policy(policy) if isinstance(policy, str) else policy
     pol = resolve_labels(pol, spec.num_layers, spec.num_heads)
@@ -242,45 +249,66 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     stored_sum = sum(heads_of[t] * budgets[t].stored for t in order)
     attended_sum = sum(heads_of[t] * budgets[t].attended for t in order)
     # ---- one model call --------------------------------------------------------------------------------
-    s = f * tokens  # the chunk's query tokens
-    row = batch * s * spec.dim * itemsize  # one [B, S, dim] activation (q, k, v, hidden states, ...)
-    ffn = batch * s * spec.ffn_width * itemsize
-    elements = batch * s * spec.dim
-    rot = _rotation_temps(elements, itemsize, compute, allocates=False)
-    rot_alloc = _rotation_temps(elements, itemsize, compute, allocates=True)
-    # the attention call: hidden states, the modulated input, q, k, v, the rotated queries — then the
-    # chunk's keys rotated (written into the cache or the scratch), the output
-    attention_call = 5 * row + max(rot_alloc + (row if in_place else 0), row + rot, 2 * row)
-    plan = meta = 0
-    if not in_place:
-        classes = f if pol.key_sets_differ_by_query_frame(f) else 1
-        sequences = spec.num_heads * classes
-        history = max(b.history for b in budgets.values())
-        width = -(-int(history + s) // KEY_ALIGN) * KEY_ALIGN
-        retimes = pol.rope != "absolute" or any(r.middle is not None for r in rules.values())
-        span = width - s if retimes else 0
-        episodic_layers = sum(layers_of[t] for t in order if isinstance(rules[t].middle, Episodic))
-        rows = len(order) * classes + episodic_layers
-        scratch = 2 * batch * sequences * width * D * itemsize
-        query_buffer = batch * s * spec.dim * itemsize if classes > 1 else 0
-        masks = 2 * spec.num_layers * batch * sequences * width * itemsize
-        table = batch * rows * (width + span) * 8  # arena rows and factor indices
-        windows = 4 * spec.num_layers * batch * sequences * 8  # starts and lengths of both passes
-        commit_rows = 2 * spec.num_layers * batch * spec.num_heads * f * 8
-        meta = masks + table + windows + commit_rows
-        plan = meta + scratch + query_buffer
-        # inside the attention call, before the chunk is written: the table rows of the layer and the arena
-        # rows (int64), then the time factors of the re-timed keys (complex) and, for half precision, their
-        # keys in float32
-        pairs = axis_pairs(D)[0]
-        rows_of_layer = batch * sequences * width * 8
-        factor_rows = batch * sequences * span * 8
-        factors = batch * sequences * span * pairs * 2 * compute
-        keys32 = batch * sequences * span * 2 * pairs * compute if itemsize != compute else 0
-        attention_call += max(rows_of_layer, factor_rows + factors, factors + keys32)
-    rotation_tables = 2 * s * D * compute
-    ffn_call = 2 * row + 2 * ffn  # hidden states, the modulated input, the hidden layer in and out of GELU
-    act = max(attention_call, ffn_call) + rotation_tables
+    def model_call(query_frames: int, gathered: bool, history: int, classes: int, retimes: bool) -> tuple[int, int, int]:
+        """(temporaries at the widest point, plan with its scratch, plan metadata) of a model call over
+        ``query_frames`` frames; ``gathered``: its history is gathered into the scratch (``history`` keys
+        before the queries' own, one sequence per head and query-frame class)."""
+        s = query_frames * tokens
+        row = batch * s * spec.dim * itemsize  # one [B, S, dim] activation (q, k, v, hidden states, ...)
+        ffn = batch * s * spec.ffn_width * itemsize
+        elements = batch * s * spec.dim
+        rot = _rotation_temps(elements, itemsize, compute, allocates=False)
+        rot_alloc = _rotation_temps(elements, itemsize, compute, allocates=True)
+        # the attention call: hidden states, the modulated input, q, k, v, the rotated queries — then the
+        # chunk's keys rotated (written into the cache or the scratch), the output
+        attention_call = 5 * row + max(rot_alloc + (0 if gathered else row), row + rot, 2 * row)
+        plan = meta = 0
+        if gathered:
+            sequences = spec.num_heads * classes
+            width = -(-int(history + s) // KEY_ALIGN) * KEY_ALIGN
+            span = width - s if retimes else 0
+            episodic_layers = sum(layers_of[t] for t in order if isinstance(rules[t].middle, Episodic))
+            rows = len(order) * classes + episodic_layers
+            scratch = 2 * batch * sequences * width * D * itemsize
+            query_buffer = batch * s * spec.dim * itemsize if classes > 1 else 0
+            masks = 2 * spec.num_layers * batch * sequences * width * itemsize
+            table = batch * rows * (width + span) * 8  # arena rows and factor indices
+            windows = 4 * spec.num_layers * batch * sequences * 8  # starts and lengths of both passes
+            commit_rows = 2 * spec.num_layers * batch * spec.num_heads * query_frames * 8
+            meta = masks + table + windows + commit_rows
+            plan = meta + scratch + query_buffer
+            # inside the attention call, before the chunk is written: the table rows of the layer and the arena
+            # rows (int64), then the time factors of the re-timed keys (complex) and, for half precision, their
+            # keys in float32
+            pairs = axis_pairs(D)[0]
+            rows_of_layer = batch * sequences * width * 8
+            factor_rows = batch * sequences * span * 8
+            factors = batch * sequences * span * pairs * 2 * compute
+            keys32 = batch * sequences * span * 2 * pairs * compute if itemsize != compute else 0
+            attention_call += max(rows_of_layer, factor_rows + factors, factors + keys32)
+            # the clean pass's commit, after the attention: its output, the kept frames' K and V picked from the
+            # scratch (every head's, at most) and their source and destination rows (int64)
+            attention_call = max(attention_call, 6 * row + 2 * row + 2 * batch * spec.num_heads * s * 8)
+        rotation_tables = 2 * s * D * compute
+        ffn_call = 2 * row + 2 * ffn  # hidden states, the modulated input, the hidden layer in and out of GELU
+        return max(attention_call, ffn_call) + rotation_tables, plan, meta
+
+    history = max(b.history for b in budgets.values())
+    classes = f if pol.key_sets_differ_by_query_frame(f) else 1
+    retimes = pol.rope != "absolute" or any(r.middle is not None for r in rules.values())
+    act, plan, meta = model_call(f, not in_place, history, classes, retimes)
+    # a recache: its plan gathers even a pool read in place; LongLive's re-runs up to its window in one call
+    # (absolute times, the 3 sink frames attended past the window with the global sink)
+    recache = 0
+    for mode, frames, switch_frame in recaches:
+        if frames <= 0:
+            continue
+        if mode == "block_causal":
+            call = model_call(min(f, frames), True, history, classes, retimes)
+        else:
+            sink = LONGLIVE_SINK if mode == "longlive" and switch_frame > LONGLIVE_WINDOW else 0
+            call = model_call(frames, True, sink * tokens, 1, False)
+        recache = max(recache, call[0] + call[1])
     # ---- a commit: a frame un-rotated and pooled, a slice of a pooling type's heads at a time -----------
     commit = 0
     for t in order:
@@ -307,7 +335,7 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
                        state_bytes=state, input_state_bytes=input_state_bytes if state_on_device else 0,
                        output_copy_bytes=copies, text_encode_bytes=text_encode, prompts_held=2 if prompts > 1 else 1,
                        extra_bytes=extra_bytes, extra_label=extra_label, cache_extra_bytes=int(extra),
-                       plan_meta_bytes=int(meta), commit_bytes=int(commit))
+                       plan_meta_bytes=int(meta), commit_bytes=int(commit), recache_bytes=int(recache))
 
 
 def check_fits(estimate: RunEstimate, free_bytes: int, headroom: float = 0.9) -> None:

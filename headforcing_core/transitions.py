@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .backbone import TextContext
 from .geometry import chunk_bounds
 from .memory import TAIL_FRAMES
-from .prompts import LONGLIVE_SINK, LONGLIVE_WINDOW, PromptSchedule, PromptSegment
+from .prompts import LONGLIVE_SINK, LONGLIVE_WINDOW, MAX_TRANSITION_FRAMES, PromptSchedule, PromptSegment
 
 
 def same_context(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -158,6 +158,28 @@ def plan_segments(schedule: PromptSchedule, frames_per_block: int, *, start_fram
         pos += seg.frames
         tail = min(TAIL_FRAMES, tail + seg.frames)
     return plans
+
+
+def recache_calls(plans: list[SegmentPlan]) -> tuple[tuple[str, int, int], ...]:
+    """``(mode, frames re-run, switch frame)`` of every recache in :func:`plan_segments`' plans: what
+    :func:`~headforcing_core.memory.estimate_run` sizes a recache's model calls by."""
+    return tuple((p.mode, p.recache, p.start) for p in plans if p.recache)
+
+
+def planned_recaches(schedule: PromptSchedule, frames_per_block: int, policy, *, start_frame: int = 0,
+                     live: bool = False) -> tuple[tuple[str, int, int], ...]:
+    """The recaches a run of ``schedule`` may make, for the pre-flight estimate: those its segments ask for
+    (a continuation from ``start_frame`` counts its first segment's too) and, for a run that takes live
+    prompts, the widest recache of every mode (:data:`LIVE_RECACHES`)."""
+    plans = plan_segments(schedule, frames_per_block, start_frame=start_frame, started=start_frame > 0,
+                          tail_frames=min(start_frame, TAIL_FRAMES), default_mode=default_recache_mode(policy))
+    return recache_calls(plans) + (LIVE_RECACHES if live else ())
+
+
+# a live run may switch with any recache at any frame: the widest of each mode's calls
+LIVE_RECACHES = (("block_causal", MAX_TRANSITION_FRAMES, LONGLIVE_WINDOW + 1),
+                 ("longlive_local_sink", LONGLIVE_WINDOW, LONGLIVE_WINDOW + 1),
+                 ("longlive", LONGLIVE_WINDOW - LONGLIVE_SINK, LONGLIVE_WINDOW + 1))
 
 
 def default_recache_mode(policy) -> str:

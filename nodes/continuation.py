@@ -23,6 +23,7 @@ from headforcing_core.policies import describe
 from headforcing_core.prompts import PromptSchedule
 from headforcing_core.state import ARState, weights_digest
 from headforcing_core.story import continue_generation
+from headforcing_core.transitions import planned_recaches
 
 from .comfy_bridge import (MAX_SEED, check_schedule, check_state, compute_dtype, conditioning_tensor,
                            describe_schedule_length, latent_shape, on_host, wan_backbone)
@@ -73,11 +74,13 @@ def run_continue(model, state, *, conditioning=None, prompt_schedule=None, lengt
     dtype = compute_dtype(model)
     text_tokens = max([seg.context.shape[1] for seg in schedule] + [state.context.shape[1]])
 
+    recaches = planned_recaches(schedule, fpb, policy, start_frame=state.next_frame, live=clip is not None)
+
     def estimate_at(t: int, lh: int, lw: int):
         return estimate_run(spec, policy, latent_frames=state.next_frame + t, new_frames=t, latent_height=lh,
                             latent_width=lw, frames_per_block=fpb, batch=state.batch, dtype=dtype,
                             state_on_device=on_host(model), input_state_bytes=state.nbytes,
-                            output_copies=1, text_tokens=text_tokens)
+                            output_copies=1, text_tokens=text_tokens, recaches=recaches)
 
     run = ModelRun.load(
         model, spec, estimate_at, dtype=dtype, latent_frames=new_frames, latent_height=h, latent_width=w,

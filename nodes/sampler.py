@@ -20,6 +20,7 @@ from headforcing_core.policies import PRESETS, TRAINING_WINDOW, CachePolicy, des
 from headforcing_core.prompts import PromptSchedule
 from headforcing_core.sampler import validate_inputs
 from headforcing_core.story import generate_schedule
+from headforcing_core.transitions import planned_recaches
 
 from .comfy_bridge import (CUSTOM_PRESET, DEFAULT_SAMPLER_POLICY, DEFAULT_SHIFT, DEFAULT_STEPS, FIRST_LATENT_CHOICES,
                            LENGTH_UNITS, LOOPS, MAX_SEED, MODEL_PRESETS, SamplerRequest, apply_model_preset,
@@ -277,6 +278,8 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
     dtype = compute_dtype(model)
     text_tokens = max(seg.context.shape[1] for seg in schedule)
 
+    recaches = planned_recaches(schedule, req.frames_per_block, policy, start_frame=t0, live=clip is not None)
+
     def estimate_at(t: int, h: int, w: int):
         # the cache covers the initial frames and the new ones; the initial latent is held on the device
         # (the model's-space copy and the latents kept for a recache) next to the new frames' noise and output
@@ -284,7 +287,7 @@ def run_ar_sampler(model, conditioning, *, kv_policy: CachePolicy | None, policy
                             frames_per_block=req.frames_per_block, batch=1, dtype=dtype,
                             state_on_device=on_host(model), output_copies=1, text_tokens=text_tokens,
                             extra_bytes=2 * latent_bytes(spec, t0, h, w) if t0 else 0,
-                            extra_label="initial latent")
+                            extra_label="initial latent", recaches=recaches)
 
     if t0:
         def describe_length(t: int) -> str:

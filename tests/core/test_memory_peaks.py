@@ -19,6 +19,7 @@ from headforcing_core import random_backbone
 from headforcing_core.bench import MODEL_SHAPES
 from headforcing_core.bench_memory import measure_run
 from headforcing_core.policies import HeadLabels, make_policy
+from headforcing_core.prompts import PromptSegment
 
 NARROW_1P3B, NARROW_14B = MODEL_SHAPES["1.3b-narrow"], MODEL_SHAPES["14b-narrow"]
 PRESETS = ("self_forcing_window", "sink_window", "longlive", "pyramid_forcing", "head_forcing")
@@ -77,6 +78,23 @@ def test_commit_slices_keep_the_estimate(monkeypatch, narrow_1p3b):
     monkeypatch.setattr(memory_module, "COMMIT_SLICE_BYTES", 40_000)
     report = measure_run(narrow_1p3b, "head_forcing", prompts(), latent_frames=12, latent_height=16, latent_width=16)
     within_bounds(report)
+
+
+@pytest.mark.parametrize("preset, mode", [("longlive", None), ("longlive", "longlive_local_sink"),
+                                          ("self_forcing_window", "block_causal"), ("head_forcing", None)])
+def test_a_recache_switch_is_estimated(narrow_1p3b, preset, mode):
+    """A recache re-runs frames under the new prompt: LongLive's in one call of up to 12 frames (the sink
+    attended past its window), block_causal chunk by chunk with history gathered even for a pool read in
+    place. Its phase is measured and the estimate holds; without it the estimate is below the measurement."""
+    switch = PromptSegment(prompts()[1], 1, transition="recache", transition_frames=9, recache_mode=mode)
+    report = measure_run(narrow_1p3b, preset, prompts(), latent_frames=30, latent_height=8, latent_width=16,
+                         switch=switch)
+    within_bounds(report)
+    assert "recache" in report["phases"] and "recache" in report["device_estimate"]["phases"]
+    if preset == "longlive":  # the widest call of the run: the recache's
+        phases = report["device_estimate"]["phases"]
+        assert phases["recache"] > max(v for k, v in phases.items() if k != "recache")
+        assert report["phases"]["recache"]["peak_bytes"] == report["device_peak_bytes"]
 
 
 @pytest.mark.parametrize("preset", ["self_forcing_window", "pyramid_forcing", "head_forcing", "head_forcing_split"])
