@@ -336,6 +336,7 @@ class WanRunner:
             y = self_attention(layer, q, k, v)
             y = sa.o(y.flatten(2))
             x = x + (_per_frame(y, f) * mod[2]).flatten(1, 2)
+            del h, q, k, v, y  # dropped now, not when the names are bound again: they add to the FFN's peak
 
             # cross-attention to the prompt (no modulation, no mask)
             ca = block.cross_attn
@@ -345,6 +346,7 @@ class WanRunner:
                 ck, cv = ck.expand(b, -1, -1, -1), cv.expand(b, -1, -1, -1)
             co = F.scaled_dot_product_attention(cq, ck, cv)
             x = x + ca.o(rearrange(co, "b n s d -> b s (n d)"))
+            del cq, co
 
             # feed-forward
             h = _per_frame(block.norm2(x), f) * (1 + mod[4]) + mod[3]
