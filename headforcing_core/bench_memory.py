@@ -35,7 +35,7 @@ from .policies import CachePolicy, make_policy
 from .prompts import PromptSchedule, PromptSegment
 from .sampler import ARSampler
 from .story_sampler import ScheduleSampler
-from .transitions import default_recache_mode, plan_segments, recache_calls
+from .transitions import planned_recaches
 
 PHASES = ("start", "prompt", "plan", "model_calls", "commit", "recache", "capture")
 HISTORY_ENTRIES = 200_000  # CUDA memory-history events kept (the replay needs the whole run)
@@ -92,7 +92,7 @@ def measure_run(backbone: torch.nn.Module, policy: str | CachePolicy, contexts: 
     runner = WanRunner(backbone, dtype=dtype, device=device)
     dev, dt = runner.device, runner.dtype
     schedule = _story([c.to(dev, dt) for c in contexts], latent_frames, frames_per_block, switch)
-    recaches = recache_calls(plan_segments(schedule, frames_per_block, default_mode=default_recache_mode(pol)))
+    recaches = planned_recaches(schedule, frames_per_block, pol)
     shape = (1, runner.spec.in_dim, latent_frames, latent_height, latent_width)
 
     def run():
