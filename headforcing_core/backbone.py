@@ -15,7 +15,7 @@ timestep modulation, text context zero-padded to 512 tokens before
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -54,6 +54,9 @@ class BackboneSpec:
     freq_dim: int
     text_len: int
     ffn_dim: int = 0  # 0: unknown (estimates then assume Wan's ratio)
+    # the dtype the blocks' Linear weights are stored in (None: unknown, taken as the compute dtype); not part
+    # of the shape: the same model loaded in fp8 or bf16 has one spec
+    weights_dtype: torch.dtype | None = field(default=None, compare=False)
 
     @classmethod
     def from_config(cls, cfg) -> "BackboneSpec":
@@ -152,6 +155,21 @@ class BackboneSpec:
         return {"linear": linear, "linear_layers": 5 + 10 * n_layers + 1, "other": other,
                 "patch_embedding": d * self.in_dim * patch + d}
 
+    def weight_cast_bytes(self, dtype: torch.dtype) -> dict[str, int]:
+        """Bytes of the one weight a Linear layer casts at a time, by where in a model call it is cast:
+        weights stored in another dtype than the compute ``dtype`` (fp8, a scaled-fp8 file, bf16 weights
+        computed in float32) are cast layer by layer on the fly (comfy/ops.py ``cast_bias_weight``: the
+        weight and bias in the input's dtype, freed once the layer has run). ``embedding``: the time
+        projection (``dim × 6·dim``, the largest Linear of the model, cast before the blocks run),
+        ``attention``: q/k/v/o (``dim × dim``), ``ffn``: the feed-forward's wider Linear. All 0 when the
+        weights are in the compute dtype (or their dtype is unknown). ``text``: the text embedding's first
+        Linear (``text_dim × dim``), cast when a prompt is encoded."""
+        if self.weights_dtype is None or self.weights_dtype == dtype:
+            return {"embedding": 0, "attention": 0, "ffn": 0, "text": 0}
+        d, f, size = self.dim, self.ffn_width, dtype.itemsize
+        return {"embedding": (d * 6 * d + 6 * d) * size, "attention": (d * d + d) * size,
+                "ffn": (d * f + max(d, f)) * size, "text": (self.text_dim * d + d) * size}
+
     def weights_bytes(self, dtype: torch.dtype, *, scaled_fp8: torch.dtype | None = None,
                       scales_per_layer: int = 1) -> int:
         """Bytes of this model's weights as ComfyUI holds them once loaded — what ``ModelPatcher.model_size()``
@@ -229,7 +247,7 @@ def inspect_backbone(module: torch.nn.Module) -> BackboneSpec:
         dim=dim, num_heads=num_heads, num_layers=len(blocks), patch_size=kernel,  # type: ignore[arg-type]
         in_dim=in_dim, out_dim=out_dim, text_dim=int(text_lin.in_features),
         freq_dim=int(time_lin.in_features), text_len=int(getattr(module, "text_len", WAN_TEXT_LEN) or WAN_TEXT_LEN),
-        ffn_dim=int(ffn_lin.out_features),
+        ffn_dim=int(ffn_lin.out_features), weights_dtype=ffn_lin.weight.dtype,
     )
 
 

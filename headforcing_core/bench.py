@@ -36,6 +36,7 @@ heaviest ATen ops: where a chunk goes, in the same run as the throughput.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.width % 16 or args.height % 16:
         ap.error("width and height must be multiples of 16")
 
-    spec = BackboneSpec.from_config(cfg)
+    # the estimate rows' weights as --weights-dtype stores them (fp8: cast layer by layer, weights_bytes)
+    spec = dataclasses.replace(BackboneSpec.from_config(cfg), weights_dtype=WEIGHTS_DTYPES[args.weights_dtype])
     report: dict = {
         "command": "python -m headforcing_core.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model_shape": args.model_shape, "width": args.width, "height": args.height,

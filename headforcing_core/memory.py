@@ -10,7 +10,8 @@ puts the two side by side; the estimate stays within −5 % / +15 % of the measu
              length — and the last frames kept for a recache); the chunk's plan (its metadata and the
              one-layer scratch every layer gathers its history into, :mod:`headforcing_core.plan`); and
              the model call's own temporaries at its widest point (the attention call, or the
-             feed-forward's hidden layer);
+             feed-forward's hidden layer), with the one weight a Linear casts to the compute dtype
+             when the weights are stored in another (fp8: :meth:`~headforcing_core.backbone.BackboneSpec.weight_cast_bytes`);
 ``commit``   after a chunk: the plan's metadata and the commit's temporaries (frames un-rotated and
              pooled into episodes or merged blocks);
 ``prompt``   a prompt encoded (at the start, and at a switch next to the old prompt's K/V): its K/V and
@@ -226,6 +227,7 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
 
     itemsize = torch.finfo(dtype).bits // 8
     compute = 8 if dtype == torch.float64 else 4  # RoPE and pooling precision
+    cast = spec.weight_cast_bytes(dtype)
     D = spec.head_dim
     order = [t for t in rules if any(t in row for row in types)]
     heads_of = {t: sum(row.count(t) for row in types) for t in order}
@@ -291,7 +293,10 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
             attention_call = max(attention_call, 6 * row + 2 * row + 2 * batch * spec.num_heads * s * 8)
         rotation_tables = 2 * s * D * compute
         ffn_call = 2 * row + 2 * ffn  # hidden states, the modulated input, the hidden layer in and out of GELU
-        return max(attention_call, ffn_call) + rotation_tables, plan, meta
+        # weights stored in another dtype are cast one Linear at a time, next to what that layer's stage holds
+        embedding_call = 2 * row + cast["embedding"]  # the patch-embedded input and its time modulation
+        return (max(attention_call + cast["attention"], ffn_call + cast["ffn"], embedding_call) + rotation_tables,
+                plan, meta)
 
     history = max(b.history for b in budgets.values())
     classes = f if pol.key_sets_differ_by_query_frame(f) else 1
@@ -318,7 +323,10 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
                                                compute, slots=middle.cap + 1 if isinstance(middle, Episodic) else 0))
     text_len = spec.text_len
     text = spec.num_layers * 2 * batch * text_len * spec.dim * itemsize
-    text_encode = batch * text_len * (spec.text_dim + 3 * spec.dim) * itemsize
+    # a cast Linear (fp8 weights): the text embedding's before any of the new prompt's K/V exists, the
+    # cross-attention's k / v next to all but the last layer's
+    text_encode = batch * text_len * (spec.text_dim + 3 * spec.dim) * itemsize \
+        + max(cast["attention"], cast["text"] - text)
     tail = latent_bytes(spec, min(TAIL_FRAMES, new), latent_height, latent_width, batch)
     latents = 2 * latent_bytes(spec, new, latent_height, latent_width, batch) + tail
     state = 0

@@ -497,7 +497,9 @@ class CachePolicy:
     ``window``: the frame range ``window_shift`` and ``compact`` renumber into (21, the
     training window). ``clamp_min`` / ``clamp_max``: ``window_clamp``'s sink-time clamp
     (Pyramid Forcing's ``sink_time_clamp_min`` / ``_max``: the sink time of query frame ``t``
-    is ``max(0, t - clamp(t, clamp_min, clamp_max))``).
+    is ``max(0, t - clamp(t, clamp_min, clamp_max))``). ``unprofiled_rules``: rules that replace
+    those of the same head type when the model has no labels and gets the uniform fallback
+    (:func:`resolve_labels`; ``head_forcing``'s budget-matched memory heads).
     """
 
     preset: str
@@ -507,6 +509,7 @@ class CachePolicy:
     window: int = TRAINING_WINDOW
     clamp_min: int = 18
     clamp_max: int = 21
+    unprofiled_rules: tuple[tuple[str, Rule], ...] = ()
     note: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -564,7 +567,7 @@ class CachePolicy:
             r.per_query_frame for r in self.rule_map.values()))
 
     def validate(self, frames_per_block: int) -> None:
-        for t, r in self.rules:
+        for t, r in self.rules + self.unprofiled_rules:
             if not isinstance(r, tuple(RULE_FAMILIES.values())):  # a guard on input, not a dispatch
                 raise PolicyError(f"head type {t!r}: {type(r).__name__} is not a retention rule")
             r.validate(t, frames_per_block)
@@ -587,21 +590,26 @@ def policy_to_dict(policy: CachePolicy) -> dict:
     labels = None if policy.labels is None else {
         "taxonomy": policy.labels.taxonomy, "types": [list(row) for row in policy.labels.types],
         "source": policy.labels.source}
-    return {"preset": policy.preset, "rope": policy.rope, "window": policy.window, "clamp_min": policy.clamp_min,
-            "clamp_max": policy.clamp_max, "note": policy.note,
-            "rules": [[t, r.to_dict()] for t, r in policy.rules], "labels": labels}
+    d = {"preset": policy.preset, "rope": policy.rope, "window": policy.window, "clamp_min": policy.clamp_min,
+         "clamp_max": policy.clamp_max, "note": policy.note,
+         "rules": [[t, r.to_dict()] for t, r in policy.rules], "labels": labels}
+    if policy.unprofiled_rules:  # only a policy not yet resolved against a model has them
+        d["unprofiled_rules"] = [[t, r.to_dict()] for t, r in policy.unprofiled_rules]
+    return d
 
 
 def policy_from_dict(d: Mapping) -> CachePolicy:
     """Inverse of :func:`policy_to_dict` (:class:`PolicyError` for anything it cannot read)."""
     try:
         rules = tuple((str(t), rule_from_dict(r)) for t, r in d["rules"])
+        unprofiled = tuple((str(t), rule_from_dict(r)) for t, r in d.get("unprofiled_rules", ()))
         lab = d.get("labels")
         labels = None if lab is None else HeadLabels(lab["taxonomy"], tuple(tuple(row) for row in lab["types"]),
                                                      lab.get("source", ""))
         return CachePolicy(preset=str(d["preset"]), rules=rules, rope=str(d["rope"]), labels=labels,
                            window=int(d["window"]), clamp_min=int(d.get("clamp_min", 18)),
-                           clamp_max=int(d.get("clamp_max", 21)), note=str(d.get("note", "")))
+                           clamp_max=int(d.get("clamp_max", 21)), unprofiled_rules=unprofiled,
+                           note=str(d.get("note", "")))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PolicyError(f"the policy record is unreadable ({type(e).__name__}: {e})") from None
 
@@ -614,14 +622,21 @@ def policy_from_dict(d: Mapping) -> CachePolicy:
 class Preset:
     """A named configuration: rules per head type, the RoPE mode, the taxonomy its labels come from,
     and which of the shared ``sink`` / ``recent`` widgets each rule takes. ``recent_is_window``: with
-    no ``recent`` given, the recent count is the policy's RoPE window (``self_forcing_window``)."""
+    no ``recent`` given, the recent count is the policy's RoPE window (``self_forcing_window``).
+    ``unprofiled``: rules that replace the same head types when a model without labels gets the
+    uniform fallback (:func:`default_labels`), taking the shared widgets the same way."""
 
     rules: tuple[tuple[str, Rule, tuple[str, ...]], ...]
     rope: str
     taxonomy: str = "uniform"
     summary: str = ""
     recent_is_window: bool = False
+    unprofiled: tuple[tuple[str, Rule, tuple[str, ...]], ...] = ()  # rules of the uniform fallback, same form
 
+
+# Head Forcing's reported share of each head type (the paper's figure, no public code): what the
+# ``head_forcing`` budgets are sized against (DESIGN §6, docs/benchmarks.md)
+HEAD_FORCING_REPORTED_SPLIT = {"anchor": 0.25, "local": 0.15, "memory": 0.60}
 
 PRESET_TABLE: dict[str, Preset] = {
     "full": Preset((("all", RetentionRule(), ()),), "absolute",
@@ -643,9 +658,21 @@ PRESET_TABLE: dict[str, Preset] = {
                             ("anchor", RetentionRule(sink=3, recent=2), ("sink",)),
                             ("memory", RetentionRule(sink=3, recent=6, middle=Episodic(8, 2, 0.9)), ("sink", "recent"))),
                            "compact", "head_forcing",
-                           summary="Local / Anchor / Memory heads (our defaults), head-wise compact RoPE"),
+                           summary="Local / Anchor / Memory heads (our defaults), head-wise compact RoPE",
+                           # A model without a profile cannot say which heads are which, so every head gets
+                           # what each type keeps: the anchors' 3 sinks, the memory's 8 episodes and the
+                           # recent window of the local and anchor heads (2). Its cache then holds about what
+                           # the reported split's does: per head 3 sink + 2 recent + 3 pages in flight to the
+                           # episodes + 9 quarter-frame episode slots (8 + 1 before a merge) = 10.25 frames,
+                           # against 0.25·5 + 0.15·2 + 0.6·14.25 = 10.1 (with the memory heads' own 6 recent
+                           # frames: 14.25, 1.4×).
+                           unprofiled=(("memory", RetentionRule(sink=3, recent=2, middle=Episodic(8, 2, 0.9)),
+                                        ("sink", "recent")),)),
 }
 PRESETS = tuple(PRESET_TABLE)
+
+
+UNIFORM_FALLBACK = "uniform fallback"  # the source of the labels a model without a profile gets
 
 
 def default_labels(preset: str, num_layers: int, num_heads: int) -> tuple[HeadLabels, str]:
@@ -663,10 +690,10 @@ def default_labels(preset: str, num_layers: int, num_heads: int) -> tuple[HeadLa
                 "labels: STAND-IN derived from Pyramid Forcing's Self Forcing labels (veil→anchor, "
                 "anchor→memory, wave→local) until this model is profiled with Profile Heads")
     if preset == "pyramid_forcing":
-        return (HeadLabels.uniform(num_layers, num_heads, "anchor", "pyramid_forcing", "uniform fallback"),
+        return (HeadLabels.uniform(num_layers, num_heads, "anchor", "pyramid_forcing", UNIFORM_FALLBACK),
                 f"labels: uniform fallback (every head 'anchor'): no published labels for a "
                 f"{num_layers}×{num_heads} model; profile it with Profile Heads")
-    return (HeadLabels.uniform(num_layers, num_heads, "memory", "head_forcing", "uniform fallback"),
+    return (HeadLabels.uniform(num_layers, num_heads, "memory", "head_forcing", UNIFORM_FALLBACK),
             f"labels: uniform fallback (every head 'memory'): no profile for a {num_layers}×{num_heads} "
             "model; profile it with Profile Heads")
 
@@ -680,8 +707,9 @@ def make_policy(preset: str = "full", *, labels: HeadLabels | None = None, rope:
     ``sink`` / ``recent`` override the preset's sink and recent counts where it has them
     (``self_forcing_window``: ``recent`` is its window incl. the chunk; ``pyramid_forcing``:
     ``sink`` applies to the 3-sink Anchor / Veil heads, ``recent`` to every type);
-    ``rules`` replaces whole rules by head type. ``labels`` may be left out for the typed
-    presets: :func:`resolve_labels` picks the defaults for the model's shape at sampling time.
+    ``rules`` replaces whole rules by head type (with or without a profile). ``labels`` may be
+    left out for the typed presets: :func:`resolve_labels` picks the defaults for the model's
+    shape at sampling time, and with them the preset's ``unprofiled`` rules where it has them.
     """
     spec = PRESET_TABLE.get(preset)
     if spec is None:
@@ -689,25 +717,54 @@ def make_policy(preset: str = "full", *, labels: HeadLabels | None = None, rope:
     if spec.recent_is_window and recent is None:
         recent = window
     # the shared sink / recent widgets apply to the rules that take them
-    r = tuple((t, rule.with_counts(sink if "sink" in takes else None, recent if "recent" in takes else None))
-              for t, rule, takes in spec.rules)
+    def counted(table):
+        return tuple((t, rule.with_counts(sink if "sink" in takes else None, recent if "recent" in takes else None))
+                     for t, rule, takes in table)
+
+    r, unprofiled = counted(spec.rules), counted(spec.unprofiled)
     if rules:
         merged = dict(r)
         merged.update(rules)
         r = tuple(merged.items())
+        # a rule given whole is the user's choice, with or without a profile
+        unprofiled = tuple((t, rule) for t, rule in unprofiled if t not in rules)
     if labels is not None and spec.taxonomy != "uniform" and labels.taxonomy not in (spec.taxonomy, "uniform"):
         raise PolicyError(
             f"labels of the {labels.taxonomy} taxonomy cannot drive the {preset} policy; classify the "
             f"profile in the {preset} taxonomy (Classify Heads)")
     return CachePolicy(preset=preset, rules=r, rope=rope or spec.rope, labels=labels, window=window,
-                       clamp_min=clamp_min, clamp_max=clamp_max)
+                       clamp_min=clamp_min, clamp_max=clamp_max, unprofiled_rules=unprofiled)
 
 
 def resolve_labels(policy: CachePolicy, num_layers: int, num_heads: int) -> CachePolicy:
-    """Fill in default labels for a typed preset given without a profile (noting what was used)."""
+    """Fill in default labels for a typed preset given without a profile (noting what was used).
+
+    With the uniform fallback the policy's ``unprofiled_rules`` replace its rules of the same
+    type; the resolved policy carries none (what it runs is in ``rules``)."""
     if policy.labels is not None or set(policy.rule_map) == {"all"}:
         return policy
     if policy.preset not in ("pyramid_forcing", "head_forcing"):
         raise PolicyError(f"policy {policy.preset!r} needs a labels matrix")
     labels, note = default_labels(policy.preset, num_layers, num_heads)
-    return replace(policy, labels=labels, note=note)
+    rules = policy.rules
+    if labels.source == UNIFORM_FALLBACK and policy.unprofiled_rules:
+        fallback = dict(policy.unprofiled_rules)
+        rules = tuple((t, fallback.get(t, r)) for t, r in rules)
+        note += "; " + ", ".join(f"{t} heads: {r.describe()}" for t, r in policy.unprofiled_rules) + \
+            " (the fallback's budget: a layer holds no more than with Head Forcing's reported split)"
+    return replace(policy, labels=labels, rules=rules, unprofiled_rules=(), note=note)
+
+
+def with_episodic(policy: CachePolicy, cap: int | None = None, similarity: float | None = None) -> CachePolicy:
+    """The policy with the episodic memory of its memory rules retuned (None: keep), with or
+    without a profile (``rules`` and ``unprofiled_rules`` alike)."""
+    def tuned(table):
+        out = []
+        for t, r in table:
+            if isinstance(r, RetentionRule) and isinstance(r.middle, Episodic):
+                changes = {k: v for k, v in (("cap", cap), ("similarity", similarity)) if v is not None}
+                r = replace(r, middle=replace(r.middle, **changes))
+            out.append((t, r))
+        return tuple(out)
+
+    return replace(policy, rules=tuned(policy.rules), unprofiled_rules=tuned(policy.unprofiled_rules))

@@ -189,9 +189,27 @@ def _check_policy_record(f: Fields, rec, fingerprint: dict) -> None:
     for key in ("clamp_min", "clamp_max"):
         f.integer(rec.get(key, 18 if key == "clamp_min" else 21), f"policy.{key}", 0, LIMITS["latent_frames"])
     f.text(rec.get("note", ""), "policy.note")
-    rules = f.array(f.get(rec, "rules", "policy.rules"), "policy.rules", 1, 64)
+    _check_rule_records(f, f.array(f.get(rec, "rules", "policy.rules"), "policy.rules", 1, 64), "policy.rules")
+    if "unprofiled_rules" in rec:
+        _check_rule_records(f, f.array(rec["unprofiled_rules"], "policy.unprofiled_rules", 0, 64),
+                            "policy.unprofiled_rules")
+    labels = rec.get("labels")
+    if labels is not None:
+        labels = f.mapping(labels, "policy.labels")
+        f.text(f.get(labels, "taxonomy", "policy.labels.taxonomy"), "policy.labels.taxonomy", max_len=200)
+        f.text(labels.get("source", ""), "policy.labels.source")
+        rows = f.array(f.get(labels, "types", "policy.labels.types"), "policy.labels.types",
+                       fingerprint["num_layers"], fingerprint["num_layers"])
+        for li, row in enumerate(rows):
+            row = f.array(row, f"policy.labels.types[{li}]", fingerprint["num_heads"], fingerprint["num_heads"])
+            for hi, t in enumerate(row):
+                f.text(t, f"policy.labels.types[{li}][{hi}]", max_len=200)
+
+
+def _check_rule_records(f: Fields, rules: list, key: str) -> None:
+    """Types and ranges of ``[head type, rule]`` pairs (``RuleBase.to_dict``)."""
     for i, item in enumerate(rules):
-        where = f"policy.rules[{i}]"
+        where = f"{key}[{i}]"
         item = f.array(item, where, 2, 2)
         f.text(item[0], f"{where}[0]", max_len=200)
         r = f.mapping(item[1], f"{where}[1]")
@@ -227,17 +245,6 @@ def _check_policy_record(f: Fields, rec, fingerprint: dict) -> None:
                     f.number(value, f"{where}.middle.{name}", -1.0, 1.0)
         elif family == "pyramid":
             f.fail(f"{where}.middle", "is missing: a Pyramid Forcing rule needs a Stride, Cyclic or Merge middle")
-    labels = rec.get("labels")
-    if labels is not None:
-        labels = f.mapping(labels, "policy.labels")
-        f.text(f.get(labels, "taxonomy", "policy.labels.taxonomy"), "policy.labels.taxonomy", max_len=200)
-        f.text(labels.get("source", ""), "policy.labels.source")
-        rows = f.array(f.get(labels, "types", "policy.labels.types"), "policy.labels.types",
-                       fingerprint["num_layers"], fingerprint["num_layers"])
-        for li, row in enumerate(rows):
-            row = f.array(row, f"policy.labels.types[{li}]", fingerprint["num_heads"], fingerprint["num_heads"])
-            for hi, t in enumerate(row):
-                f.text(t, f"policy.labels.types[{li}][{hi}]", max_len=200)
 
 
 def validate_state(meta, tensors: Mapping[str, torch.Tensor], where: str, error: type[HeadForcingError]):

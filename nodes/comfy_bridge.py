@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -34,8 +34,8 @@ from headforcing_core.krea import (FIRST_LATENT_MODES, KREA_CONTEXT_FRAMES, KREA
                                    KreaError, KreaSettings)
 from headforcing_core.memory import estimate_run
 from headforcing_core.noise import initial_noise  # noqa: F401  (the tests draw the sampler's noise through here)
-from headforcing_core.policies import (PRESETS, CachePolicy, Cyclic, Episodic, HeadLabels, Merge, PyramidRule, Stride,
-                                      describe, make_policy)
+from headforcing_core.policies import (PRESETS, CachePolicy, Cyclic, HeadLabels, Merge, PyramidRule, Stride, describe,
+                                      make_policy, with_episodic)
 from headforcing_core.profiling import HeadProfile
 from headforcing_core.prompts import PromptSchedule, ScheduleError
 from headforcing_core.schedule import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FlowMatchSchedule, linspace_steps
@@ -360,17 +360,8 @@ def build_policy(preset: str, *, rope: str = "preset default", sink_frames: int 
                            clamp_max=p["sink_time_clamp_max"], **kw)
     kw.update(sink=None if sink_frames < 0 else int(sink_frames),
               recent=None if recent_frames < 0 else int(recent_frames))
-    policy = make_policy(preset, **kw)
-    memory = policy.rule_map.get("memory")
-    if memory is not None and isinstance(memory.middle, Episodic):
-        episodic = memory.middle
-        if memory_episodes is not None:
-            episodic = replace(episodic, cap=int(memory_episodes))
-        if memory_similarity is not None:
-            episodic = replace(episodic, similarity=float(memory_similarity))
-        if episodic != memory.middle:
-            policy = make_policy(preset, rules={"memory": replace(memory, middle=episodic)}, **kw)
-    return policy
+    return with_episodic(make_policy(preset, **kw), None if memory_episodes is None else int(memory_episodes),
+                         None if memory_similarity is None else float(memory_similarity))
 
 
 def sampler_policy(kv_policy: CachePolicy | None, preset: str) -> CachePolicy:

@@ -134,3 +134,29 @@ def test_heat_map_of_1600_heads():
     img = heat_map.render_heat_map(labels, "a 14B model")
     _, h, w, c = img.shape
     assert c == 3 and h >= 40 * 8 and w >= 40 * 8  # every head a visible cell
+
+
+def test_fp8_weights_add_the_cast_of_one_linear_to_the_estimate():
+    """ComfyUI casts fp8 weights to the compute dtype one Linear at a time (comfy/ops.py ``cast_bias_weight``);
+    the estimate holds the cast weight at the stage of the call where it is widest. At 832×480 on 14B the
+    attention call is the widest stage, so its q/k/v/o weight is what an fp8 run adds: 5120² + 5120 in bf16."""
+    import dataclasses
+
+    spec = BackboneSpec.from_config(WAN21_14B)
+    fp8 = dataclasses.replace(spec, weights_dtype=torch.float8_e4m3fn)
+    assert fp8 == spec  # the same shape, whatever the weights are stored in
+    casts = fp8.weight_cast_bytes(torch.bfloat16)
+    assert casts == {"embedding": (5120 * 30720 + 30720) * 2, "attention": (5120 * 5120 + 5120) * 2,
+                     "ffn": (5120 * 13824 + 13824) * 2, "text": (4096 * 5120 + 5120) * 2}
+    assert set(dataclasses.replace(spec, weights_dtype=torch.bfloat16).weight_cast_bytes(torch.bfloat16).values()) == {0}
+    kw = dict(latent_frames=241, latent_height=60, latent_width=104, dtype=torch.bfloat16)
+    for preset in ("self_forcing_window", "head_forcing"):
+        grown = estimate_run(fp8, preset, **kw).run_bytes - estimate_run(spec, preset, **kw).run_bytes
+        assert grown == casts["attention"], preset
+
+
+def test_the_spec_knows_how_the_weights_are_stored(model):
+    from headforcing_core.backbone import inspect_backbone
+
+    assert inspect_backbone(model).weights_dtype == torch.float32
+    assert inspect_backbone(random_backbone(LAYOUT_14B, seed=4, dtype=torch.bfloat16)).weights_dtype == torch.bfloat16

@@ -90,6 +90,9 @@ def test_every_state_field_wrong_in_turn(tiny_model, good_state, tmp_path, cache
     (lambda m, t: m["history"][0].update(frames=5), "history[1].start"),
     (lambda m, t: m["policy"].update(window="three"), "policy.window"),
     (lambda m, t: m["policy"]["rules"][0][1].update(family="spiral"), "policy.rules[0].family"),
+    (lambda m, t: m["policy"].update(unprofiled_rules=[["memory", {"sink": -1, "recent": 2}]]),
+     "policy.unprofiled_rules[0].sink"),
+    (lambda m, t: m["policy"].update(unprofiled_rules="memory"), "policy.unprofiled_rules"),
 ])
 def test_the_reported_broken_states_name_their_field(good_state, tmp_path, change, field):
     meta, tensors = json.loads(good_state.meta_json), dict(good_state.tensors)

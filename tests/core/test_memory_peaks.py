@@ -12,6 +12,7 @@ has the 1.3B and 14B figures and the command).
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import headforcing_core.cache as cache_module
 import headforcing_core.memory as memory_module
@@ -99,8 +100,8 @@ def test_a_recache_switch_is_estimated(narrow_1p3b, preset, mode):
 
 @pytest.mark.parametrize("preset", ["self_forcing_window", "pyramid_forcing", "head_forcing", "head_forcing_split"])
 def test_the_14b_layout_is_measured_and_estimated(preset):
-    """Wan 2.1 14B's 40 layers × 40 heads (narrow), every head typed: uniform labels and Head Forcing's reported
-    25 / 15 / 60 % split."""
+    """Wan 2.1 14B's 40 layers × 40 heads (narrow), every head typed: the uniform fallback (every head memory,
+    with the local heads' recent window) and Head Forcing's reported 25 / 15 / 60 % split."""
     model = random_backbone(NARROW_14B, seed=0)
     policy = preset
     if preset == "head_forcing_split":
@@ -108,3 +109,38 @@ def test_the_14b_layout_is_measured_and_estimated(preset):
         policy = make_policy("head_forcing", labels=HeadLabels("head_forcing", (row,) * 40))
     report = measure_run(model, policy, prompts(), latent_frames=12, latent_height=8, latent_width=8)
     within_bounds(report)
+
+
+class CastingLinear(torch.nn.Linear):
+    """A Linear whose weights are stored in another dtype and cast to the input's at every call, freed after it:
+    what ComfyUI's ops do with fp8 weights (comfy/ops.py ``cast_bias_weight``)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def test_weights_cast_on_the_fly_are_measured_and_estimated():
+    """Weights stored in bfloat16 and computed in float32 (fp8's case, in a dtype the CPU multiplies): every Linear
+    casts its weight when it runs. The estimate adds the widest cast (the time projection's, here) and stays the
+    measurement; the measured peak grows by what the estimate says."""
+    reports = {}
+    for stored in (torch.float32, torch.bfloat16):
+        model = random_backbone(NARROW_14B, seed=0)
+        for layer in model.modules():
+            if type(layer) is torch.nn.Linear and stored != torch.float32:
+                layer.__class__ = CastingLinear
+                layer.to(stored)
+        reports[stored] = measure_run(model, "head_forcing", prompts(), latent_frames=12, latent_height=8,
+                                      latent_width=8, dtype=torch.float32)
+        within_bounds(reports[stored])
+    plain, cast = reports[torch.float32], reports[torch.bfloat16]
+
+    def growth(phase: str, measured_phase: str) -> tuple[int, int]:
+        return (cast["phases"][measured_phase]["peak_bytes"] - plain["phases"][measured_phase]["peak_bytes"],
+                cast["device_estimate"]["phases"][phase] - plain["device_estimate"]["phases"][phase])
+
+    weight = NARROW_14B.dim * 6 * NARROW_14B.dim * 4  # the time projection's weight in float32
+    grown, estimated = growth("run", "model_calls")  # the time projection's cast over the call's own peak
+    assert estimated > weight / 2 and 0.9 * estimated <= grown <= 1.1 * estimated, (grown, estimated)
+    grown, estimated = growth("prompt", "prompt")  # the cross-attention's k / v cast while a prompt is encoded
+    assert estimated > 0 and 0.8 * estimated <= grown <= 1.2 * estimated, (grown, estimated)
