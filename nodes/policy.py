@@ -90,8 +90,9 @@ class HeadForcingCachePolicy(io.ComfyNode):
                     "recent_frames", default=-1, min=-1, max=1024,
                     tooltip="Most recent latent frames kept (memory heads for head_forcing; every head for "
                             "sink_window and longlive; the window size incl. the current chunk for "
-                            "self_forcing_window). -1: the preset's value. Ignored by full and pyramid_forcing "
-                            "(pyramid_recent_frames below)."),
+                            "self_forcing_window). -1: the preset's value (head_forcing: 6, or 2 on a model "
+                            "without a profile or published labels, where every head is a memory head). Ignored "
+                            "by full and pyramid_forcing (pyramid_recent_frames below)."),
                 io.Int.Input(
                     "memory_episodes", default=_HEAD_FORCING.cap, min=1, max=256,
                     tooltip="head_forcing only: most episodes (pooled summaries of older frames) a memory "
