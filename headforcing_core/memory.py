@@ -39,7 +39,6 @@ from .backbone import BackboneSpec
 from .cache import COMMIT_SLICE_BYTES, type_layout
 from .errors import MemoryBudgetError
 from .policies import TRAINING_WINDOW, CachePolicy, Episodic, Merge, make_policy, resolve_labels
-from .prompts import LONGLIVE_SINK, LONGLIVE_WINDOW
 from .retention import make_tracker
 from .rope import axis_pairs, pooled_grid
 
@@ -205,8 +204,8 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     AR_STATE is captured at the end, ``state_on_device``: the CPU copies of states count (a CPU
     device); ``input_state_bytes``: a state being continued that shares the device's memory;
     ``output_copies``: full-length latent copies the caller makes afterwards; ``prompts``: the
-    story's prompts (more than one: a switch); ``recaches``: ``(mode, frames re-run, switch frame)`` of each
-    recache the run makes (:func:`~headforcing_core.transitions.recache_calls`), whose model calls re-run
+    story's prompts (more than one: a switch); ``recaches``: ``(mode, frames re-run, sink frames attended)`` of
+    each recache the run makes (:func:`~headforcing_core.transitions.planned_recaches`), whose model calls re-run
     more frames at once than a chunk (LongLive's) or gather history a pool read in place does not.
     """
     pol = make_policy(policy) if isinstance(policy, str) else policy
@@ -305,14 +304,13 @@ def estimate_run(spec: BackboneSpec, policy: CachePolicy | str, *, latent_frames
     # a recache: its plan gathers even a pool read in place; LongLive's re-runs up to its window in one call
     # (absolute times, the 3 sink frames attended past the window with the global sink)
     recache = 0
-    for mode, frames, switch_frame in recaches:
+    for mode, frames, sink_frames in recaches:
         if frames <= 0:
             continue
         if mode == "block_causal":
             call = model_call(min(f, frames), True, history, classes, retimes)
         else:
-            sink = LONGLIVE_SINK if mode == "longlive" and switch_frame > LONGLIVE_WINDOW else 0
-            call = model_call(frames, True, sink * tokens, 1, False)
+            call = model_call(frames, True, sink_frames * tokens, 1, False)
         recache = max(recache, call[0] + call[1])
     # ---- a commit: a frame un-rotated and pooled, a slice of a pooling type's heads at a time -----------
     commit = 0

@@ -634,10 +634,6 @@ class Preset:
     unprofiled: tuple[tuple[str, Rule, tuple[str, ...]], ...] = ()  # rules of the uniform fallback, same form
 
 
-# Head Forcing's reported share of each head type (the paper's figure, no public code): what the
-# ``head_forcing`` budgets are sized against (DESIGN §6, docs/benchmarks.md)
-HEAD_FORCING_REPORTED_SPLIT = {"anchor": 0.25, "local": 0.15, "memory": 0.60}
-
 PRESET_TABLE: dict[str, Preset] = {
     "full": Preset((("all", RetentionRule(), ()),), "absolute",
                    summary="keep everything at absolute positions (Self Forcing; ≤ 21 frames)"),

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from .backbone import TextContext
 from .geometry import chunk_bounds
 from .memory import TAIL_FRAMES
-from .prompts import LONGLIVE_SINK, LONGLIVE_WINDOW, MAX_TRANSITION_FRAMES, PromptSchedule, PromptSegment
+from .prompts import (LONGLIVE_SINK, LONGLIVE_WINDOW, MAX_TRANSITION_FRAMES, RECACHE_MODES, PromptSchedule,
+                      PromptSegment)
 
 
 def same_context(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -133,9 +134,15 @@ def recache_frames(mode: str, requested: int, switch_frame: int, tail: int) -> i
     if mode == "block_causal":
         return max(min(requested, switch_frame, tail), 0)
     n = min(LONGLIVE_WINDOW, switch_frame, tail)
-    if mode == "longlive" and switch_frame > LONGLIVE_WINDOW:
+    if longlive_sink_attended(mode, switch_frame):
         n = min(LONGLIVE_WINDOW - LONGLIVE_SINK, tail)
     return max(n, 0)
+
+
+def longlive_sink_attended(mode: str, switch_frame: int) -> int:
+    """Sink frames a recache at ``switch_frame`` attends besides the frames it re-runs: LongLive's global sink,
+    once the switch is past its window (``longlive``); none otherwise."""
+    return LONGLIVE_SINK if mode == "longlive" and switch_frame > LONGLIVE_WINDOW else 0
 
 
 def plan_segments(schedule: PromptSchedule, frames_per_block: int, *, start_frame: int = 0,
@@ -160,26 +167,24 @@ def plan_segments(schedule: PromptSchedule, frames_per_block: int, *, start_fram
     return plans
 
 
-def recache_calls(plans: list[SegmentPlan]) -> tuple[tuple[str, int, int], ...]:
-    """``(mode, frames re-run, switch frame)`` of every recache in :func:`plan_segments`' plans: what
-    :func:`~headforcing_core.memory.estimate_run` sizes a recache's model calls by."""
-    return tuple((p.mode, p.recache, p.start) for p in plans if p.recache)
-
-
 def planned_recaches(schedule: PromptSchedule, frames_per_block: int, policy, *, start_frame: int = 0,
                      live: bool = False) -> tuple[tuple[str, int, int], ...]:
-    """The recaches a run of ``schedule`` may make, for the pre-flight estimate: those its segments ask for
-    (a continuation from ``start_frame`` counts its first segment's too) and, for a run that takes live
+    """``(mode, frames re-run, sink frames attended besides them)`` of the recaches a run of ``schedule`` may
+    make, what :func:`~headforcing_core.memory.estimate_run` sizes their model calls by: those its segments ask
+    for (a continuation from ``start_frame`` counts its first segment's too) and, for a run that takes live
     prompts, the widest recache of every mode (:data:`LIVE_RECACHES`)."""
     plans = plan_segments(schedule, frames_per_block, start_frame=start_frame, started=start_frame > 0,
                           tail_frames=min(start_frame, TAIL_FRAMES), default_mode=default_recache_mode(policy))
-    return recache_calls(plans) + (LIVE_RECACHES if live else ())
+    asked = tuple((p.mode, p.recache, longlive_sink_attended(p.mode, p.start)) for p in plans if p.recache)
+    return asked + (LIVE_RECACHES if live else ())
 
 
-# a live run may switch with any recache at any frame: the widest of each mode's calls
-LIVE_RECACHES = (("block_causal", MAX_TRANSITION_FRAMES, LONGLIVE_WINDOW + 1),
-                 ("longlive_local_sink", LONGLIVE_WINDOW, LONGLIVE_WINDOW + 1),
-                 ("longlive", LONGLIVE_WINDOW - LONGLIVE_SINK, LONGLIVE_WINDOW + 1))
+# a live run may switch with any recache at any frame: the widest of each mode's calls, at a switch past
+# LongLive's window and the kept tail
+_LATE_SWITCH = max(LONGLIVE_WINDOW, TAIL_FRAMES) + 1
+LIVE_RECACHES = tuple((mode, recache_frames(mode, MAX_TRANSITION_FRAMES, _LATE_SWITCH, TAIL_FRAMES),
+                       longlive_sink_attended(mode, _LATE_SWITCH))
+                      for mode in RECACHE_MODES)
 
 
 def default_recache_mode(policy) -> str:

@@ -11,11 +11,13 @@ import torch
 
 from headforcing_core.backbone import BackboneSpec
 from headforcing_core.memory import GiB, estimate_run
-from headforcing_core.policies import (HEAD_FORCING_REPORTED_SPLIT, Episodic, HeadLabels, RetentionRule, make_policy,
-                                       policy_from_dict, policy_to_dict, resolve_labels, with_episodic)
+from headforcing_core.policies import (Episodic, HeadLabels, RetentionRule, make_policy, policy_from_dict,
+                                       policy_to_dict, resolve_labels, with_episodic)
 from headforcing_core.wan_model import WAN21_14B
 
 FPB = 3  # frames per chunk
+# Head Forcing's reported share of each head type (the paper's figure; it has no public code)
+HEAD_FORCING_REPORTED_SPLIT = {"anchor": 0.25, "local": 0.15, "memory": 0.60}
 
 
 def split_labels(layers: int, heads: int) -> HeadLabels:
